@@ -1,0 +1,134 @@
+"""GPT-2's byte-level BPE tokenizer, read from a model's encoder.json and vocab.bpe.
+
+Text is split by GPT-2's regular expression into words, each word's UTF-8 bytes are merged by
+the ranks in vocab.bpe, and each merged piece is looked up in encoder.json. The merging runs in
+tiktoken's Rust engine, which gives the same ids as OpenAI's original Python code many times
+faster; this module reads OpenAI's two files, checks that they agree, and keeps the original's
+interface (`get_encoder(model_name, models_dir)`, `encode`, `decode`).
+"""
+import codecs
+import json
+import os
+from functools import lru_cache
+
+import tiktoken
+
+from .checkpoint import find_model_dir
+from .errors import GPT2Error
+
+# GPT-2's pre-tokenizer: English contractions, runs of letters, of digits, of other symbols (each
+# with one leading space), and whitespace (a run before a word leaves its last space to the word).
+PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+END_OF_TEXT = "<|endoftext|>"
+
+
+@lru_cache()
+def bytes_to_unicode():
+    """GPT-2's map from each byte value to a printable character.
+
+    encoder.json and vocab.bpe store byte strings as text through this map: printable Latin-1
+    bytes stand for themselves, the others (controls, space) are moved to characters from U+0100 up.
+    The dict's order is the order of the 256 single-byte tokens in encoder.json.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
+    return dict(zip(printable + others, chars))
+
+
+class Encoder:
+    """Encodes text to GPT-2 token ids and decodes ids back to text.
+
+    `encoder` maps each token (as written in encoder.json) to its id; `bpe_merges` is the list of
+    merges in vocab.bpe, best first. As in GPT-2, the text `<|endoftext|>` inside a prompt is
+    encoded as ordinary text; the end-of-text token itself is `eot_token`.
+    """
+
+    def __init__(self, encoder, bpe_merges):
+        byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+
+        def to_bytes(token):
+            try:
+                return bytes(byte_of[char] for char in token)
+            except KeyError:
+                raise GPT2Error(f"vocabulary token {token!r} is not in GPT-2's byte alphabet: "
+                                "the model's encoder.json or vocab.bpe is damaged, download the model again") from None
+
+        # A token's rank is the step of BPE that makes it: the 256 bytes first, then each merge.
+        ranks = {bytes([byte]): rank for rank, byte in enumerate(bytes_to_unicode())}
+        for left, right in bpe_merges:
+            ranks.setdefault(to_bytes(left) + to_bytes(right), len(ranks))
+        if END_OF_TEXT not in encoder:
+            raise GPT2Error(f"encoder.json has no {END_OF_TEXT} token: download the model again")
+        ids = {to_bytes(token): i for token, i in encoder.items() if token != END_OF_TEXT}
+        if ids != ranks:
+            # GPT-2's ids are exactly these ranks; tiktoken relies on it.
+            raise GPT2Error("encoder.json and vocab.bpe do not match each other: download the model again")
+        self.eot_token = encoder[END_OF_TEXT]
+        self.n_vocab = len(encoder)
+        self._bpe = tiktoken.Encoding("gpt2-bpe", pat_str=PATTERN, mergeable_ranks=ranks,
+                                      special_tokens={END_OF_TEXT: self.eot_token})
+
+    def encode(self, text):
+        """Token ids of `text` (a str), exactly as GPT-2's own encoder gives them."""
+        return self._bpe.encode_ordinary(text)
+
+    def decode_bytes(self, tokens):
+        """The bytes that `tokens` stand for; a multi-byte character may be cut at either end."""
+        try:
+            return self._bpe.decode_bytes([int(t) for t in tokens])
+        except KeyError as e:
+            raise GPT2Error(f"token id {e.args[0]} is outside this vocabulary of {self.n_vocab} tokens: "
+                            "the model's hparams.json and encoder.json do not match") from None
+
+    def decode(self, tokens):
+        """The text of `tokens`; bytes that do not form UTF-8 become U+FFFD, as in GPT-2."""
+        return self.decode_bytes(tokens).decode("utf-8", errors="replace")
+
+    def stream_decoder(self):
+        """A `StreamDecoder` for turning tokens into text as they are generated."""
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Decodes tokens a few at a time without splitting a character across two pieces.
+
+    A GPT-2 token can end in the middle of a multi-byte UTF-8 character (emoji, CJK); the
+    unfinished bytes are held back until the tokens that complete them arrive.
+    """
+
+    def __init__(self, encoder):
+        self._encoder = encoder
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, tokens):
+        """The text that `tokens` complete (possibly empty)."""
+        return self._utf8.decode(self._encoder.decode_bytes(tokens))
+
+    def flush(self):
+        """What is still held back, as U+FFFD if the tokens ended inside a character."""
+        return self._utf8.decode(b"", final=True)
+
+
+def read_encoder(model_dir):
+    """The Encoder of a model folder, from its encoder.json and vocab.bpe."""
+    try:
+        with open(os.path.join(model_dir, "encoder.json"), encoding="utf-8") as f:
+            encoder = json.load(f)
+        with open(os.path.join(model_dir, "vocab.bpe"), encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError as e:
+        raise GPT2Error(f"{e.filename} is missing: download the model again") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise GPT2Error(f"the vocabulary in {model_dir} is damaged ({e.__class__.__name__}): "
+                        "download the model again") from None
+    # vocab.bpe: a "#version" line, then one merge per line, "left right".
+    merges = [tuple(line.split(" ")) for line in lines[1:] if line]
+    if any(len(merge) != 2 for merge in merges):
+        raise GPT2Error(f"{os.path.join(model_dir, 'vocab.bpe')} is damaged: download the model again")
+    return Encoder(encoder, merges)
+
+
+def get_encoder(model_name, models_dir):
+    """The Encoder of model `model_name` in `models_dir`, as in OpenAI's original code."""
+    return read_encoder(find_model_dir(model_name, models_dir))

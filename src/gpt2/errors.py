@@ -1,0 +1,8 @@
+"""The one exception type that the command-line tools turn into a one-line message."""
+
+
+class GPT2Error(Exception):
+    """A problem the user can fix: bad flags, a missing or damaged model folder, a prompt too long.
+
+    The message is one sentence that says what is wrong and what to do about it.
+    """

@@ -1,0 +1,139 @@
+"""Model folders made here, for tests, the notebook and benchmarks: no download needed.
+
+`make_model_folder` writes a complete folder in OpenAI's exact layout and variable names, with
+random weights of any shape (tiny for tests, the real 124M..1558M shapes for benchmarks) and a
+small BPE vocabulary that `learn_bpe` learns from text, written as encoder.json and vocab.bpe.
+"""
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import regex
+
+from .checkpoint import OPENAI_HPARAMS, variable_shapes, write_checkpoint
+from .encoder import END_OF_TEXT, PATTERN, bytes_to_unicode
+from .model import HParams
+
+# Text to learn a vocabulary from: English prose with contractions, numbers and punctuation,
+# plus a little of other scripts so that their words are not all single bytes.
+SAMPLE_TEXT = """\
+The river ran past the old mill, and the miller's children ran beside it. They didn't stop until
+the water turned and the road went up into the hills. "We'll come back tomorrow," said the eldest,
+but they've said that before, and I'm not sure they meant it. It's a long way from the mill to the
+town: 12 miles by the road, 9 by the river, and 3.5 hours on foot if the weather is kind.
+
+In the town there was a market on Saturdays. People sold bread, cheese, apples and pears, wool and
+linen, tools and nails, books and paper. The bookseller kept a list of every book he had ever sold;
+the list was 1,024 pages long in 2019 and it is longer now. He'd tell anyone who asked that the
+best book was the next one, and the worst was the one you never read.
+
+When the evening came, the lamps were lit one by one along the street. The children counted them:
+one, two, three, four, five, six, seven, eight, nine, ten. Then they went home, where the fire was
+warm and the soup was hot, and they told their mother everything they had seen that day.
+
+    def greet(name):
+        return "Hello, " + name + "!"
+
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 2024 3.14159 42% $19.99 #1 @home
+Other scripts: Привет, мир. Καλημέρα κόσμε. こんにちは世界。 你好，世界。 مرحبا بالعالم. नमस्ते दुनिया.
+Emoji: 🙂 👍 🎉 ❤️ and the end of a line.
+"""
+
+
+def learn_bpe(text, n_merges):
+    """The first `n_merges` byte-pair merges of `text`, learned as GPT-2's vocabulary was.
+
+    Words are split by GPT-2's pattern and written in its byte alphabet; the most frequent
+    adjacent pair is merged, again and again (ties broken by the pair itself, so the result is
+    the same every time). Stops early when no pair is left. Returns the merges, best first.
+    """
+    alphabet = bytes_to_unicode()
+    words = Counter(tuple(alphabet[b] for b in word.encode("utf-8")) for word in regex.findall(PATTERN, text))
+    tokens = set(alphabet.values())
+    merges = []
+    while len(merges) < n_merges:
+        pairs = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        # A pair whose joined string is already a token would make a second route to it: skip it.
+        candidates = [(count, pair) for pair, count in pairs.items() if pair[0] + pair[1] not in tokens]
+        if not candidates:
+            break
+        _, (left, right) = max(candidates)
+        merges.append((left, right))
+        tokens.add(left + right)
+        words = Counter({_merge_pair(word, left, right): count for word, count in words.items()})
+    return merges
+
+
+def _merge_pair(word, left, right):
+    merged, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and word[i] == left and word[i + 1] == right:
+            merged.append(left + right)
+            i += 2
+        else:
+            merged.append(word[i])
+            i += 1
+    return tuple(merged)
+
+
+def make_vocab(n_vocab=None, text=SAMPLE_TEXT, n_merges=400):
+    """encoder.json's dict and vocab.bpe's merges for a vocabulary learned from `text`.
+
+    Without n_vocab: `n_merges` learned merges. With n_vocab (for the real models' 50257): the
+    learned merges, then as many joins of learned tokens as it takes to reach n_vocab tokens.
+    The ids are GPT-2's order: the 256 bytes, the merges in order, then <|endoftext|>.
+    """
+    merges = learn_bpe(text, n_merges if n_vocab is None else n_vocab - 257)
+    if n_vocab is not None:
+        learned = [a + b for a, b in merges]
+        known = set(bytes_to_unicode().values()) | set(learned)
+        for a in learned:
+            for b in learned:
+                if len(merges) < n_vocab - 257 and a + b not in known:
+                    merges.append((a, b))
+                    known.add(a + b)
+    tokens = list(bytes_to_unicode().values()) + [a + b for a, b in merges] + [END_OF_TEXT]
+    return {token: i for i, token in enumerate(tokens)}, merges
+
+
+def random_variables(hparams, seed=0):
+    """Random weights for every variable of a checkpoint, scaled to keep activations near 1."""
+    rng = np.random.default_rng(seed)
+    variables = {}
+    for name, shape in variable_shapes(hparams).items():
+        if name.endswith("/g"):  # layer norm gains around 1, so that a swapped g and b shows
+            value = 1 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+        elif name.endswith("/b"):
+            value = 0.1 * rng.standard_normal(shape, dtype=np.float32)
+        elif name in ("model/wte", "model/wpe"):  # logits through wte come out with a spread of about 2
+            value = rng.standard_normal(shape, dtype=np.float32) * np.float32(2 / np.sqrt(hparams.n_embd))
+        else:
+            value = rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[-2]))
+        variables[name] = value
+    return variables
+
+
+def make_model_folder(model_dir, hparams=None, *, seed=0, text=SAMPLE_TEXT, **shape):
+    """Write a complete GPT-2 model folder with random weights; returns its HParams.
+
+    `hparams` is an HParams, the name of one of OpenAI's models ("124M": its real shapes and
+    vocabulary size), or None for a tiny model: n_ctx=128, n_embd=32, n_head=4, n_layer=2 and a
+    vocabulary learned from `text`, each changeable by keyword (`n_layer=3`).
+    """
+    if isinstance(hparams, str):
+        hparams = OPENAI_HPARAMS[hparams]
+    if hparams is None:
+        encoder, merges = make_vocab(shape.pop("n_vocab", None), text)
+        hparams = HParams(**{"n_ctx": 128, "n_embd": 32, "n_head": 4, "n_layer": 2, **shape, "n_vocab": len(encoder)})
+    else:
+        encoder, merges = make_vocab(hparams.n_vocab, text)
+    write_checkpoint(model_dir, hparams, random_variables(hparams, seed))
+    with open(os.path.join(model_dir, "encoder.json"), "w", encoding="utf-8") as f:
+        json.dump(encoder, f, ensure_ascii=False)
+    with open(os.path.join(model_dir, "vocab.bpe"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return hparams

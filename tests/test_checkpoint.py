@@ -1,0 +1,103 @@
+"""Finding, checking and reading model folders in OpenAI's layout."""
+import json
+import os
+
+import pytest
+import tensorflow as tf
+
+from gpt2.checkpoint import MODEL_FILES, find_model_dir, load_params, read_hparams, variable_shapes
+from gpt2.errors import GPT2Error
+from gpt2.model import HParams
+from gpt2.testing import make_model_folder
+
+
+def test_factory_writes_openai_layout(tiny_model):
+    assert sorted(os.listdir(tiny_model)) == sorted(MODEL_FILES)
+    hparams = json.loads((tiny_model / "hparams.json").read_text())
+    assert set(hparams) == {"n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"}
+    stored = tf.train.load_checkpoint(str(tiny_model / "model.ckpt")).get_variable_to_shape_map()
+    n_embd = hparams["n_embd"]
+    assert stored["model/wte"] == [hparams["n_vocab"], n_embd]
+    assert stored["model/h0/attn/c_attn/w"] == [1, n_embd, 3 * n_embd]
+    assert stored["model/h1/mlp/c_proj/w"] == [1, 4 * n_embd, n_embd]
+    assert stored["model/ln_f/g"] == [n_embd]
+    assert len(stored) == 2 + 12 * hparams["n_layer"] + 2
+    assert 'model_checkpoint_path: "model.ckpt"' in (tiny_model / "checkpoint").read_text()
+
+
+def test_real_shapes():
+    shapes = variable_shapes(HParams())  # 124M
+    assert sum(int(tf.reduce_prod(s)) for s in shapes.values()) == 124_439_808  # OpenAI's 124M parameter count
+
+
+def test_params_tree_mirrors_checkpoint(tiny_model):
+    hparams = read_hparams(tiny_model)
+    params = load_params(tiny_model, hparams)
+    reader = tf.train.load_checkpoint(str(tiny_model / "model.ckpt"))
+    assert len(params["h"]) == hparams.n_layer
+    assert (params["h"][1]["attn"]["c_attn"]["w"].numpy() == reader.get_tensor("model/h1/attn/c_attn/w")[0]).all()
+    assert (params["ln_f"]["b"].numpy() == reader.get_tensor("model/ln_f/b")).all()
+
+
+def test_legacy_names_resolve(tmp_path):
+    (tmp_path / "124M").mkdir()
+    with pytest.raises(GPT2Error, match="124M is missing hparams.json"):
+        find_model_dir("117M", str(tmp_path))
+
+
+def test_missing_model_says_how_to_download(tmp_path):
+    with pytest.raises(GPT2Error, match=r"download_model.py 355M"):
+        find_model_dir("345M", str(tmp_path))
+
+
+def test_unknown_model_lists_names(tmp_path):
+    with pytest.raises(GPT2Error, match="unknown model 'gpt5'.*124M, 355M, 774M, 1558M"):
+        find_model_dir("gpt5", str(tmp_path))
+
+
+def test_models_dir_from_environment(tiny_model, monkeypatch):
+    monkeypatch.setenv("GPT2_MODELS_DIR", str(tiny_model.parent))
+    assert find_model_dir("tiny") == str(tiny_model)
+
+
+def copy_folder(src, dst):
+    dst.mkdir()
+    for name in os.listdir(src):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def test_truncated_checkpoint_is_reported(tiny_model, tmp_path):
+    broken = copy_folder(tiny_model, tmp_path / "broken")
+    data = broken / "model.ckpt.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(GPT2Error, match="truncated.*download the model again"):
+        load_params(broken, read_hparams(broken))
+
+
+def test_corrupt_index_is_reported(tiny_model, tmp_path):
+    broken = copy_folder(tiny_model, tmp_path / "broken")
+    (broken / "model.ckpt.index").write_bytes(b"<html>404 Not Found</html>")
+    with pytest.raises(GPT2Error, match="damaged, download the model again"):
+        load_params(broken, read_hparams(broken))
+
+
+def test_hparams_of_another_model_are_reported(tiny_model, tmp_path):
+    broken = copy_folder(tiny_model, tmp_path / "broken")
+    hparams = json.loads((broken / "hparams.json").read_text())
+    (broken / "hparams.json").write_text(json.dumps({**hparams, "n_embd": 64}))
+    with pytest.raises(GPT2Error, match="has shape .* but hparams.json asks for"):
+        load_params(broken, read_hparams(broken))
+
+
+def test_damaged_hparams_are_reported(tiny_model, tmp_path):
+    broken = copy_folder(tiny_model, tmp_path / "broken")
+    (broken / "hparams.json").write_text('{"n_vocab": 50257')
+    with pytest.raises(GPT2Error, match="hparams.json is damaged"):
+        read_hparams(broken)
+
+
+def test_factory_can_make_deeper_models(tmp_path):
+    hparams = make_model_folder(tmp_path / "deep", n_layer=3, n_ctx=32)
+    assert read_hparams(tmp_path / "deep") == hparams
+    assert hparams.n_layer == 3 and hparams.n_ctx == 32

@@ -1,0 +1,88 @@
+"""The TensorFlow forward pass against a NumPy GPT-2 written from the paper and the checkpoint layout."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gpt2.checkpoint import load_params, read_hparams
+from gpt2.model import empty_cache, forward, logits
+
+
+def reference_logits(model_dir, tokens):
+    """GPT-2's logits [len(tokens), n_vocab], in float64, reading the checkpoint by OpenAI's names."""
+    reader = tf.train.load_checkpoint(str(model_dir / "model.ckpt"))
+    w = lambda name: reader.get_tensor("model/" + name).astype(np.float64)  # noqa: E731
+    n_layer = len({n.split("/")[1] for n in reader.get_variable_to_shape_map() if n.startswith("model/h")})
+    n_head = read_hparams(model_dir).n_head
+
+    def norm(x, scope):
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-5) * w(scope + "/g") + w(scope + "/b")
+
+    def conv1d(x, scope):
+        return x @ w(scope + "/w")[0] + w(scope + "/b")
+
+    def gelu(x):
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+    n = len(tokens)
+    x = w("wte")[tokens] + w("wpe")[:n]
+    for i in range(n_layer):
+        scope = f"h{i}"
+        q, k, v = np.split(conv1d(norm(x, scope + "/ln_1"), scope + "/attn/c_attn"), 3, axis=-1)
+        heads = []
+        for qh, kh, vh in zip(*(np.split(t, n_head, axis=-1) for t in (q, k, v))):
+            scores = qh @ kh.T / np.sqrt(qh.shape[-1])
+            scores = np.where(np.tril(np.ones((n, n), bool)), scores, -np.inf)
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            heads.append(probs / probs.sum(-1, keepdims=True) @ vh)
+        x = x + conv1d(np.concatenate(heads, axis=-1), scope + "/attn/c_proj")
+        h = gelu(conv1d(norm(x, scope + "/ln_2"), scope + "/mlp/c_fc"))
+        x = x + conv1d(h, scope + "/mlp/c_proj")
+    return norm(x, "ln_f") @ w("wte").T
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    hparams = read_hparams(tiny_model)
+    return hparams, load_params(tiny_model, hparams)
+
+
+def full_logits(model, tokens):
+    hparams, params = model
+    past = empty_cache(hparams, 1, len(tokens))
+    h, _ = forward(params, hparams, tf.constant([tokens]), past, 0)
+    return logits(params, h)[0].numpy()
+
+
+def test_logits_match_reference(tiny_model, model):
+    hparams, _ = model
+    tokens = np.random.default_rng(0).integers(0, hparams.n_vocab, size=hparams.n_ctx).tolist()
+    ours, ref = full_logits(model, tokens), reference_logits(tiny_model, tokens)
+    assert ref.std() > 0.5  # the random weights give logits far from zero, so 1e-4 is a real bound
+    max_diff = np.abs(ours - ref).max()
+    print(f"max |logit difference| over {hparams.n_ctx} positions: {max_diff:.2e}")
+    assert max_diff < 1e-4
+
+
+def test_cached_steps_equal_full_recomputation(model):
+    hparams, params = model
+    tokens = np.random.default_rng(1).integers(0, hparams.n_vocab, size=40).tolist()
+    expected = full_logits(model, tokens)
+    # A prompt of 25 tokens in one pass, then 15 single tokens, each attending to the cache.
+    past = empty_cache(hparams, 1, 64)
+    h, past = forward(params, hparams, tf.constant([tokens[:25]]), past, 0)
+    steps = [logits(params, h)[0].numpy()]
+    for pos in range(25, 40):
+        h, past = forward(params, hparams, tf.constant([[tokens[pos]]]), past, pos)
+        steps.append(logits(params, h)[0].numpy())
+    np.testing.assert_allclose(np.concatenate(steps), expected, atol=1e-4)
+
+
+def test_batch_rows_are_independent(model):
+    hparams, params = model
+    rng = np.random.default_rng(2)
+    batch = rng.integers(0, hparams.n_vocab, size=(3, 20))
+    past = empty_cache(hparams, 3, 20)
+    h, _ = forward(params, hparams, tf.constant(batch), past, 0)
+    for row, row_logits in zip(batch.tolist(), logits(params, h).numpy()):
+        np.testing.assert_allclose(row_logits, full_logits(model, row), atol=1e-4)
