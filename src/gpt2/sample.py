@@ -86,6 +86,12 @@ def check_sampling_flags(length, temperature, top_k, top_p):
         raise GPT2Error(f"--top_p must be a number in (0, 1] (1 turns it off), not {top_p!r}")
 
 
+def check_length(length, n_ctx):
+    if length > n_ctx:
+        raise GPT2Error(f"--length {length} is more than the model's context of {n_ctx} tokens: "
+                        f"ask for {n_ctx} or fewer")
+
+
 def fit_context(tokens, length, n_ctx, truncate=False):
     """The prompt tokens that fit with `length` new tokens in the model's n_ctx positions.
 
@@ -93,9 +99,7 @@ def fit_context(tokens, length, n_ctx, truncate=False):
     n tokens leaves room for n_ctx + 1 - n new ones. With `truncate`, a prompt that is too long
     keeps only its last tokens; otherwise it is an error that says how many tokens are left.
     """
-    if length > n_ctx:
-        raise GPT2Error(f"--length {length} is more than the model's context of {n_ctx} tokens: "
-                        f"ask for {n_ctx} or fewer")
+    check_length(length, n_ctx)
     room = n_ctx + 1 - length
     if len(tokens) <= room:
         return list(tokens)

@@ -1,0 +1,11 @@
+#!/usr/bin/env python3
+"""Continue prompts typed or piped in with GPT-2. Flags: see README.md or --help."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
+
+from gpt2.cli import interactive_main  # noqa: E402
+
+if __name__ == "__main__":
+    interactive_main()

@@ -1,0 +1,153 @@
+"""The sampler: its filters against NumPy, its loop against step-by-step recomputation, its seeds."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from gpt2.checkpoint import load_params, read_hparams
+from gpt2.errors import GPT2Error
+from gpt2.model import empty_cache, forward, logits
+from gpt2.sample import fit_context, sample, top_k_filter, top_p_filter
+
+PROMPT = [10, 200, 33, 5, 400, 17]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    hparams = read_hparams(tiny_model)
+    return hparams, load_params(tiny_model, hparams)
+
+
+def next_logits(model, tokens):
+    """Logits after `tokens`, recomputed from scratch (no cache reuse between calls)."""
+    hparams, params = model
+    h, _ = forward(params, hparams, tf.constant([tokens]), empty_cache(hparams, 1, len(tokens)), 0)
+    return logits(params, h)[0, -1].numpy().astype(np.float64)
+
+
+def test_greedy_follows_argmax_of_recomputed_logits(model):
+    hparams, params = model
+    [row] = sample(params, hparams, PROMPT, 12, temperature=0)
+    tokens = list(PROMPT)
+    for token in row:
+        assert token == int(np.argmax(next_logits(model, tokens)))
+        tokens.append(token)
+    assert len(row) == 12
+
+
+def test_top_k_1_equals_greedy(model):
+    hparams, params = model
+    greedy = sample(params, hparams, PROMPT, 20, temperature=0)
+    assert sample(params, hparams, PROMPT, 20, top_k=1, seed=5) == greedy
+    assert sample(params, hparams, PROMPT, 20, top_k=1, temperature=3, seed=6) == greedy
+
+
+def test_temperature_zero_ignores_the_seed(model):
+    hparams, params = model
+    runs = [sample(params, hparams, PROMPT, 15, temperature=0, seed=s, batch_size=2) for s in (1, 2)]
+    assert runs[0] == runs[1] and runs[0][0] == runs[0][1]
+
+
+def test_same_seed_same_samples_different_seed_differs(model):
+    hparams, params = model
+    first = sample(params, hparams, PROMPT, 30, batch_size=3, seed=42)
+    assert sample(params, hparams, PROMPT, 30, batch_size=3, seed=42) == first
+    assert sample(params, hparams, PROMPT, 30, batch_size=3, seed=43) != first
+    assert sample(params, hparams, PROMPT, 30, batch_size=3, seed=42, stream=1) != first
+    assert len({tuple(row) for row in first}) == 3  # the rows of a batch are different draws
+
+
+def softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.5, 5, 1.0), (1.0, 0, 0.6)])
+def test_first_token_frequencies_follow_the_distribution(model, temperature, top_k, top_p):
+    """4000 draws of one token against the probabilities computed here in NumPy."""
+    hparams, params = model
+    probs = softmax(next_logits(model, PROMPT) / temperature)
+    order = np.argsort(-probs)
+    if top_k:
+        probs[order[top_k:]] = 0
+    if top_p < 1:
+        before = np.cumsum(probs[order]) - probs[order]
+        probs[order[before >= top_p]] = 0
+    probs /= probs.sum()
+    rows = sample(params, hparams, PROMPT, 1, batch_size=4000, temperature=temperature, top_k=top_k,
+                  top_p=top_p, seed=9)
+    counts = np.bincount([row[0] for row in rows], minlength=hparams.n_vocab)
+    assert counts[probs == 0].sum() == 0  # nothing outside top_k / the nucleus
+    likely = probs > 0.02
+    observed = counts[likely] / 4000
+    # 5 standard errors of a binomial proportion: fails on a wrong distribution, not by chance.
+    assert np.all(np.abs(observed - probs[likely]) < 5 * np.sqrt(probs[likely] * (1 - probs[likely]) / 4000))
+
+
+def test_top_p_keeps_exactly_the_nucleus():
+    probs = np.array([0.05, 0.5, 0.15, 0.3])
+    cases = {0.3: {1}, 0.6: {1, 3}, 0.7: {1, 3}, 0.9: {1, 2, 3}, 0.97: {0, 1, 2, 3}}
+    for p, nucleus in cases.items():
+        kept = top_p_filter(tf.constant([np.log(probs)], tf.float32), p)[0].numpy()
+        assert set(np.flatnonzero(np.isfinite(kept))) == nucleus, p
+
+
+def test_top_p_matches_numpy_on_random_rows():
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((50, 300)) * 3
+    for p in (0.1, 0.5, 0.9):
+        kept = np.isfinite(top_p_filter(tf.constant(rows, tf.float32), p).numpy())
+        for row, row_kept in zip(rows, kept):
+            probs = softmax(row)
+            order = np.argsort(-probs)
+            n = np.searchsorted(np.cumsum(probs[order]), p) + 1  # smallest n with mass >= p
+            assert set(np.flatnonzero(row_kept)) == set(order[:n])
+
+
+def test_top_k_keeps_k():
+    rows = tf.constant(np.random.default_rng(4).standard_normal((5, 100)), tf.float32)
+    kept = np.isfinite(top_k_filter(rows, 7).numpy())
+    assert (kept.sum(axis=1) == 7).all()
+    for row_kept, row in zip(kept, rows.numpy()):
+        assert set(np.flatnonzero(row_kept)) == set(np.argsort(-row)[:7])
+
+
+def test_stops_before_the_stop_token(model):
+    hparams, params = model
+    [greedy] = sample(params, hparams, PROMPT, 20, temperature=0)
+    stop = greedy[4]
+    cut = greedy.index(stop)
+    assert sample(params, hparams, PROMPT, 20, temperature=0, stop_token=stop) == [greedy[:cut]]
+
+
+def test_rows_stop_independently(model):
+    hparams, params = model
+    rows = sample(params, hparams, PROMPT, 40, batch_size=6, seed=1)
+    stop = rows[0][3]  # a token that ends row 0 early; other rows end where they draw it, if at all
+    stopped = sample(params, hparams, PROMPT, 40, batch_size=6, seed=1, stop_token=stop)
+    for row, row_stopped in zip(rows, stopped):
+        assert row_stopped == (row[:row.index(stop)] if stop in row else row)
+
+
+def test_fills_the_whole_context(model):
+    hparams, params = model
+    [row] = sample(params, hparams, [1], hparams.n_ctx, seed=0)
+    assert len(row) == hparams.n_ctx
+
+
+def test_fit_context():
+    assert fit_context(list(range(10)), 119, 128) == list(range(10))
+    assert fit_context(list(range(10)), 125, 128, truncate=True) == list(range(6, 10))
+    with pytest.raises(GPT2Error, match="prompt is 10 tokens, which leaves room for 119 new tokens.*--truncate_prompt"):
+        fit_context(list(range(10)), 120, 128)
+    with pytest.raises(GPT2Error, match="more than the model's context"):
+        fit_context([1], 129, 128, truncate=True)
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"temperature": -1}, "--temperature"), ({"top_k": -2}, "--top_k"), ({"top_p": 0}, "--top_p"),
+    ({"top_p": 1.5}, "--top_p"), ({"length": 0}, "--length"), ({"temperature": float("nan")}, "--temperature"),
+])
+def test_impossible_flags(model, flags, message):
+    hparams, params = model
+    with pytest.raises(GPT2Error, match=message):
+        sample(params, hparams, PROMPT, **{"length": 5, **flags})
