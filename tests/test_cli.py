@@ -52,7 +52,6 @@ def test_unconditional_writes_numbered_samples_to_stdout_and_file(models_dir, tm
     (["--length", "-5"], "--length must be a whole number of at least 1"),
     (["--length", "500"], "--length 500 is more than the model's context of 128 tokens"),
     (["--model_name", "gpt-5"], "unknown model 'gpt-5'"),
-    (["--model_name", "774M"], "run `python download_model.py 774M`"),
 ])
 def test_bad_flags_give_one_line_errors(models_dir, flags, message):
     result = run("generate_interactive.py", *flags, stdin="hello\n", models_dir=models_dir)

@@ -31,7 +31,8 @@ start_tensorflow_quietly()
 
 import fire  # noqa: E402
 
-from .checkpoint import default_models_dir, find_model_dir, load_params, read_hparams  # noqa: E402
+from .checkpoint import MODEL_NAMES, canonical_name, default_models_dir, find_model_dir, load_params, read_hparams  # noqa: E402,E501
+from .download import check_model_names, download_model  # noqa: E402
 from .encoder import read_encoder  # noqa: E402
 from .errors import GPT2Error  # noqa: E402
 from .sample import check_length, check_sampling_flags, fit_context, sample  # noqa: E402
@@ -62,9 +63,17 @@ def check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, u
     return seed
 
 
-def load_model(model_name, models_dir):
-    """(hparams, params, encoder) of a model folder."""
-    model_dir = find_model_dir(model_name, models_dir or default_models_dir())
+def load_model(model_name, models_dir, base_url=None):
+    """(hparams, params, encoder) of a model folder; one of OpenAI's models is fetched if missing."""
+    models_dir = models_dir or default_models_dir()
+    try:
+        model_dir = find_model_dir(model_name, models_dir)
+    except GPT2Error:
+        if canonical_name(model_name) not in MODEL_NAMES:
+            raise
+        print(f"Fetching model {canonical_name(model_name)} into {models_dir} (only this once)", file=sys.stderr)
+        download_model(model_name, models_dir, base_url)
+        model_dir = find_model_dir(model_name, models_dir)
     hparams = read_hparams(model_dir)
     encoder = read_encoder(model_dir)
     if encoder.n_vocab != hparams.n_vocab:
@@ -152,6 +161,21 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
             out_file.close()
 
 
+def download(*model_names, models_dir=None, base_url=None):
+    """Fetch OpenAI's model files into models_dir/<name>/ (124M, 355M, 774M, 1558M; several at once).
+
+    models_dir: where model folders live ($GPT2_MODELS_DIR, else models).
+    base_url: where to fetch from ($GPT2_BASE_URL, else OpenAI's storage); files are under
+    <base_url>/models/<name>/. Files already complete are skipped; an interrupted download resumes.
+    """
+    for name in check_model_names(model_names):
+        try:
+            model_dir = download_model(name, models_dir, base_url)
+        except KeyboardInterrupt:
+            raise GPT2Error("interrupted: rerun the same command to resume the download") from None
+        print(f"{name}: complete in {model_dir}")
+
+
 def run(command, argv=None):
     """Parse flags with fire and run `command`; user errors become one line on stderr."""
     sys.stdout.reconfigure(errors="replace")  # any console encoding: unprintable text becomes '?'
@@ -169,3 +193,7 @@ def interactive_main(argv=None):
 
 def unconditional_main(argv=None):
     run(sample_model, argv)
+
+
+def download_main(argv=None):
+    run(download, argv)

@@ -4,9 +4,14 @@
 random weights of any shape (tiny for tests, the real 124M..1558M shapes for benchmarks) and a
 small BPE vocabulary that `learn_bpe` learns from text, written as encoder.json and vocab.bpe.
 """
+import base64
+import hashlib
 import json
 import os
+import threading
+import time
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import regex
@@ -137,3 +142,124 @@ def make_model_folder(model_dir, hparams=None, *, seed=0, text=SAMPLE_TEXT, **sh
     with open(os.path.join(model_dir, "vocab.bpe"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     return hparams
+
+
+class ModelMirror:
+    """A local HTTP server that serves model folders as OpenAI's storage does, and can misbehave.
+
+        with ModelMirror(models_dir) as mirror:   # serves models_dir/<name>/<file>
+            download_model("124M", dest, base_url=mirror.url)
+
+    Files are at <url>/models/<name>/<file>, with Content-Length, Accept-Ranges, Range requests
+    (206 with Content-Range), HEAD, `Content-MD5` on whole-file answers and Azure's
+    `x-ms-blob-content-md5` on every answer. `fail(file, *faults)` makes the next requests for
+    that file misbehave, one fault per request:
+        "drop"          send half of the body, then close the connection
+        "500", "404"    answer with that status
+        "bad_md5"       send the file with a wrong checksum
+        "ignore_range"  answer a Range request with the whole file (200)
+        "stall"         send half of the body, then nothing for `stall_seconds`
+    `requests` lists what was asked: (method, file name, first byte asked, status, bytes of body sent).
+    """
+
+    def __init__(self, root, host="127.0.0.1", port=0, stall_seconds=5.0):
+        self.root = str(root)
+        self.stall_seconds = stall_seconds
+        self.requests = []
+        self._faults = {}
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer((host, port), _MirrorHandler)
+        self._server.daemon_threads = True
+        self._server.mirror = self
+        self.url = f"http://{host}:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+    def fail(self, file_name, *faults):
+        with self._lock:
+            self._faults.setdefault(file_name, []).extend(faults)
+
+    def _next_fault(self, file_name):
+        with self._lock:
+            queue = self._faults.get(file_name)
+            return queue.pop(0) if queue else None
+
+
+def _md5_base64(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return base64.b64encode(digest.digest()).decode()
+
+
+class _MirrorHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_HEAD(self):
+        self.serve(send_body=False)
+
+    def do_GET(self):
+        self.serve(send_body=True)
+
+    def serve(self, send_body):
+        mirror = self.server.mirror
+        parts = self.path.lstrip("/").split("/")
+        path = os.path.join(mirror.root, *parts[1:]) if len(parts) == 3 and parts[0] == "models" else None
+        fault = mirror._next_fault(parts[-1]) if send_body else None
+        if path is None or not os.path.isfile(path) or fault in ("404", "500"):
+            status = int(fault) if fault else 404
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            mirror.requests.append((self.command, parts[-1], 0, status, 0))
+            return
+        size = os.path.getsize(path)
+        md5 = _md5_base64(path)
+        match = regex.match(r"bytes=(\d+)-$", self.headers.get("Range", ""))
+        asked = int(match.group(1)) if match else 0
+        start, status = (asked, 206) if match and fault != "ignore_range" else (0, 200)
+        if start >= size > 0:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{size}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            mirror.requests.append((self.command, parts[-1], asked, 416, 0))
+            return
+        self.send_response(status)
+        self.send_header("Content-Length", str(size - start))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("x-ms-blob-content-md5", "AAAAAAAAAAAAAAAAAAAAAA==" if fault == "bad_md5" else md5)
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+        else:
+            self.send_header("Content-MD5", "AAAAAAAAAAAAAAAAAAAAAA==" if fault == "bad_md5" else md5)
+        self.end_headers()
+        sent = 0
+        if send_body:
+            with open(path, "rb") as f:
+                f.seek(start)
+                body = f.read()
+            if fault in ("drop", "stall"):
+                body = body[:len(body) // 2]
+            try:
+                self.wfile.write(body)
+                self.wfile.flush()
+                sent = len(body)
+                if fault == "stall":
+                    time.sleep(mirror.stall_seconds)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            if fault in ("drop", "stall"):
+                self.close_connection = True
+        mirror.requests.append((self.command, parts[-1], asked, status, sent))

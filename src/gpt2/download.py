@@ -1,0 +1,166 @@
+"""Fetching model folders from OpenAI's storage (or a mirror), safely.
+
+Each file goes to `<file>.part` and is renamed only when it is complete: its size matches the
+server's, and its MD5 matches the server's checksum where one is sent (Azure Blob Storage sends
+`Content-MD5` for whole files and `x-ms-blob-content-md5` with every answer). A `.part` left by
+an interruption is resumed with an HTTP Range request; a server that ignores Range sends the
+whole file again. Timeouts, dropped connections, server errors and bad checksums are retried
+with growing pauses, a bounded number of times.
+"""
+import base64
+import errno
+import hashlib
+import os
+import re
+import time
+
+import requests
+from tqdm import tqdm
+
+from .checkpoint import LEGACY_NAMES, MODEL_FILES, MODEL_NAMES, canonical_name, default_models_dir
+from .errors import GPT2Error
+
+OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2"
+CHUNK = 1 << 16  # what an interruption loses at most
+
+
+def default_base_url():
+    """$GPT2_BASE_URL, else OpenAI's storage; files are under <base_url>/models/<name>/."""
+    return os.environ.get("GPT2_BASE_URL") or OPENAI_URL
+
+
+class _Retry(Exception):
+    """A failure that another try may not have: a drop, a timeout, a 5xx, a bad size or checksum."""
+
+
+def check_model_names(model_names):
+    """The canonical names of `model_names`; an unknown one is an error before anything is fetched."""
+    unknown = [str(name) for name in model_names if canonical_name(name) not in MODEL_NAMES]
+    if unknown or not model_names:
+        valid = ", ".join(MODEL_NAMES + tuple(LEGACY_NAMES))
+        raise GPT2Error(f"unknown model {', '.join(unknown)}: choose from {valid}" if unknown
+                        else f"name a model to download: one of {valid}")
+    return [canonical_name(name) for name in model_names]
+
+
+def download_model(model_name, models_dir=None, base_url=None, *, retries=5, backoff=1.0, timeout=30,
+                   progress=True):
+    """Fetch the files of `model_name` that are not yet in models_dir/<name>; returns that folder."""
+    [name] = check_model_names([model_name])
+    model_dir = os.path.join(models_dir or default_models_dir(), name)
+    base_url = (base_url or default_base_url()).rstrip("/")
+    todo = [f for f in MODEL_FILES if not os.path.isfile(os.path.join(model_dir, f))]
+    if not todo:
+        return model_dir
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+    except OSError as e:
+        raise GPT2Error(f"cannot create {model_dir} ({e.strerror}): choose another --models_dir") from None
+    with requests.Session() as session:
+        sizes = {f: _remote_size(session, f"{base_url}/models/{name}/{f}", timeout) for f in todo}
+        total = sum(sizes.values()) if all(sizes.values()) else None
+        with tqdm(total=total, desc=f"{name}", unit="B", unit_scale=True, unit_divisor=1024,
+                  disable=not progress, position=0) as total_bar:
+            for f in todo:
+                url = f"{base_url}/models/{name}/{f}"
+                _fetch(session, url, os.path.join(model_dir, f), total_bar, retries=retries, backoff=backoff,
+                       timeout=timeout, progress=progress)
+    return model_dir
+
+
+def _remote_size(session, url, timeout):
+    """The file's size from a HEAD request, for the total bar; None if the server does not say."""
+    try:
+        response = session.head(url, timeout=timeout, allow_redirects=True)
+        return int(response.headers["Content-Length"]) if response.status_code == 200 else None
+    except (requests.RequestException, KeyError, ValueError):
+        return None
+
+
+def _fetch(session, url, path, total_bar, *, retries, backoff, timeout, progress):
+    partial = path + ".part"
+    done_before = total_bar.n
+    for attempt in range(1, retries + 1):
+        try:
+            _fetch_once(session, url, partial, total_bar, done_before, timeout, progress)
+            os.replace(partial, path)
+            return
+        except _Retry as e:
+            if attempt == retries:
+                raise GPT2Error(f"could not download {url} after {retries} tries ({e}): check the network "
+                                "connection, then rerun the same command to resume") from None
+            time.sleep(backoff * 2 ** (attempt - 1))
+
+
+def _fetch_once(session, url, partial, total_bar, done_before, timeout, progress):
+    have = os.path.getsize(partial) if os.path.isfile(partial) else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    try:
+        with session.get(url, headers=headers, stream=True, timeout=timeout) as response:
+            if response.status_code == 416:  # the .part is no prefix of this file: start again
+                os.remove(partial)
+                raise _Retry("the partial file did not fit the server's")
+            if response.status_code >= 500 or response.status_code == 429:
+                raise _Retry(f"HTTP {response.status_code}")
+            if response.status_code == 404:
+                raise GPT2Error(f"{url} was not found (HTTP 404): check the model name and the base URL")
+            if response.status_code not in (200, 206):
+                raise GPT2Error(f"{url} answered HTTP {response.status_code} {response.reason}: "
+                                "check the base URL")
+            start, size = _content_range(response, have)
+            whole_md5 = hashlib.md5()
+            if start:
+                with open(partial, "rb") as f:
+                    for chunk in iter(lambda: f.read(CHUNK), b""):
+                        whole_md5.update(chunk)
+            body_md5 = hashlib.md5()
+            total_bar.n = done_before + start  # bytes of earlier tries of this file are counted once
+            total_bar.refresh()
+            with open(partial, "ab" if start else "wb") as f, \
+                    tqdm(total=size, initial=start, desc=os.path.basename(partial)[:-5], unit="B",
+                         unit_scale=True, unit_divisor=1024, disable=not progress, leave=False,
+                         position=1) as bar:
+                for chunk in response.iter_content(CHUNK):
+                    f.write(chunk)
+                    whole_md5.update(chunk)
+                    body_md5.update(chunk)
+                    bar.update(len(chunk))
+                    total_bar.update(len(chunk))
+    except requests.RequestException as e:
+        raise _Retry(_reason(e)) from None
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise GPT2Error(f"the disk is full while writing {partial}: free some space and rerun the same "
+                            "command to resume") from None
+        raise GPT2Error(f"cannot write {partial} ({e.strerror}): check the folder's permissions") from None
+    got = os.path.getsize(partial)
+    if size is not None and got != size:
+        raise _Retry(f"got {got} of {size} bytes")
+    # Content-MD5 is the checksum of this answer's body; x-ms-blob-content-md5, Azure's, of the whole file.
+    checks = [(response.headers.get("Content-MD5"), body_md5), (response.headers.get("x-ms-blob-content-md5"),
+                                                               whole_md5)]
+    for expected, actual in checks:
+        if expected and base64.b64encode(actual.digest()).decode() != expected:
+            os.remove(partial)
+            raise _Retry("the content did not match the server's MD5 checksum")
+
+
+def _content_range(response, have):
+    """(offset this answer starts at, whole file size or None); a 200 restarts from 0."""
+    if response.status_code == 206:
+        match = re.match(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
+        if not match or int(match.group(1)) != have:
+            raise _Retry("the server answered a different range than asked")
+        return have, None if match.group(2) == "*" else int(match.group(2))
+    length = response.headers.get("Content-Length")
+    return 0, int(length) if length is not None else None
+
+
+def _reason(error):
+    if isinstance(error, requests.ConnectionError) and "refused" in str(error).lower():
+        return "connection refused"
+    if isinstance(error, requests.Timeout):
+        return "timed out"
+    if isinstance(error, requests.ConnectionError):
+        return "connection failed or dropped"
+    return error.__class__.__name__
