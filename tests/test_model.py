@@ -86,3 +86,17 @@ def test_batch_rows_are_independent(model):
     h, _ = forward(params, hparams, tf.constant(batch), past, 0)
     for row, row_logits in zip(batch.tolist(), logits(params, h).numpy()):
         np.testing.assert_allclose(row_logits, full_logits(model, row), atol=1e-4)
+
+
+def test_rows_at_different_positions(model):
+    """Two rows continue prompts of different lengths in one step: each as if alone."""
+    hparams, params = model
+    rng = np.random.default_rng(5)
+    long, short = rng.integers(0, hparams.n_vocab, size=12).tolist(), rng.integers(0, hparams.n_vocab, size=5).tolist()
+    padded = [long[:-1], short[:-1] + [0] * 7]  # right padding, as the sampler pads prompts
+    past = empty_cache(hparams, 2, 16)
+    _, past = forward(params, hparams, tf.constant(padded), past, 0)
+    h, _ = forward(params, hparams, tf.constant([[long[-1]], [short[-1]]]), past, tf.constant([11, 4]))
+    step_logits = logits(params, h)[:, 0].numpy()
+    np.testing.assert_allclose(step_logits[0], full_logits(model, long)[-1], atol=1e-4)
+    np.testing.assert_allclose(step_logits[1], full_logits(model, short)[-1], atol=1e-4)

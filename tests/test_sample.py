@@ -6,7 +6,7 @@ import tensorflow as tf
 from gpt2.checkpoint import load_params, read_hparams
 from gpt2.errors import GPT2Error
 from gpt2.model import empty_cache, forward, logits
-from gpt2.sample import fit_context, sample, top_k_filter, top_p_filter
+from gpt2.sample import fit_context, sample, sample_chunks, top_k_filter, top_p_filter
 
 PROMPT = [10, 200, 33, 5, 400, 17]
 
@@ -151,3 +151,20 @@ def test_impossible_flags(model, flags, message):
     hparams, params = model
     with pytest.raises(GPT2Error, match=message):
         sample(params, hparams, PROMPT, **{"length": 5, **flags})
+
+
+def test_prompts_of_different_lengths_share_a_batch(model):
+    hparams, params = model
+    prompts = [PROMPT, PROMPT[:2], PROMPT + [7, 8, 9, 10, 11]]
+    together = np.concatenate(list(sample_chunks(params, hparams, prompts, 10, temperature=0)), axis=1)
+    for prompt, row in zip(prompts, together.tolist()):
+        assert sample(params, hparams, prompt, 10, temperature=0) == [row]
+
+
+def test_chunks_give_the_same_tokens_as_one_pass(model):
+    hparams, params = model
+    whole = list(sample_chunks(params, hparams, [PROMPT] * 2, 25, seed=11))
+    assert [chunk.shape[1] for chunk in whole] == [1, 24]
+    pieces = list(sample_chunks(params, hparams, [PROMPT] * 2, 25, seed=11, chunk_size=4))
+    assert [chunk.shape[1] for chunk in pieces] == [1] + [4] * 6
+    np.testing.assert_array_equal(np.concatenate(pieces, axis=1), np.concatenate(whole, axis=1))

@@ -71,7 +71,7 @@ def read_hparams(model_dir):
     try:
         with open(path, encoding="utf-8") as f:
             values = json.load(f)
-        return HParams(**{name: int(values[name]) for name in HParams.__dataclass_fields__})
+        return HParams(**{name: int(values[name]) for name in HParams._fields})
     except (ValueError, KeyError, TypeError) as e:
         raise GPT2Error(f"{path} is damaged ({e.__class__.__name__}: {e}): download the model again") from None
 
@@ -154,7 +154,7 @@ def write_checkpoint(model_dir, hparams, variables):
     with open(prefix + ".meta", "wb") as f:
         f.write(_meta_graph(shapes))
     with open(os.path.join(model_dir, "hparams.json"), "w") as f:
-        json.dump(vars(hparams), f, indent=2)
+        json.dump(hparams._asdict(), f, indent=2)
 
 
 def _meta_graph(shapes):

@@ -7,18 +7,18 @@
 
 Each linear layer is {"w": [n_in, n_out], "b": [n_out]}; each layer norm is {"g": [n], "b": [n]}.
 
-Keys and values of earlier positions ("past") live in a cache of fixed size, one tensor per block
-of shape [batch, 2, n_head, cache_len, head_dim], so that each new token costs one step and the
-shapes stay the same from step to step (what a compiled decoding loop needs).
+Keys and values of earlier positions ("past") live in a cache of fixed size, a pair of tensors
+[batch, n_head, cache_len, head_dim] per block, so that each new token costs one step and the
+shapes stay the same from step to step (what a compiled decoding loop needs). Each row of a batch
+has its own position, so prompts of different lengths can share a batch.
 """
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import tensorflow as tf
 
 
-@dataclass(frozen=True)
-class HParams:
+class HParams(NamedTuple):  # a NamedTuple: tf.function keys its compiled code on these values
     n_vocab: int = 50257
     n_ctx: int = 1024
     n_embd: int = 768
@@ -53,31 +53,30 @@ def merge_heads(x):
 
 
 def write_cache(cache, new, pos):
-    """cache [batch, n_head, cache_len, head_dim] with positions pos.. replaced by new [.., seq, ..]."""
-    cache_len, seq = tf.shape(cache)[2], tf.shape(new)[2]
-    placed = tf.roll(tf.pad(new, [[0, 0], [0, 0], [0, cache_len - seq], [0, 0]]), shift=pos, axis=2)
-    index = tf.range(cache_len)
-    written = (index >= pos) & (index < pos + seq)
-    return tf.where(written[:, None], placed, cache)
+    """cache [batch, n_head, cache_len, head_dim] with row b's slots pos[b].. set to new [batch, n_head, seq, ..]."""
+    batch, n_head, seq = tf.shape(new)[0], tf.shape(new)[1], tf.shape(new)[2]
+    b, h, t = tf.meshgrid(tf.range(batch), tf.range(n_head), tf.range(seq), indexing="ij")
+    index = tf.stack([b, h, tf.gather(pos, b) + t], axis=-1)  # [batch, n_head, seq, 3]
+    # A scatter, not a rebuilt tensor: compiled with XLA inside a loop, it writes in place.
+    return tf.tensor_scatter_nd_update(cache, index, new)
 
 
 def attention(x, p, past, pos, n_head):
-    """Causal self-attention of x [batch, seq, n_embd] at positions pos..pos+seq-1.
+    """Causal self-attention of x [batch, seq, n_embd]; row b's tokens are at positions pos[b]...
 
-    Returns the output and the block's cache with this chunk's keys and values written in.
+    Returns the output and the block's cache (keys, values) with this chunk written in.
     """
     q, k, v = tf.split(linear(x, p["c_attn"]), 3, axis=-1)
     q, k, v = (split_heads(t, n_head) for t in (q, k, v))
-    k = write_cache(past[:, 0], k, pos)
-    v = write_cache(past[:, 1], v, pos)
-    present = tf.stack([k, v], axis=1)
-    scores = tf.matmul(q, k, transpose_b=True) / math.sqrt(q.shape[-1])  # [batch, n_head, seq, cache_len]
-    # Query i (at position pos + i) sees keys at positions <= pos + i; later cache slots are empty.
-    query_pos = pos + tf.range(tf.shape(q)[2])
-    visible = tf.range(tf.shape(k)[2])[None, :] <= query_pos[:, None]
-    scores = tf.where(visible, scores, tf.constant(-1e10, scores.dtype))
-    out = merge_heads(tf.matmul(tf.nn.softmax(scores, axis=-1), v))
-    return linear(out, p["c_proj"]), present
+    keys, values = write_cache(past[0], k, pos), write_cache(past[1], v, pos)
+    scores = tf.matmul(q, keys, transpose_b=True) / math.sqrt(q.shape[-1])  # [batch, n_head, seq, cache_len]
+    # Query i of row b (at position pos[b] + i) sees the slots up to its own position; later
+    # slots are empty or hold padding.
+    query_pos = pos[:, None] + tf.range(tf.shape(q)[2])[None, :]  # [batch, seq]
+    visible = tf.range(tf.shape(keys)[2])[None, None, :] <= query_pos[:, :, None]  # [batch, seq, cache_len]
+    scores = tf.where(visible[:, None], scores, tf.constant(-1e10, scores.dtype))
+    out = merge_heads(tf.matmul(tf.nn.softmax(scores, axis=-1), values))
+    return linear(out, p["c_proj"]), (keys, values)
 
 
 def mlp(x, p):
@@ -92,17 +91,19 @@ def block(x, p, past, pos, n_head):
 
 
 def empty_cache(hparams, batch_size, cache_len, dtype=tf.float32):
-    """The cache ("past") before any token: one zero tensor per block."""
-    shape = [batch_size, 2, hparams.n_head, cache_len, hparams.n_embd // hparams.n_head]
-    return [tf.zeros(shape, dtype) for _ in range(hparams.n_layer)]
+    """The cache ("past") before any token: (keys, values) of zeros for each block."""
+    shape = [batch_size, hparams.n_head, cache_len, hparams.n_embd // hparams.n_head]
+    return [(tf.zeros(shape, dtype), tf.zeros(shape, dtype)) for _ in range(hparams.n_layer)]
 
 
 def forward(params, hparams, tokens, past, pos):
-    """Run tokens [batch, seq] at positions pos..pos+seq-1 through the transformer.
+    """Run tokens [batch, seq] through the transformer, row b's at positions pos[b]..pos[b]+seq-1.
 
-    Returns the final hidden states [batch, seq, n_embd] (after ln_f) and the updated cache.
+    `pos` is one start position for all rows, or one per row [batch]. Returns the final hidden
+    states [batch, seq, n_embd] (after ln_f) and the updated cache.
     """
-    positions = pos + tf.range(tf.shape(tokens)[1])
+    pos = tf.broadcast_to(tf.cast(pos, tf.int32), tf.shape(tokens)[:1])
+    positions = pos[:, None] + tf.range(tf.shape(tokens)[1])[None, :]
     x = tf.gather(params["wte"], tokens) + tf.gather(params["wpe"], positions)
     presents = []
     for p, layer_past in zip(params["h"], past):

@@ -1,10 +1,17 @@
-"""Sampling text from GPT-2: one compiled TensorFlow loop from the prompt to the last new token.
+"""Sampling text from GPT-2 with compiled TensorFlow loops.
 
-Each step turns the last logits into a token: greedy argmax when temperature is 0, otherwise
+Each step turns logits into a token: greedy argmax when temperature is 0, otherwise
 logits / temperature, cut to the top_k most likely tokens and to the top_p nucleus, then a draw
 from a stateless random generator keyed by (seed, stream, step), so that the same seed and flags
-give the same tokens, run after run.
+give the same tokens, run after run, however the steps are split into chunks.
+
+Two compiled functions do the work: `_start` runs the prompts through the model in one pass (a
+TensorFlow graph: big matrix products, any prompt length) and picks the first token; `_advance`
+runs up to n more steps in one XLA-compiled loop, whose cache length is rounded up to a few sizes
+(see `bucket`) so that a new prompt length rarely means a new compilation.
 """
+from typing import NamedTuple
+
 import numpy as np
 import tensorflow as tf
 
@@ -32,44 +39,76 @@ def top_p_filter(logits, p):
     return tf.where(logits < least_kept[:, None], tf.constant(-np.inf, logits.dtype), logits)
 
 
+class Rule(NamedTuple):
+    """How a token is chosen: the settings that change the compiled code (not temperature or top_p)."""
+    greedy: bool
+    top_k: int
+    use_top_p: bool
+    stop_token: object  # int or None
+
+
+def choose(next_logits, step, seed, temperature, top_p, rule):
+    """Tokens [batch] picked from logits [batch, n_vocab] at generation step `step`."""
+    if rule.greedy:
+        return tf.argmax(next_logits, axis=-1, output_type=tf.int32)
+    next_logits = next_logits / temperature
+    if rule.top_k:
+        next_logits = top_k_filter(next_logits, rule.top_k)
+    if rule.use_top_p:
+        next_logits = top_p_filter(next_logits, top_p)
+    step_seed = tf.random.experimental.stateless_fold_in(seed, step)
+    return tf.random.stateless_categorical(next_logits, 1, seed=step_seed, dtype=tf.int32)[:, 0]
+
+
+def mark_stopped(token, done, rule):
+    """Rows that drew the stop token are done; finished rows only repeat it."""
+    if rule.stop_token is None:
+        return token, done
+    token = tf.where(done, rule.stop_token, token)
+    return token, done | tf.equal(token, rule.stop_token)
+
+
 @tf.function(reduce_retracing=True)
-def _sample_loop(params, context, length, seed, temperature, top_p, *, hparams, top_k, use_top_p, greedy,
-                 stop_token):
-    """Tokens [batch, steps] that follow `context` [batch, n]; steps < length if every row stopped."""
+def _start(params, context, n_context, seed, temperature, top_p, *, hparams, rule, cache_len):
+    """Run the prompts through the model in one pass and pick each row's first token.
 
-    def choose(h, step):
-        next_logits = logits(params, h[:, -1])
-        if greedy:
-            return tf.argmax(next_logits, axis=-1, output_type=tf.int32)
-        next_logits = next_logits / temperature
-        if top_k:
-            next_logits = top_k_filter(next_logits, top_k)
-        if use_top_p:
-            next_logits = top_p_filter(next_logits, top_p)
-        step_seed = tf.random.experimental.stateless_fold_in(seed, step)
-        return tf.random.stateless_categorical(next_logits, 1, seed=step_seed, dtype=tf.int32)[:, 0]
+    context [batch, longest] holds row b's n_context[b] tokens, then padding (which later steps
+    overwrite in the cache, and no real token attends to). Returns the decoding state:
+    (cache, token [batch] not yet fed, its position [batch], done [batch]).
+    """
+    past = empty_cache(hparams, tf.shape(context)[0], cache_len)
+    h, past = forward(params, hparams, context, past, 0)
+    last = tf.gather(h, n_context - 1, batch_dims=1)  # [batch, n_embd] at each row's last real token
+    token = choose(logits(params, last), 0, seed, temperature, top_p, rule)
+    token, done = mark_stopped(token, tf.zeros_like(token, tf.bool), rule)
+    return past, token, n_context, done
 
-    batch_size, n_context = tf.shape(context)[0], tf.shape(context)[1]
-    # The last new token is never fed back, so the cache holds n_context + length - 1 positions.
-    past = empty_cache(hparams, batch_size, n_context + length - 1)
-    h, past = forward(params, hparams, context, past, 0)  # the whole prompt in one pass
-    token = choose(h, 0)
-    done = tf.equal(token, stop_token) if stop_token is not None else tf.zeros_like(token, tf.bool)
-    tokens = tf.TensorArray(tf.int32, size=length).write(0, token)
 
-    def keep_going(step, token, past, done, tokens):
-        return (step < length) & ~tf.reduce_all(done)
+@tf.function(jit_compile=True)
+def _advance(params, state, first_step, n_steps, seed, temperature, top_p, *, hparams, rule):
+    """Up to n_steps more tokens in one loop, fewer if every row is done.
 
-    def next_token(step, token, past, done, tokens):
-        h, past = forward(params, hparams, token[:, None], past, n_context + step - 1)
-        token = choose(h, step)
-        if stop_token is not None:
-            token = tf.where(done, stop_token, token)  # finished rows only repeat the stop token
-            done = done | tf.equal(token, stop_token)
-        return step + 1, token, past, done, tokens.write(step, token)
+    Returns the new state, the tokens [batch, cache_len] (the first `steps` columns are new) and steps.
+    """
+    past, token, pos, done = state
+    out = tf.zeros([tf.shape(token)[0], past[0][0].shape[2]], tf.int32)
 
-    step, _, _, _, tokens = tf.while_loop(keep_going, next_token, (tf.constant(1), token, past, done, tokens))
-    return tf.transpose(tokens.gather(tf.range(step)))
+    def body(i, past, token, pos, done, out):
+        h, past = forward(params, hparams, token[:, None], past, pos)
+        token = choose(logits(params, h[:, -1]), first_step + i, seed, temperature, top_p, rule)
+        token, done = mark_stopped(token, done, rule)
+        column = tf.stack([tf.range(tf.shape(token)[0]), tf.fill(tf.shape(token), i)], axis=-1)
+        return i + 1, past, token, pos + 1, done, tf.tensor_scatter_nd_update(out, column, token)
+
+    steps, past, token, pos, done, out = tf.while_loop(
+        lambda i, past, token, pos, done, out: (i < n_steps) & ~tf.reduce_all(done),
+        body, (tf.constant(0), past, token, pos, done, out))
+    return (past, token, pos, done), out, steps
+
+
+def bucket(n, limit):
+    """n rounded up to a power of two (at least 16), at most `limit`: shapes that compile once."""
+    return min(max(16, 1 << (n - 1).bit_length()), limit)
 
 
 def check_sampling_flags(length, temperature, top_k, top_p):
@@ -110,27 +149,55 @@ def fit_context(tokens, length, n_ctx, truncate=False):
                     f"lower --length, or pass --truncate_prompt to keep only the prompt's last {room} tokens")
 
 
+def sample_chunks(params, hparams, contexts, length, *, temperature=1.0, top_k=0, top_p=1.0, seed=0, stream=0,
+                  stop_token=None, chunk_size=None):
+    """Continue each token list in `contexts` (one row each), yielding new tokens as they come.
+
+    Yields arrays [rows, k]: the first token of every row, then up to `chunk_size` tokens at a
+    time (all the rest at once if None), `length` in all unless every row has stopped. A row that
+    drew `stop_token` repeats it from then on. `seed` and `stream` (for example the batch number)
+    key the random draws: the same pair gives the same tokens, whatever the chunk size.
+    """
+    check_sampling_flags(length, temperature, top_k, top_p)
+    if not contexts or not all(len(c) for c in contexts):
+        raise GPT2Error("a context is empty: give at least one token (GPT-2 starts unconditional text "
+                        "with <|endoftext|>)")
+    longest = max(len(c) for c in contexts)
+    if longest + length - 1 > hparams.n_ctx:
+        raise GPT2Error(f"{longest} context tokens and {length} new ones do not fit in {hparams.n_ctx}")
+    cache_len = bucket(longest + length - 1, hparams.n_ctx)
+    context = np.zeros([len(contexts), longest], np.int32)
+    for row, tokens in zip(context, contexts):
+        row[:len(tokens)] = tokens
+    rule = Rule(greedy=temperature == 0, top_k=min(top_k, hparams.n_vocab), use_top_p=top_p < 1,
+                stop_token=stop_token)
+    knobs = dict(seed=tf.constant([seed, stream], tf.int64),
+                 temperature=tf.constant(max(temperature, 1e-9), tf.float32), top_p=tf.constant(top_p, tf.float32))
+    state = _start(params, tf.constant(context), tf.constant([len(c) for c in contexts], tf.int32),
+                   hparams=hparams, rule=rule, cache_len=cache_len, **knobs)
+    yield state[1].numpy()[:, None]
+    made, done = 1, state[3].numpy().all()
+    while made < length and not done:
+        n = length - made if chunk_size is None else min(chunk_size, length - made)
+        state, out, steps = _advance(params, state, tf.constant(made), tf.constant(n), hparams=hparams, rule=rule,
+                                     **knobs)
+        steps = int(steps)
+        made += steps
+        done = state[3].numpy().all()
+        yield out.numpy()[:, :steps]
+
+
 def sample(params, hparams, context, length, *, batch_size=1, temperature=1.0, top_k=0, top_p=1.0, seed=0,
            stream=0, stop_token=None):
     """`batch_size` continuations of the token list `context`, each a list of at most `length` tokens.
 
     A row ends before `stop_token` (which is not returned) when it is given. `seed` and `stream`
-    (for example the batch number) pick the random draws: the same pair gives the same tokens.
-    `context` must fit (see `fit_context`).
+    pick the random draws (see `sample_chunks`). `context` must fit (see `fit_context`).
     """
-    check_sampling_flags(length, temperature, top_k, top_p)
-    if not context:
-        raise GPT2Error("the context is empty: give at least one token (GPT-2 starts unconditional text "
-                        "with <|endoftext|>)")
-    if len(context) + length - 1 > hparams.n_ctx:
-        raise GPT2Error(f"{len(context)} context tokens and {length} new ones do not fit in {hparams.n_ctx}")
-    context = tf.constant([list(context)] * batch_size, dtype=tf.int32)
-    out = _sample_loop(params, context, tf.constant(length), tf.constant([seed, stream], tf.int64),
-                       tf.constant(max(temperature, 1e-9), tf.float32), tf.constant(top_p, tf.float32),
-                       hparams=hparams, top_k=min(top_k, hparams.n_vocab), use_top_p=top_p < 1,
-                       greedy=temperature == 0, stop_token=stop_token).numpy()
+    chunks = list(sample_chunks(params, hparams, [list(context)] * batch_size, length, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed, stream=stream, stop_token=stop_token))
     rows = []
-    for row in out.tolist():
+    for row in np.concatenate(chunks, axis=1).tolist():
         if stop_token is not None and stop_token in row:
             row = row[:row.index(stop_token)]
         rows.append(row)
