@@ -52,8 +52,10 @@ def test_same_seed_same_samples_different_seed_differs(model):
     first = sample(params, hparams, PROMPT, 30, batch_size=3, seed=42)
     assert sample(params, hparams, PROMPT, 30, batch_size=3, seed=42) == first
     assert sample(params, hparams, PROMPT, 30, batch_size=3, seed=43) != first
-    assert sample(params, hparams, PROMPT, 30, batch_size=3, seed=42, stream=1) != first
     assert len({tuple(row) for row in first}) == 3  # the rows of a batch are different draws
+    # Sample n of a seed is the same draw in any batch: here samples 1 and 2, alone and together.
+    assert sample(params, hparams, PROMPT, 30, seed=42, first_sample=1) == first[1:2]
+    assert sample(params, hparams, PROMPT, 30, batch_size=2, seed=42, first_sample=1) == first[1:]
 
 
 def softmax(x):

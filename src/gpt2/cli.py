@@ -3,41 +3,20 @@
 The flags keep the names and meaning of OpenAI's scripts: model_name, seed, nsamples, batch_size,
 length, temperature, top_k, top_p, models_dir.
 """
+import json
 import os
-import random
 import sys
 
+import fire
+from tqdm import tqdm
 
-def start_tensorflow_quietly():
-    """Import TensorFlow and find its devices with stderr silenced.
-
-    Its C++ start-up log lines (CUDA probing on a machine without a GPU, CPU features) are noise
-    to someone generating text; errors after start-up are still shown.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        import tensorflow as tf
-        tf.config.list_physical_devices()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-start_tensorflow_quietly()
-
-import fire  # noqa: E402
-
-from .checkpoint import MODEL_NAMES, canonical_name, default_models_dir, find_model_dir, load_params, read_hparams  # noqa: E402,E501
-from .download import check_model_names, download_model  # noqa: E402
-from .encoder import read_encoder  # noqa: E402
-from .errors import GPT2Error  # noqa: E402
-from .sample import check_length, check_sampling_flags, fit_context, sample  # noqa: E402
+from .api import load, new_seed
+from .download import check_model_names, download_model
+from .errors import GPT2Error
+from .sample import check_length, check_sampling_flags
 
 PROMPT = "Model prompt >>> "
+MORE = "... "
 
 
 def banner(n):
@@ -49,42 +28,35 @@ def check_count(name, value, minimum):
         raise GPT2Error(f"--{name} must be a whole number of at least {minimum}, not {value!r}")
 
 
-def check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, unconditional=False):
+def check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, unconditional=False):
     """The seed to use, after checking every flag; a GPT2Error names the first bad one."""
     check_count("nsamples", nsamples, 0 if unconditional else 1)
     check_count("batch_size", batch_size, 1)
     if nsamples % batch_size:
         raise GPT2Error(f"--nsamples ({nsamples}) must be a multiple of --batch_size ({batch_size})")
     check_sampling_flags(1 if length is None else length, temperature, top_k, top_p)
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
+        raise GPT2Error(f"--stop must be a string or a list of strings, not {stop!r}")
     if seed is None:
-        return random.SystemRandom().randrange(2 ** 31)
+        return new_seed()
     if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 63:
         raise GPT2Error(f"--seed must be a whole number, not {seed!r}")
     return seed
 
 
-def load_model(model_name, models_dir, base_url=None):
-    """(hparams, params, encoder) of a model folder; one of OpenAI's models is fetched if missing."""
-    models_dir = models_dir or default_models_dir()
-    try:
-        model_dir = find_model_dir(model_name, models_dir)
-    except GPT2Error:
-        if canonical_name(model_name) not in MODEL_NAMES:
-            raise
-        print(f"Fetching model {canonical_name(model_name)} into {models_dir} (only this once)", file=sys.stderr)
-        download_model(model_name, models_dir, base_url)
-        model_dir = find_model_dir(model_name, models_dir)
-    hparams = read_hparams(model_dir)
-    encoder = read_encoder(model_dir)
-    if encoder.n_vocab != hparams.n_vocab:
-        raise GPT2Error(f"{model_dir}: encoder.json has {encoder.n_vocab} tokens but hparams.json says "
-                        f"{hparams.n_vocab}: download the model again")
-    return hparams, load_params(model_dir, hparams), encoder
+def read_prompt():
+    """One prompt from stdin; a line that ends with a backslash continues on the next line."""
+    lines = [input(PROMPT)]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(input(MORE))
+    return "\n".join(lines)
 
 
 def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, length=None, temperature=1, top_k=0,
-                   top_p=1, models_dir=None, truncate_prompt=False, ignore_eot=False):
-    """Continue each prompt typed (or piped) in, until end of input.
+                   top_p=1, models_dir=None, truncate_prompt=False, ignore_eot=False, stop=None, prompt_file=None):
+    """Continue each prompt typed (or piped) in, until end of input (Ctrl-D) or Ctrl-C at the prompt.
 
     model_name: 124M, 355M, 774M, 1558M, or a model folder in models_dir.
     seed: a whole number; the same seed and flags give the same samples. None: a new one each run.
@@ -96,67 +68,111 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
     models_dir: the folder of model folders ($GPT2_MODELS_DIR, else models).
     truncate_prompt: keep only the last tokens of a prompt too long for the context, instead of an error.
     ignore_eot: go on past <|endoftext|> instead of ending the sample there.
+    stop: a string, or a list of strings, that ends a sample where it appears (it is not printed).
+    prompt_file: read the first prompt from this file, then go on with prompts from stdin.
+
+    A prompt line that ends with a backslash continues on the next line. Ctrl-C while a sample is
+    being written stops that sample and returns to the prompt.
     """
-    seed = check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p)
-    hparams, params, encoder = load_model(model_name, models_dir)
-    length = hparams.n_ctx // 2 if length is None else length
-    check_length(length, hparams.n_ctx)
-    stop_token = None if ignore_eot else encoder.eot_token
-    stream = 0
+    seed = check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, stop)
+    first_prompt = None
+    if prompt_file is not None:
+        try:
+            with open(prompt_file, encoding="utf-8") as f:
+                first_prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise GPT2Error(f"cannot read --prompt_file {prompt_file}: {getattr(e, 'strerror', None) or e}") from None
+    model = load(model_name, models_dir)
+    length = model.hparams.n_ctx // 2 if length is None else length
+    check_length(length, model.hparams.n_ctx)
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+                 truncate_prompt=truncate_prompt, ignore_eot=ignore_eot)
+    next_sample = 0  # samples are numbered on across prompts, so a repeated prompt gets new ones
     while True:
         try:
-            raw_text = input(PROMPT)
+            if first_prompt is not None:
+                raw_text, first_prompt = first_prompt, None
+                print(PROMPT + raw_text.replace("\n", "\n" + MORE))
+            else:
+                raw_text = read_prompt()
             while not raw_text:
                 print("Prompt should not be empty!")
-                raw_text = input(PROMPT)
-        except EOFError:
+                raw_text = read_prompt()
+        except (EOFError, KeyboardInterrupt):
             print()
             return
         try:
-            context = fit_context(encoder.encode(raw_text), length, hparams.n_ctx, truncate_prompt)
+            model.context(raw_text, length, truncate_prompt)
         except GPT2Error as e:
             print(f"error: {e}")
             continue
-        generated = 0
-        for _ in range(nsamples // batch_size):
-            rows = sample(params, hparams, context, length, batch_size=batch_size, temperature=temperature,
-                          top_k=top_k, top_p=top_p, seed=seed, stream=stream, stop_token=stop_token)
-            stream += 1
-            for row in rows:
-                generated += 1
-                print(banner(generated))
-                print(encoder.decode(row), flush=True)
-        print("=" * 80)
+        try:
+            for generated in range(1, nsamples + 1, batch_size):
+                if batch_size == 1:
+                    print(banner(generated))
+                    for piece in model.stream(raw_text, length, first_sample=next_sample, **flags):
+                        print(piece, end="", flush=True)
+                    print()
+                else:
+                    texts = model.generate(raw_text, length, nsamples=batch_size, batch_size=batch_size,
+                                           first_sample=next_sample, **flags)
+                    for n, text in enumerate(texts, generated):
+                        print(banner(n))
+                        print(text, flush=True)
+                next_sample += batch_size
+            print("=" * 80)
+        except KeyboardInterrupt:
+            print("\n[interrupted]", flush=True)
 
 
 def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=None, temperature=1, top_k=0,
-                 top_p=1, models_dir=None, output=None, ignore_eot=False):
+                 top_p=1, models_dir=None, output=None, ignore_eot=False, stop=None):
     """Write unconditional samples (text that starts from <|endoftext|>) to stdout.
 
-    nsamples: how many samples; 0 goes on until interrupted. length: new tokens per sample;
-    None: the model's whole context (n_ctx). output: also write the samples to this file.
-    The other flags are as for generate_interactive.py.
+    nsamples: how many samples; 0 goes on until Ctrl-C. length: new tokens per sample;
+    None: the model's whole context (n_ctx). output: also write the samples to this file, as they
+    are made: plain text with the banners, or JSON Lines if it ends in .jsonl (one object per
+    sample: its text, number, seed and sampling flags; `gpt2.load(...).generate("", seed=seed,
+    first_sample=sample_index, ...)` gives it again). The other flags are as for
+    generate_interactive.py.
     """
-    seed = check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, unconditional=True)
-    hparams, params, encoder = load_model(model_name, models_dir)
-    length = hparams.n_ctx if length is None else length
-    context = fit_context([encoder.eot_token], length, hparams.n_ctx)
-    stop_token = None if ignore_eot else encoder.eot_token
-    out_file = open(output, "w", encoding="utf-8") if output else None
+    seed = check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, unconditional=True)
+    model = load(model_name, models_dir)
+    length = model.hparams.n_ctx if length is None else length
+    check_length(length, model.hparams.n_ctx)
+    flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eot=ignore_eot)
+    out_file = None
+    if output:
+        try:
+            out_file = open(output, "wb", buffering=0)  # one write per sample: a killed run leaves whole samples
+        except OSError as e:
+            raise GPT2Error(f"cannot write --output {output}: {e.strerror}") from None
+    as_jsonl = str(output).endswith(".jsonl")
+    progress = tqdm(total=nsamples or None, unit="sample", disable=out_file is None, file=sys.stderr)
+    generated = 0
     try:
-        generated, stream = 0, 0
         while nsamples == 0 or generated < nsamples:
-            rows = sample(params, hparams, context, length, batch_size=batch_size, temperature=temperature,
-                          top_k=top_k, top_p=top_p, seed=seed, stream=stream, stop_token=stop_token)
-            stream += 1
-            for row in rows:
+            texts = model.generate("", length, nsamples=batch_size, batch_size=batch_size, first_sample=generated,
+                                   **flags)
+            for text in texts:
                 generated += 1
-                text = banner(generated) + "\n" + encoder.decode(row) + "\n"
-                print(text, end="", flush=True)
+                shown = banner(generated) + "\n" + text + "\n"
+                print(shown, end="", flush=True)
                 if out_file:
-                    out_file.write(text)
-                    out_file.flush()
+                    record = json.dumps({"number": generated, "text": text, "sample_index": generated - 1,
+                                         "model_name": str(model_name), "length": length, **flags},
+                                        ensure_ascii=False) + "\n" if as_jsonl else shown
+                    out_file.write(record.encode("utf-8"))
+                progress.update(1)
+    except KeyboardInterrupt:
+        raise GPT2Error(f"interrupted after {generated} complete samples") from None
     finally:
+        progress.close()
         if out_file:
             out_file.close()
 
@@ -185,6 +201,9 @@ def run(command, argv=None):
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted")
+    except BrokenPipeError:  # the reader went away (`... | head`): nothing more to say
+        sys.stderr.close()
+        os._exit(0)
 
 
 def interactive_main(argv=None):

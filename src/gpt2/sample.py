@@ -2,8 +2,8 @@
 
 Each step turns logits into a token: greedy argmax when temperature is 0, otherwise
 logits / temperature, cut to the top_k most likely tokens and to the top_p nucleus, then a draw
-from a stateless random generator keyed by (seed, stream, step), so that the same seed and flags
-give the same tokens, run after run, however the steps are split into chunks.
+from a stateless random generator keyed by (seed, sample number, step), so that the same seed and
+flags give the same samples, run after run, whatever the batch size or the chunks.
 
 Two compiled functions do the work: `_start` runs the prompts through the model in one pass (a
 TensorFlow graph: big matrix products, any prompt length) and picks the first token; `_advance`
@@ -47,8 +47,13 @@ class Rule(NamedTuple):
     stop_token: object  # int or None
 
 
-def choose(next_logits, step, seed, temperature, top_p, rule):
-    """Tokens [batch] picked from logits [batch, n_vocab] at generation step `step`."""
+def choose(next_logits, step, row_seeds, temperature, top_p, rule):
+    """Tokens [batch] picked from logits [batch, n_vocab] at generation step `step`.
+
+    Each row draws with its own seed (row_seeds [batch, 2]), by the Gumbel-max trick: the argmax
+    of logits plus Gumbel noise is a draw from their softmax. So a sample's tokens depend on its
+    seed alone, not on which batch it shares or how large that batch is.
+    """
     if rule.greedy:
         return tf.argmax(next_logits, axis=-1, output_type=tf.int32)
     next_logits = next_logits / temperature
@@ -56,8 +61,14 @@ def choose(next_logits, step, seed, temperature, top_p, rule):
         next_logits = top_k_filter(next_logits, rule.top_k)
     if rule.use_top_p:
         next_logits = top_p_filter(next_logits, top_p)
-    step_seed = tf.random.experimental.stateless_fold_in(seed, step)
-    return tf.random.stateless_categorical(next_logits, 1, seed=step_seed, dtype=tf.int32)[:, 0]
+    n_vocab = tf.shape(next_logits)[1]
+
+    def uniform(row_seed):
+        seed = tf.random.experimental.stateless_fold_in(row_seed, step)
+        return tf.random.stateless_uniform([n_vocab], seed=seed, minval=1e-20, maxval=1.0, dtype=next_logits.dtype)
+
+    noise = tf.map_fn(uniform, row_seeds, fn_output_signature=next_logits.dtype)
+    return tf.argmax(next_logits - tf.math.log(-tf.math.log(noise)), axis=-1, output_type=tf.int32)
 
 
 def mark_stopped(token, done, rule):
@@ -69,7 +80,7 @@ def mark_stopped(token, done, rule):
 
 
 @tf.function(reduce_retracing=True)
-def _start(params, context, n_context, seed, temperature, top_p, *, hparams, rule, cache_len):
+def _start(params, context, n_context, row_seeds, temperature, top_p, *, hparams, rule, cache_len):
     """Run the prompts through the model in one pass and pick each row's first token.
 
     context [batch, longest] holds row b's n_context[b] tokens, then padding (which later steps
@@ -79,13 +90,13 @@ def _start(params, context, n_context, seed, temperature, top_p, *, hparams, rul
     past = empty_cache(hparams, tf.shape(context)[0], cache_len)
     h, past = forward(params, hparams, context, past, 0)
     last = tf.gather(h, n_context - 1, batch_dims=1)  # [batch, n_embd] at each row's last real token
-    token = choose(logits(params, last), 0, seed, temperature, top_p, rule)
+    token = choose(logits(params, last), 0, row_seeds, temperature, top_p, rule)
     token, done = mark_stopped(token, tf.zeros_like(token, tf.bool), rule)
     return past, token, n_context, done
 
 
 @tf.function(jit_compile=True)
-def _advance(params, state, first_step, n_steps, seed, temperature, top_p, *, hparams, rule):
+def _advance(params, state, first_step, n_steps, row_seeds, temperature, top_p, *, hparams, rule):
     """Up to n_steps more tokens in one loop, fewer if every row is done.
 
     Returns the new state, the tokens [batch, cache_len] (the first `steps` columns are new) and steps.
@@ -95,7 +106,7 @@ def _advance(params, state, first_step, n_steps, seed, temperature, top_p, *, hp
 
     def body(i, past, token, pos, done, out):
         h, past = forward(params, hparams, token[:, None], past, pos)
-        token = choose(logits(params, h[:, -1]), first_step + i, seed, temperature, top_p, rule)
+        token = choose(logits(params, h[:, -1]), first_step + i, row_seeds, temperature, top_p, rule)
         token, done = mark_stopped(token, done, rule)
         column = tf.stack([tf.range(tf.shape(token)[0]), tf.fill(tf.shape(token), i)], axis=-1)
         return i + 1, past, token, pos + 1, done, tf.tensor_scatter_nd_update(out, column, token)
@@ -149,14 +160,14 @@ def fit_context(tokens, length, n_ctx, truncate=False):
                     f"lower --length, or pass --truncate_prompt to keep only the prompt's last {room} tokens")
 
 
-def sample_chunks(params, hparams, contexts, length, *, temperature=1.0, top_k=0, top_p=1.0, seed=0, stream=0,
-                  stop_token=None, chunk_size=None):
+def sample_chunks(params, hparams, contexts, length, *, temperature=1.0, top_k=0, top_p=1.0, seed=0,
+                  first_sample=0, stop_token=None, chunk_size=None):
     """Continue each token list in `contexts` (one row each), yielding new tokens as they come.
 
     Yields arrays [rows, k]: the first token of every row, then up to `chunk_size` tokens at a
     time (all the rest at once if None), `length` in all unless every row has stopped. A row that
-    drew `stop_token` repeats it from then on. `seed` and `stream` (for example the batch number)
-    key the random draws: the same pair gives the same tokens, whatever the chunk size.
+    drew `stop_token` repeats it from then on. Row r is sample number first_sample + r of `seed`:
+    the same seed and sample number give the same tokens, whatever the batch or the chunk size.
     """
     check_sampling_flags(length, temperature, top_k, top_p)
     if not contexts or not all(len(c) for c in contexts):
@@ -171,7 +182,8 @@ def sample_chunks(params, hparams, contexts, length, *, temperature=1.0, top_k=0
         row[:len(tokens)] = tokens
     rule = Rule(greedy=temperature == 0, top_k=min(top_k, hparams.n_vocab), use_top_p=top_p < 1,
                 stop_token=stop_token)
-    knobs = dict(seed=tf.constant([seed, stream], tf.int64),
+    row_seeds = [[seed, first_sample + row] for row in range(len(contexts))]
+    knobs = dict(row_seeds=tf.constant(row_seeds, tf.int64),
                  temperature=tf.constant(max(temperature, 1e-9), tf.float32), top_p=tf.constant(top_p, tf.float32))
     state = _start(params, tf.constant(context), tf.constant([len(c) for c in contexts], tf.int32),
                    hparams=hparams, rule=rule, cache_len=cache_len, **knobs)
@@ -188,14 +200,16 @@ def sample_chunks(params, hparams, contexts, length, *, temperature=1.0, top_k=0
 
 
 def sample(params, hparams, context, length, *, batch_size=1, temperature=1.0, top_k=0, top_p=1.0, seed=0,
-           stream=0, stop_token=None):
+           first_sample=0, stop_token=None):
     """`batch_size` continuations of the token list `context`, each a list of at most `length` tokens.
 
-    A row ends before `stop_token` (which is not returned) when it is given. `seed` and `stream`
-    pick the random draws (see `sample_chunks`). `context` must fit (see `fit_context`).
+    A row ends before `stop_token` (which is not returned) when it is given. Rows are samples
+    first_sample, first_sample + 1, ... of `seed` (see `sample_chunks`). `context` must fit
+    (see `fit_context`).
     """
     chunks = list(sample_chunks(params, hparams, [list(context)] * batch_size, length, temperature=temperature,
-                                top_k=top_k, top_p=top_p, seed=seed, stream=stream, stop_token=stop_token))
+                                top_k=top_k, top_p=top_p, seed=seed, first_sample=first_sample,
+                                stop_token=stop_token))
     rows = []
     for row in np.concatenate(chunks, axis=1).tolist():
         if stop_token is not None and stop_token in row:

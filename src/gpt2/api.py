@@ -1,0 +1,180 @@
+"""The Python API: load a model once, then generate text from code.
+
+    import gpt2
+    model = gpt2.load("124M")                 # downloads it on first use
+    model.generate("The river", length=40, top_k=40, seed=1)      # -> ["...", ...]
+    for piece in model.stream("The river", length=40):            # text as it is made
+        print(piece, end="", flush=True)
+
+The command-line scripts are thin callers of this module.
+"""
+import random
+import sys
+
+from .checkpoint import MODEL_NAMES, canonical_name, default_models_dir, find_model_dir, load_params, read_hparams
+from .download import download_model
+from .encoder import read_encoder
+from .errors import GPT2Error
+from .sample import fit_context, sample_chunks
+
+# Tokens per compiled call while streaming: small enough that text and Ctrl-C feel immediate.
+STREAM_CHUNK = 1
+# Tokens per compiled call otherwise: large enough that the calls cost nothing, small enough to stop soon.
+BATCH_CHUNK = 32
+
+
+def load(model_name="124M", models_dir=None, *, base_url=None, download=True):
+    """The model `model_name` (124M, 355M, 774M, 1558M, or a folder name in models_dir).
+
+    One of OpenAI's models that is not in models_dir yet is downloaded first, with a progress bar
+    (unless download=False). models_dir defaults to $GPT2_MODELS_DIR, else ./models.
+    """
+    models_dir = models_dir or default_models_dir()
+    try:
+        model_dir = find_model_dir(model_name, models_dir)
+    except GPT2Error:
+        if not download or canonical_name(model_name) not in MODEL_NAMES:
+            raise
+        print(f"Fetching model {canonical_name(model_name)} into {models_dir} (only this once)", file=sys.stderr)
+        download_model(model_name, models_dir, base_url)
+        model_dir = find_model_dir(model_name, models_dir)
+    return GPT2.from_folder(model_dir)
+
+
+class GPT2:
+    """A loaded GPT-2: its hparams, weights (`params`) and `encoder`."""
+
+    def __init__(self, hparams, params, encoder):
+        if encoder.n_vocab != hparams.n_vocab:
+            raise GPT2Error(f"encoder.json has {encoder.n_vocab} tokens but hparams.json says {hparams.n_vocab}: "
+                            "the model folder mixes files of different models, download it again")
+        self.hparams, self.params, self.encoder = hparams, params, encoder
+
+    @classmethod
+    def from_folder(cls, model_dir):
+        """The model in a folder of OpenAI's layout (hparams.json, model.ckpt.*, encoder.json, vocab.bpe)."""
+        hparams = read_hparams(model_dir)
+        return cls(hparams, load_params(model_dir, hparams), read_encoder(model_dir))
+
+    def encode(self, text):
+        return self.encoder.encode(text)
+
+    def decode(self, tokens):
+        return self.encoder.decode(tokens)
+
+    def context(self, prompt, length, truncate_prompt=False):
+        """The tokens that start a sample: the prompt's, or <|endoftext|> alone for an empty prompt."""
+        tokens = self.encode(prompt) if prompt else [self.encoder.eot_token]
+        return fit_context(tokens, length, self.hparams.n_ctx, truncate_prompt)
+
+    def default_length(self, prompt):
+        """As OpenAI's scripts: half the context after a prompt, all of it for unconditional text."""
+        return self.hparams.n_ctx // 2 if prompt else self.hparams.n_ctx
+
+    def generate(self, prompt="", length=None, *, temperature=1.0, top_k=0, top_p=1.0, seed=None, nsamples=1,
+                 batch_size=1, stop=None, truncate_prompt=False, ignore_eot=False, first_sample=0):
+        """`nsamples` continuations of `prompt` (a str; "" for unconditional text), as a list of str.
+
+        A list of prompts gives a list with one such list per prompt; prompts of different lengths
+        share batches. `length`: new tokens per sample (default: n_ctx // 2, or n_ctx without a
+        prompt). `temperature`, `top_k`, `top_p`: see README.md. `seed`: the same seed gives the same
+        samples (None: a fresh one); sample i of a seed is the same whatever the batch size, and
+        `first_sample` starts the numbering elsewhere. `batch_size`: rows computed at once.
+        `stop`: a string or list of strings that ends a sample (not included). A sample also ends
+        at <|endoftext|> unless `ignore_eot`.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        length = self.default_length(prompts[0]) if length is None else length
+        seed = new_seed() if seed is None else seed
+        rows = [(p, self.context(p, length, truncate_prompt)) for p in prompts for _ in range(nsamples)]
+        texts = []
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            streams = [TextStream(self.encoder, stop, self._stop_token(ignore_eot)) for _ in batch]
+            for chunk in sample_chunks(self.params, self.hparams, [context for _, context in batch], length,
+                                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                       first_sample=first_sample + start, stop_token=self._stop_token(ignore_eot),
+                                       chunk_size=BATCH_CHUNK):
+                for text_stream, tokens in zip(streams, chunk):
+                    text_stream.feed(tokens)
+                if all(s.finished for s in streams):
+                    break
+            texts += [s.finish() for s in streams]
+        if isinstance(prompt, str):
+            return texts
+        return [texts[i * nsamples:(i + 1) * nsamples] for i in range(len(prompts))]
+
+    def stream(self, prompt="", length=None, *, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=None,
+               truncate_prompt=False, ignore_eot=False, first_sample=0):
+        """One sample of `prompt`, yielded as pieces of text while it is generated.
+
+        Pieces are whole characters, and text that may be the start of a `stop` string is held
+        back until it is clear. Flags as for `generate`. Stop iterating to stop generating.
+        """
+        length = self.default_length(prompt) if length is None else length
+        context = self.context(prompt, length, truncate_prompt)
+        seed = new_seed() if seed is None else seed
+        text_stream = TextStream(self.encoder, stop, self._stop_token(ignore_eot))
+        for chunk in sample_chunks(self.params, self.hparams, [context], length, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, seed=seed, first_sample=first_sample,
+                                   stop_token=self._stop_token(ignore_eot), chunk_size=STREAM_CHUNK):
+            piece = text_stream.feed(chunk[0])
+            if piece:
+                yield piece
+            if text_stream.finished:
+                break
+        piece = text_stream.finish(pending_only=True)
+        if piece:
+            yield piece
+
+    def _stop_token(self, ignore_eot):
+        return None if ignore_eot else self.encoder.eot_token
+
+
+def new_seed():
+    return random.SystemRandom().randrange(2 ** 31)
+
+
+class TextStream:
+    """The text of one sample as its tokens arrive: ends at `stop_token` or a `stop` string.
+
+    `feed` returns the text that is now certain: whole characters, and none that could still turn
+    out to be the start of a stop string.
+    """
+
+    def __init__(self, encoder, stop=None, stop_token=None):
+        self.stop = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        self.stop_token = stop_token
+        self._decoder = encoder.stream_decoder()
+        self.text = ""
+        self._shown = 0
+        self.finished = False
+
+    def feed(self, tokens):
+        if self.finished:
+            return ""
+        tokens = [int(t) for t in tokens]
+        if self.stop_token in tokens:  # the sampler pads a stopped row with it; never part of the text
+            tokens = tokens[:tokens.index(self.stop_token)]
+            self.finished = True
+        self.text += self._decoder.feed(tokens)
+        if self.finished:
+            self.text += self._decoder.flush()
+        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.finished = self.text[:cut], True
+        safe = len(self.text) if self.finished else len(self.text) - self._held_back()
+        piece, self._shown = self.text[self._shown:safe], max(self._shown, safe)
+        return piece
+
+    def _held_back(self):
+        """How many final characters could begin a stop string."""
+        return max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)
+
+    def finish(self, pending_only=False):
+        """The whole text (or, with pending_only, what `feed` has not returned yet), once no more tokens come."""
+        if not self.finished:
+            self.text += self._decoder.flush()
+            self.finished = True
+        pending, self._shown = self.text[self._shown:], len(self.text)
+        return pending if pending_only else self.text

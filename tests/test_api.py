@@ -1,0 +1,102 @@
+"""The Python API as a user calls it: load, generate, stream, encode, decode."""
+import shutil
+
+import numpy as np
+import pytest
+
+import gpt2
+from gpt2.api import TextStream
+from gpt2.encoder import read_encoder
+from gpt2.errors import GPT2Error
+from gpt2.sample import sample
+from gpt2.testing import ModelMirror
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return gpt2.load("tiny", str(tiny_model.parent))
+
+
+def test_generate_returns_nsamples_texts(model):
+    texts = model.generate("The river", length=12, seed=3, nsamples=4, batch_size=2)
+    assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+    assert len(set(texts)) == 4
+    assert model.generate("The river", length=12, seed=3, nsamples=4, batch_size=4) == texts  # batch-independent
+
+
+def test_generate_is_the_decoded_sampler_output(model):
+    [text] = model.generate("the mill", length=9, temperature=0, ignore_eot=True)
+    [row] = sample(model.params, model.hparams, model.encode("the mill"), 9, temperature=0)
+    assert len(row) == 9 and model.decode(row) == text
+
+
+def test_stream_pieces_join_to_generate(model):
+    pieces = list(model.stream("The river", length=30, seed=8))
+    assert len(pieces) > 1
+    assert "".join(pieces) == model.generate("The river", length=30, seed=8)[0]
+
+
+def test_batch_of_prompts(model):
+    prompts = ["The river", "In the town there was a market on Saturdays."]
+    results = model.generate(prompts, length=10, temperature=0, nsamples=2, batch_size=3)
+    assert [len(r) for r in results] == [2, 2]
+    for prompt, texts in zip(prompts, results):
+        assert texts == model.generate(prompt, length=10, temperature=0, nsamples=2)
+
+
+def test_unconditional_from_an_empty_prompt(model):
+    [text] = model.generate("", length=15, seed=2, ignore_eot=True)
+    assert model.context("", 15) == [model.encoder.eot_token]
+    assert text == model.decode(model.encode(text))
+
+
+def test_stop_strings_end_samples(model):
+    [long] = model.generate("The river", length=40, seed=5, ignore_eot=True)
+    stop = long[10:13]
+    [cut] = model.generate("The river", length=40, seed=5, ignore_eot=True, stop=stop)
+    assert cut == long[:long.index(stop)]
+    streamed = "".join(model.stream("The river", length=40, seed=5, ignore_eot=True, stop=[stop, "never"]))
+    assert streamed == cut
+
+
+def test_errors(model):
+    with pytest.raises(GPT2Error, match="--top_p"):
+        model.generate("x", length=5, top_p=2)
+    with pytest.raises(GPT2Error, match="which leaves room for"):
+        model.generate("the mill " * 100, length=100)
+    assert len(model.generate("the mill " * 100, length=100, truncate_prompt=True, temperature=0)) == 1
+    with pytest.raises(GPT2Error, match="unknown model"):
+        gpt2.load("nope", "/nonexistent")
+
+
+def test_load_downloads_a_missing_model(tiny_model, tmp_path):
+    root = tmp_path / "mirror"
+    shutil.copytree(tiny_model, root / "355M")
+    with ModelMirror(root) as mirror:
+        model = gpt2.load("345M", str(tmp_path / "models"), base_url=mirror.url)
+    assert (tmp_path / "models" / "355M" / "model.ckpt.index").exists()
+    assert model.hparams.n_ctx == 128
+
+
+class TestTextStream:
+    @pytest.fixture(scope="class")
+    def encoder(self, tiny_model):
+        return read_encoder(tiny_model)
+
+    def test_holds_back_what_may_start_a_stop_string(self, encoder):
+        stream = TextStream(encoder, stop="END")
+        shown = [stream.feed(encoder.encode(part)) for part in ["the mill E", "N", "D and more"]]
+        assert shown == ["the mill ", "", ""]
+        assert stream.finished and stream.text == "the mill "
+
+    def test_releases_a_false_alarm(self, encoder):
+        stream = TextStream(encoder, stop="END")
+        assert stream.feed(encoder.encode("the E")) == "the "
+        assert stream.feed(encoder.encode("Nx")) == "ENx"
+        assert stream.finish() == "the ENx"
+
+    def test_stop_token_ends_the_text(self, encoder):
+        stream = TextStream(encoder, stop_token=encoder.eot_token)
+        tokens = encoder.encode("the mill") + [encoder.eot_token] + encoder.encode("after")
+        assert stream.feed(np.array(tokens)) == "the mill"
+        assert stream.finished and stream.feed(encoder.encode("more")) == ""
