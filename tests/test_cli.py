@@ -1,28 +1,99 @@
-"""The two scripts, run as a user runs them: subprocesses on a factory-made model folder."""
+"""The scripts, run as a user runs them: in a pseudo-terminal (pexpect) or as piped subprocesses."""
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
+import pexpect
 import pytest
+
+import gpt2
+from gpt2.testing import make_model_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BANNER = "=" * 40 + " SAMPLE {} " + "=" * 40
-
-
-def run(script, *flags, stdin="", models_dir):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), "--model_name", "tiny",
-                           "--models_dir", str(models_dir), *flags],
-                          input=stdin, capture_output=True, text=True, timeout=300, cwd=ROOT)
+PROMPT = "Model prompt >>> "
 
 
 @pytest.fixture(scope="module")
 def models_dir(tiny_model):
+    """models/tiny (n_ctx 128) and models/long, whose 1024-token context makes samples take a while."""
+    make_model_folder(tiny_model.parent / "long", n_ctx=1024)
     return tiny_model.parent
 
 
+def run(script, *flags, stdin="", models_dir, env=None, model="tiny"):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), "--model_name", model,
+                           "--models_dir", str(models_dir), *flags], input=stdin, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def spawn(*flags, models_dir, model="tiny"):
+    return pexpect.spawn(sys.executable, [os.path.join(ROOT, "generate_interactive.py"), "--model_name", model,
+                                          "--models_dir", str(models_dir), *flags],
+                         encoding="utf-8", timeout=120, cwd=ROOT, dimensions=(50, 200))
+
+
+# Interactive, in a terminal.
+
+def test_streams_and_ctrl_c_returns_to_the_prompt(models_dir):
+    child = spawn("--length", "1000", "--ignore_eot", "--seed", "1", model="long", models_dir=models_dir)
+    child.expect_exact(PROMPT)
+    child.sendline("The river ran past the old mill")
+    child.expect_exact(BANNER.format(1))
+    child.expect(r"\S")  # text of the sample shows while it is still being written...
+    child.sendintr()
+    child.expect_exact("[interrupted]")  # ...so Ctrl-C finds it unfinished and stops it
+    assert "=" * 80 not in child.before
+    child.expect_exact(PROMPT)
+    child.sendeof()  # Ctrl-D at the prompt
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert "Traceback" not in child.before
+
+
+def test_multi_line_and_empty_prompts(models_dir):
+    child = spawn("--length", "6", "--temperature", "0", models_dir=models_dir)
+    child.expect_exact(PROMPT)
+    child.sendline("")
+    child.expect_exact("Prompt should not be empty!")
+    child.expect_exact(PROMPT)
+    child.sendline("the river ran \\")
+    child.expect_exact("... ")
+    child.sendline("past the mill")
+    child.expect_exact(BANNER.format(1) + "\r\n")
+    child.expect_exact("\r\n" + "=" * 80)
+    shown = child.before
+    child.expect_exact(PROMPT)
+    child.sendintr()  # Ctrl-C at the prompt ends the session
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    model = gpt2.load("tiny", str(models_dir))
+    assert shown == model.generate("the river ran \npast the mill", length=6, temperature=0)[0].replace("\n", "\r\n")
+
+
+def test_overlong_prompt_in_a_terminal(models_dir):
+    child = spawn("--length", "100", models_dir=models_dir)
+    child.expect_exact(PROMPT)
+    child.sendline("the mill " * 40)
+    child.expect_exact("error: the prompt is")
+    child.expect_exact("--truncate_prompt")
+    child.expect_exact(PROMPT)
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+# Interactive, piped.
+
 def test_interactive_answers_each_prompt_until_end_of_input(models_dir):
-    result = run("generate_interactive.py", "--length", "12", "--seed", "7", "--nsamples", "4",
-                 "--batch_size", "2", stdin="The river\n\nthe mill\n", models_dir=models_dir)
+    flags = ["--length", "12", "--seed", "7", "--nsamples", "4", "--batch_size", "2"]
+    result = run("generate_interactive.py", *flags, stdin="The river\n\nthe mill\n", models_dir=models_dir)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.count(BANNER.format(1)) == 2 and out.count(BANNER.format(4)) == 2  # numbered 1..4 per prompt
@@ -30,20 +101,28 @@ def test_interactive_answers_each_prompt_until_end_of_input(models_dir):
     assert out.count("=" * 80 + "\n") == 2
     assert "Prompt should not be empty!" in out
     assert result.stderr == ""
-    again = run("generate_interactive.py", "--length", "12", "--seed", "7", "--nsamples", "4",
-                "--batch_size", "2", stdin="The river\n\nthe mill\n", models_dir=models_dir)
+    again = run("generate_interactive.py", *flags, stdin="The river\n\nthe mill\n", models_dir=models_dir)
     assert again.stdout == out  # the same seed gives the same text, run after run
 
 
-def test_unconditional_writes_numbered_samples_to_stdout_and_file(models_dir, tmp_path):
-    output = tmp_path / "samples.txt"
-    result = run("generate_unconditional.py", "--length", "10", "--seed", "3", "--nsamples", "6",
-                 "--batch_size", "3", "--output", str(output), models_dir=models_dir)
+def test_stop_strings_and_prompt_file(models_dir, tmp_path):
+    model = gpt2.load("tiny", str(models_dir))
+    prompt = "The river\nran past the mill"
+    [full] = model.generate(prompt, length=40, temperature=0, ignore_eot=True)
+    stop = full[8:11]
+    (tmp_path / "prompt.txt").write_text(prompt, encoding="utf-8")
+    result = run("generate_interactive.py", "--prompt_file", str(tmp_path / "prompt.txt"), "--length", "40",
+                 "--temperature", "0", "--ignore_eot", "--stop", stop, models_dir=models_dir)
     assert result.returncode == 0, result.stderr
-    for n in range(1, 7):
-        assert result.stdout.count(BANNER.format(n)) == 1
-    assert BANNER.format(7) not in result.stdout
-    assert output.read_text(encoding="utf-8") == result.stdout
+    assert PROMPT + "The river\n... ran past the mill\n" in result.stdout
+    assert BANNER.format(1) + "\n" + full[:full.index(stop)] + "\n" + "=" * 80 in result.stdout
+
+
+def test_any_output_encoding(models_dir):
+    result = run("generate_interactive.py", "--length", "5", "--seed", "2", stdin="日本語 🙂 Привет\n",
+                 models_dir=models_dir, env={"PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0, result.stderr
+    assert BANNER.format(1) in result.stdout
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -52,6 +131,7 @@ def test_unconditional_writes_numbered_samples_to_stdout_and_file(models_dir, tm
     (["--length", "-5"], "--length must be a whole number of at least 1"),
     (["--length", "500"], "--length 500 is more than the model's context of 128 tokens"),
     (["--model_name", "gpt-5"], "unknown model 'gpt-5'"),
+    (["--prompt_file", "/nonexistent/prompt.txt"], "cannot read --prompt_file /nonexistent/prompt.txt"),
 ])
 def test_bad_flags_give_one_line_errors(models_dir, flags, message):
     result = run("generate_interactive.py", *flags, stdin="hello\n", models_dir=models_dir)
@@ -70,3 +150,72 @@ def test_prompt_too_long_is_reported_and_the_loop_goes_on(models_dir):
     truncated = run("generate_interactive.py", "--length", "64", "--seed", "1", "--truncate_prompt",
                     stdin=long_prompt + "\n", models_dir=models_dir)
     assert truncated.stdout.count(BANNER.format(1)) == 1
+
+
+# Unconditional.
+
+def test_unconditional_writes_numbered_samples_to_stdout_and_file(models_dir, tmp_path):
+    output = tmp_path / "samples.txt"
+    result = run("generate_unconditional.py", "--length", "10", "--seed", "3", "--nsamples", "6",
+                 "--batch_size", "3", "--output", str(output), models_dir=models_dir)
+    assert result.returncode == 0, result.stderr
+    for n in range(1, 7):
+        assert result.stdout.count(BANNER.format(n)) == 1
+    assert BANNER.format(7) not in result.stdout
+    assert output.read_text(encoding="utf-8") == result.stdout
+    assert "6/6" in result.stderr  # the progress bar
+
+
+def test_jsonl_records_reproduce_their_samples(models_dir, tmp_path):
+    output = tmp_path / "samples.jsonl"
+    result = run("generate_unconditional.py", "--length", "20", "--seed", "11", "--nsamples", "4", "--batch_size",
+                 "2", "--top_k", "40", "--temperature", "0.8", "--output", str(output), models_dir=models_dir)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    assert [r["number"] for r in records] == [1, 2, 3, 4]
+    assert {k for k in records[0]} >= {"text", "seed", "sample_index", "length", "temperature", "top_k", "top_p"}
+    model = gpt2.load("tiny", str(models_dir))
+    r = records[2]
+    again = model.generate("", r["length"], seed=r["seed"], first_sample=r["sample_index"],
+                           temperature=r["temperature"], top_k=r["top_k"], top_p=r["top_p"],
+                           ignore_eot=r["ignore_eot"], stop=r["stop"])
+    assert again == [r["text"]]
+
+
+def wait_for_lines(path, n, process):
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if path.exists() and path.read_bytes().count(b"\n") >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not reach {n} lines")
+
+
+def test_killed_run_leaves_only_complete_samples(models_dir, tmp_path):
+    output = tmp_path / "forever.jsonl"
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "generate_unconditional.py"), "--model_name",
+                                "long", "--models_dir", str(models_dir), "--length", "300", "--ignore_eot",
+                                "--output", str(output)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_lines(output, 2, process)
+    process.kill()
+    process.wait()
+    data = output.read_bytes()
+    assert data.endswith(b"\n")
+    records = [json.loads(line) for line in data.decode().splitlines()]
+    assert len(records) >= 2 and [r["number"] for r in records] == list(range(1, len(records) + 1))
+
+
+def test_ctrl_c_stops_unconditional_with_a_count(models_dir, tmp_path):
+    output = tmp_path / "forever.txt"
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "generate_unconditional.py"), "--model_name",
+                                "long", "--models_dir", str(models_dir), "--length", "300", "--ignore_eot",
+                                "--output", str(output)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_lines(output, 2, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted after ") and last.endswith(" complete samples")
+    n = int(last.split()[3])
+    assert output.read_text(encoding="utf-8").count("=" * 40 + " SAMPLE ") == n

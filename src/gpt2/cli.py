@@ -194,7 +194,9 @@ def download(*model_names, models_dir=None, base_url=None):
 
 def run(command, argv=None):
     """Parse flags with fire and run `command`; user errors become one line on stderr."""
-    sys.stdout.reconfigure(errors="replace")  # any console encoding: unprintable text becomes '?'
+    # Any console encoding: text it cannot show becomes '?', bytes it cannot read become U+FFFD.
+    sys.stdout.reconfigure(errors="replace")
+    sys.stdin.reconfigure(errors="replace")
     try:
         fire.Fire(command, command=argv, name=os.path.basename(sys.argv[0]))
     except GPT2Error as e:
