@@ -15,7 +15,7 @@ import re
 import time
 
 import requests
-from tqdm import tqdm
+from tqdm.auto import tqdm  # widgets in notebooks, text bars in terminals
 
 from .checkpoint import LEGACY_NAMES, MODEL_FILES, MODEL_NAMES, canonical_name, default_models_dir
 from .errors import GPT2Error
