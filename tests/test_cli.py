@@ -219,3 +219,20 @@ def test_ctrl_c_stops_unconditional_with_a_count(models_dir, tmp_path):
     assert last.startswith("error: interrupted after ") and last.endswith(" complete samples")
     n = int(last.split()[3])
     assert output.read_text(encoding="utf-8").count("=" * 40 + " SAMPLE ") == n
+
+
+def test_console_commands_point_at_the_cli():
+    """pyproject's console commands name functions that exist; once installed, they run."""
+    import importlib
+    import shutil
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert set(scripts) == {"gpt2-interactive", "gpt2-unconditional", "gpt2-download"}
+    for target in scripts.values():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function))
+    if shutil.which("gpt2-download"):  # installed (CI installs the package): a bad name is a one-line error
+        result = subprocess.run(["gpt2-download", "9B"], capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and result.stderr.startswith("error: unknown model 9B")
