@@ -35,30 +35,27 @@ def parameter_count(hparams):
     return sum(int(np.prod(shape)) for shape in variable_shapes(hparams).values())
 
 
-def machine_bandwidth(n_bytes, repeats=5):
-    """GB/s of a float32 matrix-vector product over n_bytes of matrix (capped at 2 GiB)."""
-    n_bytes = min(n_bytes, 2 << 30)
-    matrix = np.ones((n_bytes // 4 // 4096, 4096), np.float32)
-    vector = np.ones(4096, np.float32)
-    matrix @ vector
+def median_seconds(fn, repeats=5):
+    fn()  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        matrix @ vector
+        fn()
         times.append(time.perf_counter() - start)
-    return matrix.nbytes / statistics.median(times) / 1e9
+    return statistics.median(times)
 
 
-def machine_gemm(n=2048, repeats=5):
+def machine_bandwidth(n_bytes):
+    """GB/s of a float32 matrix-vector product over n_bytes of matrix (capped at 2 GiB)."""
+    matrix = np.ones((min(n_bytes, 2 << 30) // 4 // 4096, 4096), np.float32)
+    vector = np.ones(4096, np.float32)
+    return matrix.nbytes / median_seconds(lambda: matrix @ vector) / 1e9
+
+
+def machine_gemm(n=2048):
     """GFLOP/s of a float32 n x n matrix product."""
     a, b = np.ones((n, n), np.float32), np.ones((n, n), np.float32)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+    return 2 * n ** 3 / median_seconds(lambda: a @ b) / 1e9
 
 
 def prefill_flops(hparams, n_tokens):

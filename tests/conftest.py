@@ -1,5 +1,8 @@
 import pytest
+import tensorflow as tf
 
+from gpt2.checkpoint import load_params, read_hparams
+from gpt2.model import empty_cache, forward, logits
 from gpt2.testing import make_model_folder
 
 
@@ -9,3 +12,22 @@ def tiny_model(tmp_path_factory):
     models_dir = tmp_path_factory.mktemp("models")
     make_model_folder(models_dir / "tiny")
     return models_dir / "tiny"
+
+
+@pytest.fixture(scope="session")
+def model(tiny_model):
+    """(hparams, params) of the tiny model."""
+    hparams = read_hparams(tiny_model)
+    return hparams, load_params(tiny_model, hparams)
+
+
+@pytest.fixture(scope="session")
+def full_logits(model):
+    """A function: the model's logits [len(tokens), n_vocab] for a token list, in one pass from scratch."""
+    hparams, params = model
+
+    def compute(tokens):
+        h, _ = forward(params, hparams, tf.constant([tokens]), empty_cache(hparams, 1, len(tokens)), 0)
+        return logits(params, h)[0].numpy()
+
+    return compute

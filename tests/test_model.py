@@ -1,9 +1,8 @@
 """The TensorFlow forward pass against a NumPy GPT-2 written from the paper and the checkpoint layout."""
 import numpy as np
-import pytest
 import tensorflow as tf
 
-from gpt2.checkpoint import load_params, read_hparams
+from gpt2.checkpoint import read_hparams
 from gpt2.model import empty_cache, forward, logits
 
 
@@ -41,33 +40,20 @@ def reference_logits(model_dir, tokens):
     return norm(x, "ln_f") @ w("wte").T
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    hparams = read_hparams(tiny_model)
-    return hparams, load_params(tiny_model, hparams)
-
-
-def full_logits(model, tokens):
-    hparams, params = model
-    past = empty_cache(hparams, 1, len(tokens))
-    h, _ = forward(params, hparams, tf.constant([tokens]), past, 0)
-    return logits(params, h)[0].numpy()
-
-
-def test_logits_match_reference(tiny_model, model):
+def test_logits_match_reference(tiny_model, model, full_logits):
     hparams, _ = model
     tokens = np.random.default_rng(0).integers(0, hparams.n_vocab, size=hparams.n_ctx).tolist()
-    ours, ref = full_logits(model, tokens), reference_logits(tiny_model, tokens)
+    ours, ref = full_logits(tokens), reference_logits(tiny_model, tokens)
     assert ref.std() > 0.5  # the random weights give logits far from zero, so 1e-4 is a real bound
     max_diff = np.abs(ours - ref).max()
     print(f"max |logit difference| over {hparams.n_ctx} positions: {max_diff:.2e}")
     assert max_diff < 1e-4
 
 
-def test_cached_steps_equal_full_recomputation(model):
+def test_cached_steps_equal_full_recomputation(model, full_logits):
     hparams, params = model
     tokens = np.random.default_rng(1).integers(0, hparams.n_vocab, size=40).tolist()
-    expected = full_logits(model, tokens)
+    expected = full_logits(tokens)
     # A prompt of 25 tokens in one pass, then 15 single tokens, each attending to the cache.
     past = empty_cache(hparams, 1, 64)
     h, past = forward(params, hparams, tf.constant([tokens[:25]]), past, 0)
@@ -78,17 +64,17 @@ def test_cached_steps_equal_full_recomputation(model):
     np.testing.assert_allclose(np.concatenate(steps), expected, atol=1e-4)
 
 
-def test_batch_rows_are_independent(model):
+def test_batch_rows_are_independent(model, full_logits):
     hparams, params = model
     rng = np.random.default_rng(2)
     batch = rng.integers(0, hparams.n_vocab, size=(3, 20))
     past = empty_cache(hparams, 3, 20)
     h, _ = forward(params, hparams, tf.constant(batch), past, 0)
     for row, row_logits in zip(batch.tolist(), logits(params, h).numpy()):
-        np.testing.assert_allclose(row_logits, full_logits(model, row), atol=1e-4)
+        np.testing.assert_allclose(row_logits, full_logits(row), atol=1e-4)
 
 
-def test_rows_at_different_positions(model):
+def test_rows_at_different_positions(model, full_logits):
     """Two rows continue prompts of different lengths in one step: each as if alone."""
     hparams, params = model
     rng = np.random.default_rng(5)
@@ -98,5 +84,5 @@ def test_rows_at_different_positions(model):
     _, past = forward(params, hparams, tf.constant(padded), past, 0)
     h, _ = forward(params, hparams, tf.constant([[long[-1]], [short[-1]]]), past, tf.constant([11, 4]))
     step_logits = logits(params, h)[:, 0].numpy()
-    np.testing.assert_allclose(step_logits[0], full_logits(model, long)[-1], atol=1e-4)
-    np.testing.assert_allclose(step_logits[1], full_logits(model, short)[-1], atol=1e-4)
+    np.testing.assert_allclose(step_logits[0], full_logits(long)[-1], atol=1e-4)
+    np.testing.assert_allclose(step_logits[1], full_logits(short)[-1], atol=1e-4)

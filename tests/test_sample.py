@@ -3,33 +3,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt2.checkpoint import load_params, read_hparams
 from gpt2.errors import GPT2Error
-from gpt2.model import empty_cache, forward, logits
 from gpt2.sample import fit_context, sample, sample_chunks, top_k_filter, top_p_filter
 
 PROMPT = [10, 200, 33, 5, 400, 17]
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    hparams = read_hparams(tiny_model)
-    return hparams, load_params(tiny_model, hparams)
-
-
-def next_logits(model, tokens):
-    """Logits after `tokens`, recomputed from scratch (no cache reuse between calls)."""
-    hparams, params = model
-    h, _ = forward(params, hparams, tf.constant([tokens]), empty_cache(hparams, 1, len(tokens)), 0)
-    return logits(params, h)[0, -1].numpy().astype(np.float64)
-
-
-def test_greedy_follows_argmax_of_recomputed_logits(model):
+def test_greedy_follows_argmax_of_recomputed_logits(model, full_logits):
     hparams, params = model
     [row] = sample(params, hparams, PROMPT, 12, temperature=0)
     tokens = list(PROMPT)
     for token in row:
-        assert token == int(np.argmax(next_logits(model, tokens)))
+        assert token == int(np.argmax(full_logits(tokens)[-1]))
         tokens.append(token)
     assert len(row) == 12
 
@@ -64,10 +49,10 @@ def softmax(x):
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.5, 5, 1.0), (1.0, 0, 0.6)])
-def test_first_token_frequencies_follow_the_distribution(model, temperature, top_k, top_p):
+def test_first_token_frequencies_follow_the_distribution(model, full_logits, temperature, top_k, top_p):
     """4000 draws of one token against the probabilities computed here in NumPy."""
     hparams, params = model
-    probs = softmax(next_logits(model, PROMPT) / temperature)
+    probs = softmax(full_logits(PROMPT)[-1].astype(np.float64) / temperature)
     order = np.argsort(-probs)
     if top_k:
         probs[order[top_k:]] = 0
