@@ -120,15 +120,17 @@ def load_params(model_dir, hparams):
                             "download the model again")
         params = {"h": [{} for _ in range(hparams.n_layer)]}
         for name, shape in shapes.items():
-            value = reader.get_tensor(name)
+            # Read straight into a TensorFlow tensor: no NumPy copy, so loading needs the weights' bytes once.
+            [value] = tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=[name], shape_and_slices=[""],
+                                           dtypes=[tf.float32])
             if len(shape) == 3:
-                value = value[0]
+                value = tf.reshape(value, shape[1:])  # [1, n_in, n_out] -> [n_in, n_out], same buffer
             node, parts = params, name.split("/")[1:]  # "model/h3/attn/c_attn/w" -> h, 3, attn, c_attn, w
             if parts[0].startswith("h") and parts[0][1:].isdigit():
                 node, parts = params["h"][int(parts[0][1:])], parts[1:]
             for part in parts[:-1]:
                 node = node.setdefault(part, {})
-            node[parts[-1]] = tf.constant(value, dtype=tf.float32)
+            node[parts[-1]] = value
     except tf.errors.OpError as e:
         raise GPT2Error(f"cannot read the checkpoint {prefix} ({e.message.splitlines()[0]}): "
                         "it is damaged, download the model again") from None
