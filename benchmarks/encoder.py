@@ -10,14 +10,13 @@ import glob
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 import tiktoken  # noqa: E402
 
-from gpt2.encoder import END_OF_TEXT, PATTERN, bytes_to_unicode, read_encoder  # noqa: E402
+from gpt2.encoder import END_OF_TEXT, PATTERN, Encoder, bytes_to_unicode  # noqa: E402
 from gpt2.testing import make_vocab  # noqa: E402
 
 
@@ -50,13 +49,7 @@ def main():
     text = corpus(args.megabytes)
     megabytes = len(text.encode()) / 2 ** 20
     encoder_json, merges = make_vocab(50257)
-    with tempfile.TemporaryDirectory() as folder:
-        import json
-        with open(os.path.join(folder, "encoder.json"), "w", encoding="utf-8") as f:
-            json.dump(encoder_json, f, ensure_ascii=False)
-        with open(os.path.join(folder, "vocab.bpe"), "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-        ours = read_encoder(folder)
+    ours = Encoder(encoder_json, merges)
 
     # tiktoken on its own, built from the same merges as tiktoken's own gpt2 loader builds it.
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
