@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 from gpt2.errors import GPT2Error
-from gpt2.sample import fit_context, sample, sample_chunks, top_k_filter, top_p_filter
+from gpt2.sample import fit_context, sample, sample_chunks, top_k_filter, top_p_filter, uniform_noise
 
 PROMPT = [10, 200, 33, 5, 400, 17]
 
@@ -155,3 +155,37 @@ def test_chunks_give_the_same_tokens_as_one_pass(model):
     pieces = list(sample_chunks(params, hparams, [PROMPT] * 2, 25, seed=11, chunk_size=4))
     assert [chunk.shape[1] for chunk in pieces] == [1] + [4] * 6
     np.testing.assert_array_equal(np.concatenate(pieces, axis=1), np.concatenate(whole, axis=1))
+
+
+def splitmix64(seed, count):
+    """Numbers 1..count of the SplitMix64 stream of `seed` (Steele, Lea and Flood, 2014), in plain Python."""
+    mask, out = (1 << 64) - 1, []
+    for i in range(1, count + 1):
+        z = (seed + i * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        out.append(z ^ (z >> 31))
+    return out
+
+
+def test_noise_is_the_splitmix64_stream_of_each_rows_seed():
+    """Row (seed, sample) at step t gets numbers t*n+1 .. t*n+n of the stream keyed by mix(mix(seed) ^ sample)."""
+    mix = lambda z: splitmix64((z - 0x9E3779B97F4A7C15) % (1 << 64), 1)[0]  # noqa: E731  (the finalizer alone)
+    row_seeds = [[7, 0], [7, 1], [2 ** 40 + 3, 5]]
+    noise = uniform_noise(tf.constant(row_seeds, tf.int64), tf.constant(3), 50).numpy()
+    for (seed, sample_number), row in zip(row_seeds, noise):
+        stream = splitmix64(mix(mix(seed) ^ sample_number), 4 * 50)[3 * 50:]
+        np.testing.assert_array_equal(row, [((z >> 41) + 0.5) / 2 ** 23 for z in stream])
+
+
+def test_noise_is_uniform_and_independent_across_rows_and_steps():
+    noise = np.stack([uniform_noise(tf.constant([[1, 0], [1, 1]], tf.int64), tf.constant(step), 50257).numpy()
+                      for step in range(4)])  # [step, row, token]
+    flat = noise.ravel()
+    assert 0 < flat.min() and flat.max() < 1
+    assert abs(flat.mean() - 0.5) < 0.002 and abs(flat.var() - 1 / 12) < 0.001
+    counts = np.histogram(flat, bins=20, range=(0, 1))[0]
+    chi2 = ((counts - flat.size / 20) ** 2 / (flat.size / 20)).sum()
+    assert chi2 < 50  # 19 degrees of freedom: 50 is far beyond the 99.9th percentile (43.8)
+    rows = noise.reshape(-1, 50257)
+    assert np.abs(np.corrcoef(rows) - np.eye(len(rows))).max() < 0.03  # no two rows or steps alike

@@ -61,14 +61,33 @@ def choose(next_logits, step, row_seeds, temperature, top_p, rule):
         next_logits = top_k_filter(next_logits, rule.top_k)
     if rule.use_top_p:
         next_logits = top_p_filter(next_logits, top_p)
-    n_vocab = tf.shape(next_logits)[1]
+    noise = uniform_noise(row_seeds, step, next_logits.shape[1])
+    gumbel = -tf.math.log(-tf.math.log(tf.cast(noise, next_logits.dtype)))
+    return tf.argmax(next_logits + gumbel, axis=-1, output_type=tf.int32)
 
-    def uniform(row_seed):
-        seed = tf.random.experimental.stateless_fold_in(row_seed, step)
-        return tf.random.stateless_uniform([n_vocab], seed=seed, minval=1e-20, maxval=1.0, dtype=next_logits.dtype)
 
-    noise = tf.map_fn(uniform, row_seeds, fn_output_signature=next_logits.dtype)
-    return tf.argmax(next_logits - tf.math.log(-tf.math.log(noise)), axis=-1, output_type=tf.int32)
+def _mix64(z):
+    """The SplitMix64 finalizer: a bijection of uint64 whose outputs look independent of its inputs."""
+    shift = lambda z, n: tf.bitwise.right_shift(z, tf.constant(n, tf.uint64))  # noqa: E731
+    z = tf.bitwise.bitwise_xor(z, shift(z, 30)) * tf.constant(0xBF58476D1CE4E5B9, tf.uint64)
+    z = tf.bitwise.bitwise_xor(z, shift(z, 27)) * tf.constant(0x94D049BB133111EB, tf.uint64)
+    return tf.bitwise.bitwise_xor(z, shift(z, 31))
+
+
+@tf.function(jit_compile=True)  # compiled even from the prefill graph: TensorFlow's own kernels lack uint64 ops
+def uniform_noise(row_seeds, step, n):
+    """Uniform numbers in (0, 1), [batch, n]: row b's are draws number step * n ... step * n + n - 1 of
+    the SplitMix64 stream keyed by row_seeds[b] = (seed, sample number).
+
+    A counter-based generator: every number is a function of (seed, sample, step, index) alone, so
+    all rows and tokens are computed at once, with no state and no loop over rows.
+    """
+    seeds = tf.cast(row_seeds, tf.uint64)
+    key = _mix64(tf.bitwise.bitwise_xor(_mix64(seeds[:, 0]), seeds[:, 1]))  # [batch]
+    counter = tf.cast(step, tf.uint64) * n + tf.cast(tf.range(1, n + 1, dtype=tf.int64), tf.uint64)  # [n]
+    bits = _mix64(key[:, None] + counter[None, :] * tf.constant(0x9E3779B97F4A7C15, tf.uint64))
+    # The top 23 bits, centred in their interval: exact in float32, never 0 or 1 (both would make log infinite).
+    return (tf.cast(tf.bitwise.right_shift(bits, tf.constant(41, tf.uint64)), tf.float32) + 0.5) * 2.0 ** -23
 
 
 def mark_stopped(token, done, rule):
