@@ -3,15 +3,18 @@
 
     python benchmarks/generate.py                 # 124M and 355M, batch 1 and 8
     python benchmarks/generate.py --models 1558M  # any of 124M 355M 774M 1558M
+    python benchmarks/generate.py --dtype bfloat16
     python benchmarks/generate.py --tiny          # a tiny model, to check that the script runs
 
 For each model it prints: load time, compile time, prefill tokens/s for a 512-token prompt,
 decode tokens/s for 256 new tokens (median of --runs runs after a warm-up, with min and max),
 first-token latency and peak resident memory. Each model runs in its own process, so that its
-peak memory is its own. The same run measures the machine: its memory bandwidth (a NumPy float32
-matrix-vector product over as many bytes as the model's parameters, at most 2 GiB) and its
-float32 GEMM rate; decode rates are shown as a fraction of the bandwidth ceiling (every weight is
-read once per step), prefill rates as a fraction of the GEMM rate. Speed does not depend on the
+peak memory is its own. The same process measures the machine right before each run, so that
+both see the same machine on these shared hosts: its memory bandwidth (a NumPy float32
+matrix-vector product over as many bytes as the model's weights, at most 2 GiB) before each
+decode run, its float32 GEMM rate before each prefill run. Each decode rate is shown as a
+fraction of the bandwidth ceiling (every weight is read once per step), each prefill rate as a
+fraction of the GEMM rate: medians of the per-run fractions. Speed does not depend on the
 weights' values, so random ones measure it. The model folders are made once, in --models_dir.
 """
 import argparse
@@ -64,36 +67,56 @@ def prefill_flops(hparams, n_tokens):
     return 2 * weights * n_tokens + 4 * hparams.n_layer * n_tokens ** 2 * hparams.n_embd
 
 
-def worker(model_dir, batches, prompt_len, new_tokens, runs):
+def worker(model_dir, batches, prompt_len, new_tokens, runs, dtype):
     """Measure one model in this process; print a JSON line with the numbers."""
     from gpt2 import GPT2
     from gpt2.sample import sample_chunks
 
     start = time.perf_counter()
-    model = GPT2.from_folder(model_dir)
+    model = GPT2.from_folder(model_dir, dtype)
     load_s = time.perf_counter() - start
+    weight_bytes = parameter_count(model.hparams) * model.params["wte"].dtype.size
+    gemm_flops = prefill_flops(model.hparams, prompt_len)
     prompt = np.random.default_rng(0).integers(0, model.hparams.n_vocab, prompt_len).tolist()
-    results = {"load_s": load_s, "batches": {}}
-    for batch in batches:
-        def timed(length):
-            start, first = time.perf_counter(), None
-            for chunk in sample_chunks(model.params, model.hparams, [prompt] * batch, length, seed=1):
-                first = first or time.perf_counter() - start
-            return time.perf_counter() - start, first
 
-        first_full, _ = timed(new_tokens)  # compiles the decoding loop and traces the prefill
-        timed(1)
-        full = [timed(new_tokens)[0] for _ in range(runs)]
-        prefill = [timed(1) for _ in range(runs)]
-        prefill_s = statistics.median(p[0] for p in prefill)
-        decode = [batch * (new_tokens - 1) / (f - prefill_s) for f in full]
+    def timed(batch, length):
+        start, first = time.perf_counter(), None
+        for chunk in sample_chunks(model.params, model.hparams, [prompt] * batch, length, seed=1):
+            first = first or time.perf_counter() - start
+        return time.perf_counter() - start, first
+
+    warm_up = {}
+    for batch in batches:  # compiles the decoding loop and traces the prefill
+        warm_up[batch] = timed(batch, new_tokens)[0]
+        timed(batch, 1)
+    # The weights, caches and compiled code are all in memory now; the bandwidth measurement's
+    # matrix, allocated from here on, must not count as the model's memory.
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    runs_of = {batch: {"full": [], "prefill": [], "bandwidth": [], "gemm": []} for batch in batches}
+    for _ in range(runs):
+        for batch in batches:
+            r = runs_of[batch]
+            r["bandwidth"].append(machine_bandwidth(weight_bytes))
+            r["full"].append(timed(batch, new_tokens)[0])
+            r["gemm"].append(machine_gemm())
+            r["prefill"].append(timed(batch, 1))
+    results = {"load_s": load_s, "peak_rss_gb": peak_rss_gb, "weight_bytes": weight_bytes, "batches": {}}
+    for batch, r in runs_of.items():
+        prefill_s = [p[0] for p in r["prefill"]]
+        decode = [batch * (new_tokens - 1) / (f - p) for f, p in zip(r["full"], prefill_s)]
+        prefill = [batch * prompt_len / p for p in prefill_s]
         results["batches"][batch] = {
-            "compile_s": first_full - statistics.median(full),
-            "prefill_tok_s": batch * prompt_len / prefill_s,
-            "first_token_s": statistics.median(p[1] for p in prefill),
+            "compile_s": warm_up[batch] - statistics.median(r["full"]),
+            "prefill_tok_s": statistics.median(prefill),
+            "of_gemm": statistics.median(gemm_flops / p / (g * 1e9) for p, g in zip(prefill_s, r["gemm"])),
+            "first_token_s": statistics.median(p[1] for p in r["prefill"]),
             "decode_tok_s": [statistics.median(decode), min(decode), max(decode)],
+            # tokens/s over the ceiling of this run: batch * (bandwidth / weight bytes) tokens/s
+            "of_bandwidth": statistics.median(d / (batch * bw * 1e9 / weight_bytes)
+                                              for d, bw in zip(decode, r["bandwidth"])),
+            "bandwidth_gb_s": statistics.median(r["bandwidth"]),
+            "gemm_gflop_s": statistics.median(r["gemm"]),
         }
-    results["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     print(json.dumps(results))
 
 
@@ -104,48 +127,44 @@ def main():
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     parser.add_argument("--new", type=int, default=256, help="new tokens")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--models_dir", default=os.path.join(HERE, "models"))
     parser.add_argument("--tiny", action="store_true", help="a tiny model and short runs: checks the script")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.batches, args.prompt, args.new, args.runs)
+        return worker(args.worker, args.batches, args.prompt, args.new, args.runs, args.dtype)
 
-    from gpt2.checkpoint import OPENAI_HPARAMS, read_hparams
     from gpt2.testing import make_model_folder
 
     if args.tiny:
-        args.models, args.prompt, args.new, args.runs = ["tiny"], 32, 16, 2
+        args.models, args.prompt, args.new, args.runs = ["tiny"], 32, 64, 2
     print(f"prompt {args.prompt} tokens, {args.new} new tokens, median of {args.runs} runs (min-max); "
-          f"random weights of the real shapes\n")
+          f"random weights of the real shapes, {args.dtype}\n")
     rows = []
     for name in args.models:
         model_dir = os.path.join(args.models_dir, name)
         if not os.path.isfile(os.path.join(model_dir, "vocab.bpe")):
             print(f"making {model_dir} (once) ...", flush=True)
             make_model_folder(model_dir, None if name == "tiny" else name)
-        hparams = read_hparams(model_dir) if name == "tiny" else OPENAI_HPARAMS[name]
-        param_bytes = 4 * parameter_count(hparams)
-        bandwidth, gemm = machine_bandwidth(param_bytes), machine_gemm()
         out = subprocess.run([sys.executable, __file__, "--worker", model_dir, "--prompt", str(args.prompt),
-                              "--new", str(args.new), "--runs", str(args.runs),
+                              "--new", str(args.new), "--runs", str(args.runs), "--dtype", args.dtype,
                               "--batches", *map(str, args.batches)], capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"{name}: the measurement failed:\n{out.stderr}")
         result = json.loads(out.stdout.strip().splitlines()[-1])
-        ceiling = bandwidth * 1e9 / param_bytes
-        print(f"{name}: {param_bytes / 1e9:.2f} GB of float32 weights; machine: {bandwidth:.1f} GB/s "
-              f"(ceiling {ceiling:.1f} tokens/s at batch 1), GEMM {gemm:.0f} GFLOP/s; "
-              f"load {result['load_s']:.1f} s, peak memory {result['peak_rss_gb']:.2f} GB "
-              f"({result['peak_rss_gb'] * 1e9 / param_bytes:.2f}x the weights)")
+        weight_bytes = result["weight_bytes"]
+        print(f"{name}: {weight_bytes / 1e9:.2f} GB of {args.dtype} weights; load {result['load_s']:.1f} s, "
+              f"peak memory {result['peak_rss_gb']:.2f} GB ({result['peak_rss_gb'] * 1e9 / weight_bytes:.2f}x "
+              f"the weights)")
         for batch, r in result["batches"].items():
             median, low, high = r["decode_tok_s"]
-            prefill_gflops = prefill_flops(hparams, args.prompt) / args.prompt * r["prefill_tok_s"] / 1e9
-            rows.append(f"| {name} | {batch} | {r['compile_s']:.1f} | {r['prefill_tok_s']:.0f} "
-                        f"({prefill_gflops / gemm:.0%} of GEMM) | {median:.1f} ({low:.1f}-{high:.1f}) | "
-                        f"{median / (int(batch) * ceiling):.0%} | {r['first_token_s']:.2f} |")
-    print("\n| model | batch | compile s | prefill tokens/s | decode tokens/s | of bandwidth ceiling "
-          "| first token s |\n| --- | --- | --- | --- | --- | --- | --- |")
+            rows.append(f"| {name} | {args.dtype} | {batch} | {r['compile_s']:.1f} | {r['prefill_tok_s']:.0f} "
+                        f"({r['of_gemm']:.0%} of GEMM) | {median:.1f} ({low:.1f}-{high:.1f}) | "
+                        f"{r['of_bandwidth']:.0%} | {r['first_token_s']:.2f} | {r['bandwidth_gb_s']:.1f} GB/s, "
+                        f"{r['gemm_gflop_s']:.0f} GFLOP/s |")
+    print("\n| model | dtype | batch | compile s | prefill tokens/s | decode tokens/s | of bandwidth ceiling "
+          "| first token s | machine (median) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
 
 

@@ -67,6 +67,8 @@ def test_errors(model):
     assert len(model.generate("the mill " * 100, length=100, truncate_prompt=True, temperature=0)) == 1
     with pytest.raises(GPT2Error, match="unknown model"):
         gpt2.load("nope", "/nonexistent")
+    with pytest.raises(GPT2Error, match="--dtype must be one of float32, float16, bfloat16"):
+        gpt2.load("124M", "/nonexistent", dtype="float64")  # refused before any download
 
 
 def test_load_downloads_a_missing_model(tiny_model, tmp_path):

@@ -132,6 +132,7 @@ def test_any_output_encoding(models_dir):
     (["--length", "500"], "--length 500 is more than the model's context of 128 tokens"),
     (["--model_name", "gpt-5"], "unknown model 'gpt-5'"),
     (["--prompt_file", "/nonexistent/prompt.txt"], "cannot read --prompt_file /nonexistent/prompt.txt"),
+    (["--dtype", "float8"], "--dtype must be one of float32, float16, bfloat16, not 'float8'"),
 ])
 def test_bad_flags_give_one_line_errors(models_dir, flags, message):
     result = run("generate_interactive.py", *flags, stdin="hello\n", models_dir=models_dir)
@@ -169,12 +170,14 @@ def test_unconditional_writes_numbered_samples_to_stdout_and_file(models_dir, tm
 def test_jsonl_records_reproduce_their_samples(models_dir, tmp_path):
     output = tmp_path / "samples.jsonl"
     result = run("generate_unconditional.py", "--length", "20", "--seed", "11", "--nsamples", "4", "--batch_size",
-                 "2", "--top_k", "40", "--temperature", "0.8", "--output", str(output), models_dir=models_dir)
+                 "2", "--top_k", "40", "--temperature", "0.8", "--dtype", "bfloat16", "--output", str(output),
+                 models_dir=models_dir)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
     assert [r["number"] for r in records] == [1, 2, 3, 4]
-    assert {k for k in records[0]} >= {"text", "seed", "sample_index", "length", "temperature", "top_k", "top_p"}
-    model = gpt2.load("tiny", str(models_dir))
+    assert {k for k in records[0]} >= {"text", "seed", "sample_index", "length", "temperature", "top_k", "top_p",
+                                       "dtype"}
+    model = gpt2.load("tiny", str(models_dir), dtype=records[2]["dtype"])
     r = records[2]
     again = model.generate("", r["length"], seed=r["seed"], first_sample=r["sample_index"],
                            temperature=r["temperature"], top_k=r["top_k"], top_p=r["top_p"],

@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 from gpt2.errors import GPT2Error
-from gpt2.sample import fit_context, sample, sample_chunks, top_k_filter, top_p_filter, uniform_noise
+from gpt2.sample import bucket, fit_context, sample, sample_chunks, top_k_filter, top_p_filter, uniform_noise
 
 PROMPT = [10, 200, 33, 5, 400, 17]
 
@@ -119,6 +119,12 @@ def test_fills_the_whole_context(model):
     hparams, params = model
     [row] = sample(params, hparams, [1], hparams.n_ctx, seed=0)
     assert len(row) == hparams.n_ctx
+
+
+def test_cache_sizes_are_few_and_never_a_third_empty():
+    sizes = [bucket(n, 1024) for n in (1, 16, 17, 25, 33, 600, 767, 769, 2000)]
+    assert sizes == [16, 16, 24, 32, 48, 768, 768, 1024, 1024]
+    assert all(n <= bucket(n, 4096) <= max(16, n * 1.5) for n in range(1, 4097))
 
 
 def test_fit_context():

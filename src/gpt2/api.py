@@ -11,7 +11,8 @@ The command-line scripts are thin callers of this module.
 import random
 import sys
 
-from .checkpoint import MODEL_NAMES, canonical_name, default_models_dir, find_model_dir, load_params, read_hparams
+from .checkpoint import (MODEL_NAMES, canonical_name, check_dtype, default_models_dir, find_model_dir, load_params,
+                         read_hparams)
 from .download import download_model
 from .encoder import read_encoder
 from .errors import GPT2Error
@@ -23,12 +24,14 @@ STREAM_CHUNK = 1
 BATCH_CHUNK = 32
 
 
-def load(model_name="124M", models_dir=None, *, base_url=None, download=True):
+def load(model_name="124M", models_dir=None, *, dtype="float32", base_url=None, download=True):
     """The model `model_name` (124M, 355M, 774M, 1558M, or a folder name in models_dir).
 
     One of OpenAI's models that is not in models_dir yet is downloaded first, with a progress bar
-    (unless download=False). models_dir defaults to $GPT2_MODELS_DIR, else ./models.
+    (unless download=False). models_dir defaults to $GPT2_MODELS_DIR, else ./models. dtype:
+    "float32" (as stored), or "float16" / "bfloat16" for half the memory (faster on GPUs).
     """
+    check_dtype(dtype)  # before any download
     models_dir = models_dir or default_models_dir()
     try:
         model_dir = find_model_dir(model_name, models_dir)
@@ -38,7 +41,7 @@ def load(model_name="124M", models_dir=None, *, base_url=None, download=True):
         print(f"Fetching model {canonical_name(model_name)} into {models_dir} (only this once)", file=sys.stderr)
         download_model(model_name, models_dir, base_url)
         model_dir = find_model_dir(model_name, models_dir)
-    return GPT2.from_folder(model_dir)
+    return GPT2.from_folder(model_dir, dtype)
 
 
 class GPT2:
@@ -51,10 +54,10 @@ class GPT2:
         self.hparams, self.params, self.encoder = hparams, params, encoder
 
     @classmethod
-    def from_folder(cls, model_dir):
+    def from_folder(cls, model_dir, dtype="float32"):
         """The model in a folder of OpenAI's layout (hparams.json, model.ckpt.*, encoder.json, vocab.bpe)."""
         hparams = read_hparams(model_dir)
-        return cls(hparams, load_params(model_dir, hparams), read_encoder(model_dir))
+        return cls(hparams, load_params(model_dir, hparams, dtype), read_encoder(model_dir))
 
     def encode(self, text):
         return self.encoder.encode(text)

@@ -95,12 +95,22 @@ def variable_shapes(hparams):
     return shapes
 
 
-def load_params(model_dir, hparams):
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def check_dtype(dtype):
+    if dtype not in DTYPES:
+        raise GPT2Error(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+
+
+def load_params(model_dir, hparams, dtype="float32"):
     """The weights of a model folder as a tree that mirrors the checkpoint's names.
 
     params["wte"], params["wpe"], params["h"][i]["attn"]["c_attn"]["w"], ..., params["ln_f"]["g"];
-    the linear layers' w are [n_in, n_out] (the checkpoint's leading 1 dropped).
+    the linear layers' w are [n_in, n_out] (the checkpoint's leading 1 dropped). `dtype` is one of
+    DTYPES: the checkpoint's float32, or half the memory and bytes per step in float16 or bfloat16.
     """
+    check_dtype(dtype)
     prefix = os.path.join(model_dir, CKPT_PREFIX)
     shapes = variable_shapes(hparams)
     try:
@@ -125,6 +135,7 @@ def load_params(model_dir, hparams):
                                            dtypes=[tf.float32])
             if len(shape) == 3:
                 value = tf.reshape(value, shape[1:])  # [1, n_in, n_out] -> [n_in, n_out], same buffer
+            value = tf.cast(value, dtype)  # one tensor at a time: the float32 copy is freed at once
             node, parts = params, name.split("/")[1:]  # "model/h3/attn/c_attn/w" -> h, 3, attn, c_attn, w
             if parts[0].startswith("h") and parts[0][1:].isdigit():
                 node, parts = params["h"][int(parts[0][1:])], parts[1:]

@@ -55,7 +55,8 @@ def read_prompt():
 
 
 def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, length=None, temperature=1, top_k=0,
-                   top_p=1, models_dir=None, truncate_prompt=False, ignore_eot=False, stop=None, prompt_file=None):
+                   top_p=1, models_dir=None, truncate_prompt=False, ignore_eot=False, stop=None, prompt_file=None,
+                   dtype="float32"):
     """Continue each prompt typed (or piped) in, until end of input (Ctrl-D) or Ctrl-C at the prompt.
 
     model_name: 124M, 355M, 774M, 1558M, or a model folder in models_dir.
@@ -70,6 +71,7 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
     ignore_eot: go on past <|endoftext|> instead of ending the sample there.
     stop: a string, or a list of strings, that ends a sample where it appears (it is not printed).
     prompt_file: read the first prompt from this file, then go on with prompts from stdin.
+    dtype: float32 (the checkpoint's), or float16 / bfloat16: half the memory, faster on GPUs.
 
     A prompt line that ends with a backslash continues on the next line. Ctrl-C while a sample is
     being written stops that sample and returns to the prompt.
@@ -82,7 +84,7 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
                 first_prompt = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise GPT2Error(f"cannot read --prompt_file {prompt_file}: {getattr(e, 'strerror', None) or e}") from None
-    model = load(model_name, models_dir)
+    model = load(model_name, models_dir, dtype=dtype)
     length = model.hparams.n_ctx // 2 if length is None else length
     check_length(length, model.hparams.n_ctx)
     if sys.stdin.isatty():
@@ -131,7 +133,7 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
 
 
 def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=None, temperature=1, top_k=0,
-                 top_p=1, models_dir=None, output=None, ignore_eot=False, stop=None):
+                 top_p=1, models_dir=None, output=None, ignore_eot=False, stop=None, dtype="float32"):
     """Write unconditional samples (text that starts from <|endoftext|>) to stdout.
 
     nsamples: how many samples; 0 goes on until Ctrl-C. length: new tokens per sample;
@@ -142,7 +144,7 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
     generate_interactive.py.
     """
     seed = check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, unconditional=True)
-    model = load(model_name, models_dir)
+    model = load(model_name, models_dir, dtype=dtype)
     length = model.hparams.n_ctx if length is None else length
     check_length(length, model.hparams.n_ctx)
     flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eot=ignore_eot)
@@ -165,7 +167,8 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
                 print(shown, end="", flush=True)
                 if out_file:
                     record = json.dumps({"number": generated, "text": text, "sample_index": generated - 1,
-                                         "model_name": str(model_name), "length": length, **flags},
+                                         "model_name": str(model_name), "dtype": dtype, "length": length,
+                                         **flags},
                                         ensure_ascii=False) + "\n" if as_jsonl else shown
                     out_file.write(record.encode("utf-8"))
                 progress.update(1)

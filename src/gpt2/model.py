@@ -6,6 +6,8 @@
     params["ln_f"] the final layer norm
 
 Each linear layer is {"w": [n_in, n_out], "b": [n_out]}; each layer norm is {"g": [n], "b": [n]}.
+The weights may be float32 (as stored), float16 or bfloat16: the computation runs in their dtype,
+except layer norm statistics, attention softmax and the logits, which stay in float32.
 
 Keys and values of earlier positions ("past") live in a cache of fixed size, a pair of tensors
 [batch, n_head, cache_len, head_dim] per block, so that each new token costs one step and the
@@ -32,8 +34,9 @@ def gelu(x):
 
 
 def layer_norm(x, p, eps=1e-5):
-    mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
-    return (x - mean) * tf.math.rsqrt(variance + eps) * p["g"] + p["b"]
+    x32 = tf.cast(x, tf.float32)  # float16 would overflow in the variance
+    mean, variance = tf.nn.moments(x32, axes=[-1], keepdims=True)
+    return tf.cast((x32 - mean) * tf.math.rsqrt(variance + eps), x.dtype) * p["g"] + p["b"]
 
 
 def linear(x, p):
@@ -69,13 +72,13 @@ def attention(x, p, past, pos, n_head):
     q, k, v = tf.split(linear(x, p["c_attn"]), 3, axis=-1)
     q, k, v = (split_heads(t, n_head) for t in (q, k, v))
     keys, values = write_cache(past[0], k, pos), write_cache(past[1], v, pos)
-    scores = tf.matmul(q, keys, transpose_b=True) / math.sqrt(q.shape[-1])  # [batch, n_head, seq, cache_len]
+    scores = tf.cast(tf.matmul(q, keys, transpose_b=True), tf.float32) / math.sqrt(q.shape[-1])  # [batch, n_head, seq, cache_len]
     # Query i of row b (at position pos[b] + i) sees the slots up to its own position; later
     # slots are empty or hold padding.
     query_pos = pos[:, None] + tf.range(tf.shape(q)[2])[None, :]  # [batch, seq]
     visible = tf.range(tf.shape(keys)[2])[None, None, :] <= query_pos[:, :, None]  # [batch, seq, cache_len]
     scores = tf.where(visible[:, None], scores, tf.constant(-1e10, scores.dtype))
-    out = merge_heads(tf.matmul(tf.nn.softmax(scores, axis=-1), values))
+    out = merge_heads(tf.matmul(tf.cast(tf.nn.softmax(scores, axis=-1), values.dtype), values))
     return linear(out, p["c_proj"]), (keys, values)
 
 
@@ -91,7 +94,7 @@ def block(x, p, past, pos, n_head):
 
 
 def empty_cache(hparams, batch_size, cache_len, dtype=tf.float32):
-    """The cache ("past") before any token: (keys, values) of zeros for each block."""
+    """The cache ("past") before any token: (keys, values) of zeros for each block, in the weights' dtype."""
     shape = [batch_size, hparams.n_head, cache_len, hparams.n_embd // hparams.n_head]
     return [(tf.zeros(shape, dtype), tf.zeros(shape, dtype)) for _ in range(hparams.n_layer)]
 
@@ -113,5 +116,5 @@ def forward(params, hparams, tokens, past, pos):
 
 
 def logits(params, h):
-    """Next-token logits [..., n_vocab] from hidden states, through the tied token embedding."""
-    return tf.matmul(h, params["wte"], transpose_b=True)
+    """Next-token logits [..., n_vocab], float32, from hidden states, through the tied token embedding."""
+    return tf.cast(tf.matmul(h, params["wte"], transpose_b=True), tf.float32)

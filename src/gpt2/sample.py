@@ -106,7 +106,7 @@ def _start(params, context, n_context, row_seeds, temperature, top_p, *, hparams
     overwrite in the cache, and no real token attends to). Returns the decoding state:
     (cache, token [batch] not yet fed, its position [batch], done [batch]).
     """
-    past = empty_cache(hparams, tf.shape(context)[0], cache_len)
+    past = empty_cache(hparams, tf.shape(context)[0], cache_len, params["wte"].dtype)
     h, past = forward(params, hparams, context, past, 0)
     last = tf.gather(h, n_context - 1, batch_dims=1)  # [batch, n_embd] at each row's last real token
     token = choose(logits(params, last), 0, row_seeds, temperature, top_p, rule)
@@ -137,8 +137,15 @@ def _advance(params, state, first_step, n_steps, row_seeds, temperature, top_p, 
 
 
 def bucket(n, limit):
-    """n rounded up to a power of two (at least 16), at most `limit`: shapes that compile once."""
-    return min(max(16, 1 << (n - 1).bit_length()), limit)
+    """n rounded up to one of 16, 24, 32, 48, 64, 96, ... (powers of two and 1.5 times them), at most `limit`.
+
+    Few sizes, so few compilations; and at most a third of the cache is slots that are never
+    filled (every step reads the whole cache, so unused slots cost time).
+    """
+    size = 16
+    while size < n:
+        size = size // 2 * 3 if size & (size - 1) == 0 else size // 3 * 4
+    return min(size, limit)
 
 
 def check_sampling_flags(length, temperature, top_k, top_p):
