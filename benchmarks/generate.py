@@ -108,7 +108,7 @@ def worker(model_dir, batches, prompt_len, new_tokens, runs, dtype):
         results["batches"][batch] = {
             "compile_s": warm_up[batch] - statistics.median(r["full"]),
             "prefill_tok_s": statistics.median(prefill),
-            "of_gemm": statistics.median(gemm_flops / p / (g * 1e9) for p, g in zip(prefill_s, r["gemm"])),
+            "of_gemm": statistics.median(batch * gemm_flops / p / (g * 1e9) for p, g in zip(prefill_s, r["gemm"])),
             "first_token_s": statistics.median(p[1] for p in r["prefill"]),
             "decode_tok_s": [statistics.median(decode), min(decode), max(decode)],
             # tokens/s over the ceiling of this run: batch * (bandwidth / weight bytes) tokens/s

@@ -72,7 +72,8 @@ def attention(x, p, past, pos, n_head):
     q, k, v = tf.split(linear(x, p["c_attn"]), 3, axis=-1)
     q, k, v = (split_heads(t, n_head) for t in (q, k, v))
     keys, values = write_cache(past[0], k, pos), write_cache(past[1], v, pos)
-    scores = tf.cast(tf.matmul(q, keys, transpose_b=True), tf.float32) / math.sqrt(q.shape[-1])  # [batch, n_head, seq, cache_len]
+    scores = tf.matmul(q, keys, transpose_b=True)  # [batch, n_head, seq, cache_len]
+    scores = tf.cast(scores, tf.float32) / math.sqrt(q.shape[-1])
     # Query i of row b (at position pos[b] + i) sees the slots up to its own position; later
     # slots are empty or hold padding.
     query_pos = pos[:, None] + tf.range(tf.shape(q)[2])[None, :]  # [batch, seq]
