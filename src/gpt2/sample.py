@@ -76,8 +76,8 @@ def _mix64(z):
 
 @tf.function(jit_compile=True)  # compiled even from the prefill graph: TensorFlow's own kernels lack uint64 ops
 def uniform_noise(row_seeds, step, n):
-    """Uniform numbers in (0, 1), [batch, n]: row b's are draws number step * n ... step * n + n - 1 of
-    the SplitMix64 stream keyed by row_seeds[b] = (seed, sample number).
+    """Uniform numbers in (0, 1), [batch, n]: row b's are draws step * n + 1 ... step * n + n of the
+    SplitMix64 stream keyed by row_seeds[b] = (seed, sample number).
 
     A counter-based generator: every number is a function of (seed, sample, step, index) alone, so
     all rows and tokens are computed at once, with no state and no loop over rows.
