@@ -159,7 +159,8 @@ class ModelMirror:
         "bad_md5"       send the file with a wrong checksum
         "ignore_range"  answer a Range request with the whole file (200)
         "stall"         send half of the body, then nothing for `stall_seconds`
-    `requests` lists what was asked: (method, file name, first byte asked, status, bytes of body sent).
+    `requests` lists what was asked: (method, file name, first byte asked, status, bytes of body it sends),
+    logged before the answer goes out, so a client that has its answer finds its request here.
     """
 
     def __init__(self, root, host="127.0.0.1", port=0, stall_seconds=5.0):
@@ -219,10 +220,11 @@ class _MirrorHandler(BaseHTTPRequestHandler):
         fault = mirror._next_fault(parts[-1]) if send_body else None
         if path is None or not os.path.isfile(path) or fault in ("404", "500"):
             status = int(fault) if fault else 404
+            # Logged before answering, here and below: a client that has its answer finds the request in the log.
+            mirror.requests.append((self.command, parts[-1], 0, status, 0))
             self.send_response(status)
             self.send_header("Content-Length", "0")
             self.end_headers()
-            mirror.requests.append((self.command, parts[-1], 0, status, 0))
             return
         size = os.path.getsize(path)
         md5 = _md5_base64(path)
@@ -230,12 +232,20 @@ class _MirrorHandler(BaseHTTPRequestHandler):
         asked = int(match.group(1)) if match else 0
         start, status = (asked, 206) if match and fault != "ignore_range" else (0, 200)
         if start >= size > 0:
+            mirror.requests.append((self.command, parts[-1], asked, 416, 0))
             self.send_response(416)
             self.send_header("Content-Range", f"bytes */{size}")
             self.send_header("Content-Length", "0")
             self.end_headers()
-            mirror.requests.append((self.command, parts[-1], asked, 416, 0))
             return
+        body = b""
+        if send_body:
+            with open(path, "rb") as f:
+                f.seek(start)
+                body = f.read()
+            if fault in ("drop", "stall"):
+                body = body[:len(body) // 2]
+        mirror.requests.append((self.command, parts[-1], asked, status, len(body)))
         self.send_response(status)
         self.send_header("Content-Length", str(size - start))
         self.send_header("Accept-Ranges", "bytes")
@@ -245,21 +255,13 @@ class _MirrorHandler(BaseHTTPRequestHandler):
         else:
             self.send_header("Content-MD5", "AAAAAAAAAAAAAAAAAAAAAA==" if fault == "bad_md5" else md5)
         self.end_headers()
-        sent = 0
         if send_body:
-            with open(path, "rb") as f:
-                f.seek(start)
-                body = f.read()
-            if fault in ("drop", "stall"):
-                body = body[:len(body) // 2]
             try:
                 self.wfile.write(body)
                 self.wfile.flush()
-                sent = len(body)
                 if fault == "stall":
                     time.sleep(mirror.stall_seconds)
             except (BrokenPipeError, ConnectionResetError):
                 pass
             if fault in ("drop", "stall"):
                 self.close_connection = True
-        mirror.requests.append((self.command, parts[-1], asked, status, sent))
