@@ -30,6 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
+from gpt2.checkpoint import DTYPES  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -127,7 +129,7 @@ def main():
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     parser.add_argument("--new", type=int, default=256, help="new tokens")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--models_dir", default=os.path.join(HERE, "models"))
     parser.add_argument("--tiny", action="store_true", help="a tiny model and short runs: checks the script")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -62,7 +62,7 @@ def choose(next_logits, step, row_seeds, temperature, top_p, rule):
     if rule.use_top_p:
         next_logits = top_p_filter(next_logits, top_p)
     noise = uniform_noise(row_seeds, step, next_logits.shape[1])
-    gumbel = -tf.math.log(-tf.math.log(tf.cast(noise, next_logits.dtype)))
+    gumbel = -tf.math.log(-tf.math.log(noise))
     return tf.argmax(next_logits + gumbel, axis=-1, output_type=tf.int32)
 
 
