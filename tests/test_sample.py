@@ -163,24 +163,25 @@ def test_chunks_give_the_same_tokens_as_one_pass(model):
     np.testing.assert_array_equal(np.concatenate(pieces, axis=1), np.concatenate(whole, axis=1))
 
 
+def mix64(z):
+    """SplitMix64's finalizer (Steele, Lea and Flood, 2014), in plain Python."""
+    mask = (1 << 64) - 1
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
 def splitmix64(seed, count):
-    """Numbers 1..count of the SplitMix64 stream of `seed` (Steele, Lea and Flood, 2014), in plain Python."""
-    mask, out = (1 << 64) - 1, []
-    for i in range(1, count + 1):
-        z = (seed + i * 0x9E3779B97F4A7C15) & mask
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-        out.append(z ^ (z >> 31))
-    return out
+    """Numbers 1..count of the SplitMix64 stream of `seed`."""
+    return [mix64((seed + i * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)) for i in range(1, count + 1)]
 
 
 def test_noise_is_the_splitmix64_stream_of_each_rows_seed():
     """Row (seed, sample) at step t gets numbers t*n+1 .. t*n+n of the stream keyed by mix(mix(seed) ^ sample)."""
-    mix = lambda z: splitmix64((z - 0x9E3779B97F4A7C15) % (1 << 64), 1)[0]  # noqa: E731  (the finalizer alone)
     row_seeds = [[7, 0], [7, 1], [2 ** 40 + 3, 5]]
     noise = uniform_noise(tf.constant(row_seeds, tf.int64), tf.constant(3), 50).numpy()
     for (seed, sample_number), row in zip(row_seeds, noise):
-        stream = splitmix64(mix(mix(seed) ^ sample_number), 4 * 50)[3 * 50:]
+        stream = splitmix64(mix64(mix64(seed) ^ sample_number), 4 * 50)[3 * 50:]
         np.testing.assert_array_equal(row, [((z >> 41) + 0.5) / 2 ** 23 for z in stream])
 
 
