@@ -4,18 +4,22 @@
     python benchmarks/generate.py                 # 124M and 355M, batch 1 and 8
     python benchmarks/generate.py --models 1558M  # any of 124M 355M 774M 1558M
     python benchmarks/generate.py --dtype bfloat16
+    python benchmarks/generate.py --distinct      # each row of a batch with its own prompt
     python benchmarks/generate.py --tiny          # a tiny model, to check that the script runs
 
 For each model it prints: load time, compile time, prefill tokens/s for a 512-token prompt,
 decode tokens/s for 256 new tokens (median of --runs runs after a warm-up, with min and max),
-first-token latency and peak resident memory. Each model runs in its own process, so that its
+first-token latency and peak resident memory. The rows of a batch are samples of one prompt, as
+the command-line scripts make them (its tokens are computed and cached once for all rows), or
+with --distinct each row has a prompt of its own. Each model runs in its own process, so that its
 peak memory is its own. The same process measures the machine right before each run, so that
 both see the same machine on these shared hosts: its memory bandwidth (a NumPy float32
 matrix-vector product over as many bytes as the model's weights, at most 2 GiB) before each
 decode run, its float32 GEMM rate before each prefill run. Each decode rate is shown as a
-fraction of the bandwidth ceiling (every weight is read once per step), each prefill rate as a
-fraction of the GEMM rate: medians of the per-run fractions. Speed does not depend on the
-weights' values, so random ones measure it. The model folders are made once, in --models_dir.
+fraction of the bandwidth ceiling (every weight is read once per step), each prefill rate (prompt
+tokens computed per second) as a fraction of the GEMM rate: medians of the per-run fractions.
+Speed does not depend on the weights' values, so random ones measure it. The model folders are
+made once, in --models_dir.
 """
 import argparse
 import json
@@ -69,21 +73,29 @@ def prefill_flops(hparams, n_tokens):
     return 2 * weights * n_tokens + 4 * hparams.n_layer * n_tokens ** 2 * hparams.n_embd
 
 
-def worker(model_dir, batches, prompt_len, new_tokens, runs, dtype):
+def worker(model_dir, batches, prompt_len, new_tokens, runs, dtype, distinct):
     """Measure one model in this process; print a JSON line with the numbers."""
     from gpt2 import GPT2
-    from gpt2.sample import sample_chunks
+    from gpt2.sample import sample_chunks, shared_prefix_length
 
     start = time.perf_counter()
     model = GPT2.from_folder(model_dir, dtype)
     load_s = time.perf_counter() - start
     weight_bytes = parameter_count(model.hparams) * model.params["wte"].dtype.size
-    gemm_flops = prefill_flops(model.hparams, prompt_len)
-    prompt = np.random.default_rng(0).integers(0, model.hparams.n_vocab, prompt_len).tolist()
+    rng = np.random.default_rng(0)
+    prompts = {batch: [rng.integers(0, model.hparams.n_vocab, prompt_len).tolist()] * batch for batch in batches}
+    if distinct:
+        prompts = {batch: rng.integers(0, model.hparams.n_vocab, (batch, prompt_len)).tolist() for batch in batches}
+    # What a prefill computes: the tokens that all rows' prompts start with once, each row's own
+    # tokens (at least its last one) once per row.
+    n_shared = {batch: shared_prefix_length(prompts[batch]) for batch in batches}
+    prefill_tokens = {batch: prompt_len + (batch - 1) * (prompt_len - n_shared[batch]) for batch in batches}
+    gemm_flops = {batch: prefill_flops(model.hparams, prompt_len) + (batch - 1) * (
+        prefill_flops(model.hparams, prompt_len) - prefill_flops(model.hparams, n_shared[batch])) for batch in batches}
 
     def timed(batch, length):
         start, first = time.perf_counter(), None
-        for chunk in sample_chunks(model.params, model.hparams, [prompt] * batch, length, seed=1):
+        for chunk in sample_chunks(model.params, model.hparams, prompts[batch], length, seed=1):
             first = first or time.perf_counter() - start
         return time.perf_counter() - start, first
 
@@ -106,11 +118,11 @@ def worker(model_dir, batches, prompt_len, new_tokens, runs, dtype):
     for batch, r in runs_of.items():
         prefill_s = [p[0] for p in r["prefill"]]
         decode = [batch * (new_tokens - 1) / (f - p) for f, p in zip(r["full"], prefill_s)]
-        prefill = [batch * prompt_len / p for p in prefill_s]
+        prefill = [prefill_tokens[batch] / p for p in prefill_s]
         results["batches"][batch] = {
             "compile_s": warm_up[batch] - statistics.median(r["full"]),
             "prefill_tok_s": statistics.median(prefill),
-            "of_gemm": statistics.median(batch * gemm_flops / p / (g * 1e9) for p, g in zip(prefill_s, r["gemm"])),
+            "of_gemm": statistics.median(gemm_flops[batch] / p / (g * 1e9) for p, g in zip(prefill_s, r["gemm"])),
             "first_token_s": statistics.median(p[1] for p in r["prefill"]),
             "decode_tok_s": [statistics.median(decode), min(decode), max(decode)],
             # tokens/s over the ceiling of this run: batch * (bandwidth / weight bytes) tokens/s
@@ -130,12 +142,13 @@ def main():
     parser.add_argument("--new", type=int, default=256, help="new tokens")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--distinct", action="store_true", help="a prompt of its own for each row of a batch")
     parser.add_argument("--models_dir", default=os.path.join(HERE, "models"))
     parser.add_argument("--tiny", action="store_true", help="a tiny model and short runs: checks the script")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.batches, args.prompt, args.new, args.runs, args.dtype)
+        return worker(args.worker, args.batches, args.prompt, args.new, args.runs, args.dtype, args.distinct)
 
     from gpt2.testing import make_model_folder
 
@@ -151,7 +164,8 @@ def main():
             make_model_folder(model_dir, None if name == "tiny" else name)
         out = subprocess.run([sys.executable, __file__, "--worker", model_dir, "--prompt", str(args.prompt),
                               "--new", str(args.new), "--runs", str(args.runs), "--dtype", args.dtype,
-                              "--batches", *map(str, args.batches)], capture_output=True, text=True)
+                              "--batches", *map(str, args.batches)] + ["--distinct"] * args.distinct,
+                             capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"{name}: the measurement failed:\n{out.stderr}")
         result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -161,12 +175,13 @@ def main():
               f"the weights)")
         for batch, r in result["batches"].items():
             median, low, high = r["decode_tok_s"]
-            rows.append(f"| {name} | {args.dtype} | {batch} | {r['compile_s']:.1f} | {r['prefill_tok_s']:.0f} "
-                        f"({r['of_gemm']:.0%} of GEMM) | {median:.1f} ({low:.1f}-{high:.1f}) | "
+            prompts = "one per row" if args.distinct and int(batch) > 1 else "one"
+            rows.append(f"| {name} | {args.dtype} | {batch} | {prompts} | {r['compile_s']:.1f} | "
+                        f"{r['prefill_tok_s']:.0f} ({r['of_gemm']:.0%} of GEMM) | {median:.1f} ({low:.1f}-{high:.1f}) | "
                         f"{r['of_bandwidth']:.0%} | {r['first_token_s']:.2f} | {r['bandwidth_gb_s']:.1f} GB/s, "
                         f"{r['gemm_gflop_s']:.0f} GFLOP/s |")
-    print("\n| model | dtype | batch | compile s | prefill tokens/s | decode tokens/s | of bandwidth ceiling "
-          "| first token s | machine (median) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| model | dtype | batch | prompts | compile s | prefill tokens/s | decode tokens/s | of bandwidth ceiling "
+          "| first token s | machine (median) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
 
 

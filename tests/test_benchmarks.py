@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -15,13 +17,14 @@ def test_encoder_benchmark_prints_throughputs():
     assert re.search(r"ratio +: +\d+\.\d% of tiktoken's throughput", result.stdout)
 
 
-def test_generate_benchmark_prints_its_table(tmp_path):
+@pytest.mark.parametrize("flags,prompts", [([], "one"), (["--distinct"], "one per row")])
+def test_generate_benchmark_prints_its_table(tmp_path, flags, prompts):
     RATE = r"-?[\d.]+"  # a tiny model's decode is too quick to time: only the format is checked
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "generate.py"), "--tiny",
-                             "--models_dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                             "--models_dir", str(tmp_path)] + flags, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert re.search(r"tiny: [\d.]+ GB of float32 weights; load [\d.]+ s, peak memory [\d.]+ GB", result.stdout)
-    for batch in (1, 8):
-        row = (rf"\| tiny \| float32 \| {batch} \| -?[\d.]+ \| \d+ \(\d+% of GEMM\) \| {RATE} \({RATE}-{RATE}\) "
-               rf"\| -?\d+% \| [\d.]+ \| [\d.]+ GB/s, \d+ GFLOP/s \|")
+    for batch, batch_prompts in ((1, "one"), (8, prompts)):
+        row = (rf"\| tiny \| float32 \| {batch} \| {batch_prompts} \| -?[\d.]+ \| \d+ \(\d+% of GEMM\) "
+               rf"\| {RATE} \({RATE}-{RATE}\) \| -?\d+% \| [\d.]+ \| [\d.]+ GB/s, \d+ GFLOP/s \|")
         assert re.search(row, result.stdout), result.stdout

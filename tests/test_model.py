@@ -110,3 +110,21 @@ def test_rows_at_different_positions(model, full_logits):
     step_logits = logits(params, h)[:, 0].numpy()
     np.testing.assert_allclose(step_logits[0], full_logits(long)[-1], atol=1e-4)
     np.testing.assert_allclose(step_logits[1], full_logits(short)[-1], atol=1e-4)
+
+
+def test_rows_that_start_alike_keep_those_tokens_once(model, full_logits):
+    """Three rows start with the same 9 tokens: those run once, into a shared cache of 16 slots
+    (7 of them empty); each row's own tokens attend to it and give the logits of the row alone."""
+    hparams, params = model
+    rng = np.random.default_rng(6)
+    start = rng.integers(0, hparams.n_vocab, size=9).tolist()
+    rows = [start + rng.integers(0, hparams.n_vocab, size=n).tolist() for n in (4, 1, 7)]
+    _, one_row = forward(params, hparams, tf.constant([start]), empty_cache(hparams, 1, 16), 0)
+    shared = ([(keys[0], values[0]) for keys, values in one_row], tf.constant(9))
+    # Each row's own tokens but its last, padded to 6, in one pass; then the last ones in one step.
+    own = [row[9:-1] + [0] * (6 - len(row[9:-1])) for row in rows]
+    h, past = forward(params, hparams, tf.constant(own), empty_cache(hparams, 3, 16), 0, shared)
+    np.testing.assert_allclose(logits(params, h)[2].numpy(), full_logits(rows[2])[9:-1], atol=1e-4)
+    h, _ = forward(params, hparams, tf.constant([[row[-1]] for row in rows]), past, tf.constant([3, 0, 6]), shared)
+    for row, row_logits in zip(rows, logits(params, h)[:, 0].numpy()):
+        np.testing.assert_allclose(row_logits, full_logits(row)[-1], atol=1e-4)

@@ -4,7 +4,8 @@ import pytest
 import tensorflow as tf
 
 from gpt2.errors import GPT2Error
-from gpt2.sample import bucket, fit_context, sample, sample_chunks, top_k_filter, top_p_filter, uniform_noise
+from gpt2.sample import (bucket, fit_context, sample, sample_chunks, shared_prefix_length, top_k_filter, top_p_filter,
+                         uniform_noise)
 
 PROMPT = [10, 200, 33, 5, 400, 17]
 
@@ -149,6 +150,22 @@ def test_impossible_flags(model, flags, message):
 def test_prompts_of_different_lengths_share_a_batch(model):
     hparams, params = model
     prompts = [PROMPT, PROMPT[:2], PROMPT + [7, 8, 9, 10, 11]]
+    together = np.concatenate(list(sample_chunks(params, hparams, prompts, 10, temperature=0)), axis=1)
+    for prompt, row in zip(prompts, together.tolist()):
+        assert sample(params, hparams, prompt, 10, temperature=0) == [row]
+
+
+def test_rows_share_the_tokens_their_prompts_start_with_but_the_last():
+    assert shared_prefix_length([[1, 2, 3, 4]] * 3) == 3  # each row runs its last token itself
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 4, 6]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2]]) == 1
+    assert shared_prefix_length([[1, 2], [3, 2]]) == 0
+    assert shared_prefix_length([[7]]) == 0
+
+
+def test_prompts_with_nothing_in_common_share_a_batch(model):
+    hparams, params = model
+    prompts = [PROMPT, [11] + PROMPT[1:], [3, 4]]
     together = np.concatenate(list(sample_chunks(params, hparams, prompts, 10, temperature=0)), axis=1)
     for prompt, row in zip(prompts, together.tolist()):
         assert sample(params, hparams, prompt, 10, temperature=0) == [row]

@@ -13,6 +13,12 @@ Keys and values of earlier positions ("past") live in a cache of fixed size, a p
 [batch, n_head, cache_len, head_dim] per block, so that each new token costs one step and the
 shapes stay the same from step to step (what a compiled decoding loop needs). Each row of a batch
 has its own position, so prompts of different lengths can share a batch.
+
+Rows that start with the same tokens (several samples of one prompt) may keep those tokens' keys
+and values once, in a cache without a batch dimension ("shared", [n_head, shared_len, head_dim]
+per block, holding positions 0..n_shared-1); each row's own cache then starts at position n_shared.
+Decoding reads every cached key and value at every step, so this reads the prompt once per step
+instead of once per row.
 """
 import math
 from typing import NamedTuple
@@ -64,31 +70,45 @@ def write_cache(cache, new, pos):
     return tf.tensor_scatter_nd_update(cache, index, new)
 
 
-def attention(x, p, past, pos, n_head):
-    """Causal self-attention of x [batch, seq, n_embd]; row b's tokens are at positions pos[b]...
+def attention(x, p, past, pos, n_head, shared=None):
+    """Causal self-attention of x [batch, seq, n_embd]; row b's tokens go to slots pos[b].. of its cache.
 
-    Returns the output and the block's cache (keys, values) with this chunk written in.
+    `shared` is this block's (keys, values) [n_head, shared_len, head_dim] of the n_shared positions
+    before every row's own ones, and n_shared, or None. Returns the output and the block's cache
+    (keys, values) with this chunk written in.
     """
     q, k, v = tf.split(linear(x, p["c_attn"]), 3, axis=-1)
     q, k, v = (split_heads(t, n_head) for t in (q, k, v))
     keys, values = write_cache(past[0], k, pos), write_cache(past[1], v, pos)
     scores = tf.matmul(q, keys, transpose_b=True)  # [batch, n_head, seq, cache_len]
+    # Query i of row b (in slot pos[b] + i) sees the slots up to its own; later slots are empty or
+    # hold padding.
+    query_slot = pos[:, None] + tf.range(tf.shape(q)[2])[None, :]  # [batch, seq]
+    visible = tf.range(tf.shape(keys)[2])[None, None, :] <= query_slot[:, :, None]  # [batch, seq, cache_len]
+    visible = tf.broadcast_to(visible[:, None], tf.shape(scores))
+    if shared is not None:
+        (shared_keys, shared_values), n_shared = shared
+        # One product for all rows: the shared keys are read once, not once per row.
+        shared_scores = tf.einsum("bhtd,hsd->bhts", q, shared_keys)  # [batch, n_head, seq, shared_len]
+        shared_visible = tf.broadcast_to(tf.range(tf.shape(shared_keys)[1]) < n_shared, tf.shape(shared_scores))
+        scores = tf.concat([shared_scores, scores], axis=-1)
+        visible = tf.concat([shared_visible, visible], axis=-1)
     scores = tf.cast(scores, tf.float32) / math.sqrt(q.shape[-1])
-    # Query i of row b (at position pos[b] + i) sees the slots up to its own position; later
-    # slots are empty or hold padding.
-    query_pos = pos[:, None] + tf.range(tf.shape(q)[2])[None, :]  # [batch, seq]
-    visible = tf.range(tf.shape(keys)[2])[None, None, :] <= query_pos[:, :, None]  # [batch, seq, cache_len]
-    scores = tf.where(visible[:, None], scores, tf.constant(-1e10, scores.dtype))
-    out = merge_heads(tf.matmul(tf.cast(tf.nn.softmax(scores, axis=-1), values.dtype), values))
-    return linear(out, p["c_proj"]), (keys, values)
+    probs = tf.cast(tf.nn.softmax(tf.where(visible, scores, tf.constant(-1e10, scores.dtype)), axis=-1), values.dtype)
+    if shared is not None:
+        shared_probs, probs = tf.split(probs, [tf.shape(shared_keys)[1], tf.shape(keys)[2]], axis=-1)
+        out = tf.einsum("bhts,hsd->bhtd", shared_probs, shared_values) + tf.matmul(probs, values)
+    else:
+        out = tf.matmul(probs, values)
+    return linear(merge_heads(out), p["c_proj"]), (keys, values)
 
 
 def mlp(x, p):
     return linear(gelu(linear(x, p["c_fc"])), p["c_proj"])
 
 
-def block(x, p, past, pos, n_head):
-    a, present = attention(layer_norm(x, p["ln_1"]), p["attn"], past, pos, n_head)
+def block(x, p, past, pos, n_head, shared=None):
+    a, present = attention(layer_norm(x, p["ln_1"]), p["attn"], past, pos, n_head, shared)
     x = x + a
     x = x + mlp(layer_norm(x, p["ln_2"]), p["mlp"])
     return x, present
@@ -100,18 +120,22 @@ def empty_cache(hparams, batch_size, cache_len, dtype=tf.float32):
     return [(tf.zeros(shape, dtype), tf.zeros(shape, dtype)) for _ in range(hparams.n_layer)]
 
 
-def forward(params, hparams, tokens, past, pos):
-    """Run tokens [batch, seq] through the transformer, row b's at positions pos[b]..pos[b]+seq-1.
+def forward(params, hparams, tokens, past, pos, shared=None):
+    """Run tokens [batch, seq] through the transformer, row b's into slots pos[b]..pos[b]+seq-1 of past.
 
-    `pos` is one start position for all rows, or one per row [batch]. Returns the final hidden
-    states [batch, seq, n_embd] (after ln_f) and the updated cache.
+    `pos` is one start slot for all rows, or one per row [batch]. With `shared` = (a shared cache as
+    in the module's docstring, n_shared), slot s of a row's own cache is position n_shared + s;
+    without it, slot s is position s. Returns the final hidden states [batch, seq, n_embd] (after
+    ln_f) and the updated cache.
     """
     pos = tf.broadcast_to(tf.cast(pos, tf.int32), tf.shape(tokens)[:1])
     positions = pos[:, None] + tf.range(tf.shape(tokens)[1])[None, :]
+    if shared is not None:
+        positions += tf.cast(shared[1], tf.int32)
     x = tf.gather(params["wte"], tokens) + tf.gather(params["wpe"], positions)
     presents = []
-    for p, layer_past in zip(params["h"], past):
-        x, present = block(x, p, layer_past, pos, hparams.n_head)
+    for i, (p, layer_past) in enumerate(zip(params["h"], past)):
+        x, present = block(x, p, layer_past, pos, hparams.n_head, None if shared is None else (shared[0][i], shared[1]))
         presents.append(present)
     return layer_norm(x, params["ln_f"]), presents
 
