@@ -180,6 +180,22 @@ def test_chunks_give_the_same_tokens_as_one_pass(model):
     np.testing.assert_array_equal(np.concatenate(pieces, axis=1), np.concatenate(whole, axis=1))
 
 
+class CtrlCWhenHashed:
+    """A value whose hash raises KeyboardInterrupt: as if Ctrl-C landed while TensorFlow hashed it."""
+    __slots__ = ()  # no weak references, so tf.function hashes it to read its type
+
+    def __hash__(self):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_tensorflow_reads_the_arguments_stays_a_keyboard_interrupt(model):
+    hparams, params = model
+    with pytest.raises(TypeError, match="TraceType"):  # what TensorFlow makes of it on its own
+        tf.function(lambda x: x)(CtrlCWhenHashed())
+    with pytest.raises(KeyboardInterrupt):
+        sample(params, hparams, PROMPT, 5, stop_token=CtrlCWhenHashed())
+
+
 def mix64(z):
     """SplitMix64's finalizer (Steele, Lea and Flood, 2014), in plain Python."""
     mask = (1 << 64) - 1

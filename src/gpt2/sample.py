@@ -12,6 +12,7 @@ more steps in one XLA-compiled loop, whose cache lengths are rounded up to a few
 alike (several samples of one prompt), `_start` runs those tokens once, into a cache that all rows
 share (see gpt2.model): each step then reads the prompt's keys and values once, not once per row.
 """
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -100,6 +101,28 @@ def mark_stopped(token, done, rule):
     return token, done | tf.equal(token, rule.stop_token)
 
 
+def raises_ctrl_c(function):
+    """`function`, a tf.function, with Ctrl-C raised as the KeyboardInterrupt that Python raises.
+
+    A tf.function reads its arguments' types under a bare `except:` that turns any exception into
+    a TypeError; a Ctrl-C landing there would end a command with that traceback instead of its
+    "interrupted" message (seen once in CI). The KeyboardInterrupt is still in the TypeError's context.
+    """
+    @functools.wraps(function, assigned=("__name__", "__doc__"), updated=())
+    def call(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except Exception as e:
+            context = e.__context__
+            while context is not None:
+                if isinstance(context, KeyboardInterrupt):
+                    raise KeyboardInterrupt from e
+                context = context.__context__
+            raise
+    return call
+
+
+@raises_ctrl_c
 @tf.function(reduce_retracing=True)
 def _start(params, prefix, context, n_context, row_seeds, temperature, top_p, *, hparams, rule, shared_len,
            cache_len):
@@ -124,6 +147,7 @@ def _start(params, prefix, context, n_context, row_seeds, temperature, top_p, *,
     return shared, (past, token, n_context, done)
 
 
+@raises_ctrl_c
 @tf.function(jit_compile=True)
 def _advance(params, shared, state, first_step, n_steps, row_seeds, temperature, top_p, *, hparams, rule):
     """Up to n_steps more tokens in one loop, fewer if every row is done.
