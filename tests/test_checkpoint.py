@@ -35,7 +35,10 @@ def test_params_tree_mirrors_checkpoint(tiny_model):
     params = load_params(tiny_model, hparams)
     reader = tf.train.load_checkpoint(str(tiny_model / "model.ckpt"))
     assert len(params["h"]) == hparams.n_layer
-    assert (params["h"][1]["attn"]["c_attn"]["w"].numpy() == reader.get_tensor("model/h1/attn/c_attn/w")[0]).all()
+    c_attn = params["h"][1]["attn"]["c_attn"]
+    assert set(c_attn) == {"w"}  # the bias is w's last row
+    assert (c_attn["w"].numpy()[:-1] == reader.get_tensor("model/h1/attn/c_attn/w")[0]).all()
+    assert (c_attn["w"].numpy()[-1] == reader.get_tensor("model/h1/attn/c_attn/b")).all()
     assert (params["ln_f"]["b"].numpy() == reader.get_tensor("model/ln_f/b")).all()
 
 

@@ -107,7 +107,8 @@ def load_params(model_dir, hparams, dtype="float32"):
     """The weights of a model folder as a tree that mirrors the checkpoint's names.
 
     params["wte"], params["wpe"], params["h"][i]["attn"]["c_attn"]["w"], ..., params["ln_f"]["g"];
-    the linear layers' w are [n_in, n_out] (the checkpoint's leading 1 dropped). `dtype` is one of
+    the linear layers' w are [n_in + 1, n_out]: the checkpoint's [1, n_in, n_out] with the layer's
+    bias appended as the last row (see gpt2.model.linear). `dtype` is one of
     DTYPES: the checkpoint's float32, or half the memory and bytes per step in float16 or bfloat16.
     """
     check_dtype(dtype)
@@ -142,6 +143,9 @@ def load_params(model_dir, hparams, dtype="float32"):
             for part in parts[:-1]:
                 node = node.setdefault(part, {})
             node[parts[-1]] = value
+        for block in params["h"]:
+            for layer in (*block["attn"].values(), *block["mlp"].values()):
+                layer["w"] = tf.concat([layer["w"], layer.pop("b")[None]], axis=0)  # one layer's copy at a time
     except tf.errors.OpError as e:
         raise GPT2Error(f"cannot read the checkpoint {prefix} ({e.message.splitlines()[0]}): "
                         "it is damaged, download the model again") from None

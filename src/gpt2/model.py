@@ -5,7 +5,8 @@
     params["h"][i] one transformer block: ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj
     params["ln_f"] the final layer norm
 
-Each linear layer is {"w": [n_in, n_out], "b": [n_out]}; each layer norm is {"g": [n], "b": [n]}.
+Each linear layer is {"w": [n_in + 1, n_out]}: the checkpoint's w [n_in, n_out] with its bias b
+appended as the last row (see `linear`). Each layer norm is {"g": [n], "b": [n]}.
 The weights may be float32 (as stored), float16 or bfloat16: the computation runs in their dtype,
 except layer norm statistics, attention softmax and the logits, which stay in float32.
 
@@ -46,7 +47,13 @@ def layer_norm(x, p, eps=1e-5):
 
 
 def linear(x, p):
-    return tf.matmul(x, p["w"]) + p["b"]  # [..., n_in] -> [..., n_out]
+    """x [..., n_in] @ w + b [..., n_out], as one product of [x, 1] and p["w"], whose last row is b.
+
+    A bias added after the product is fused into it by XLA on a CPU, which then runs a slower
+    matrix-vector kernel: one row per step decodes about 10% faster this way.
+    """
+    ones = tf.ones(tf.concat([tf.shape(x)[:-1], [1]], axis=0), x.dtype)
+    return tf.matmul(tf.concat([x, ones], axis=-1), p["w"])
 
 
 def split_heads(x, n_head):
