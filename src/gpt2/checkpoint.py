@@ -143,9 +143,12 @@ def load_params(model_dir, hparams, dtype="float32"):
             for part in parts[:-1]:
                 node = node.setdefault(part, {})
             node[parts[-1]] = value
-        for block in params["h"]:
-            for layer in (*block["attn"].values(), *block["mlp"].values()):
-                layer["w"] = tf.concat([layer["w"], layer.pop("b")[None]], axis=0)  # one layer's copy at a time
+            del value
+            if set(node) == {"w", "b"}:
+                # A linear layer's w and b are both read: the bias becomes w's last row (see
+                # gpt2.model.linear) at once, so that the next layer's read reuses the memory
+                # of this w instead of leaving it unused in the process.
+                node["w"] = tf.concat([node["w"], node.pop("b")[None]], axis=0)
     except tf.errors.OpError as e:
         raise GPT2Error(f"cannot read the checkpoint {prefix} ({e.message.splitlines()[0]}): "
                         "it is damaged, download the model again") from None
