@@ -83,9 +83,8 @@ def worker(model_dir, batches, prompt_len, new_tokens, runs, dtype, distinct):
     load_s = time.perf_counter() - start
     weight_bytes = parameter_count(model.hparams) * model.params["wte"].dtype.size
     rng = np.random.default_rng(0)
-    prompts = {batch: [rng.integers(0, model.hparams.n_vocab, prompt_len).tolist()] * batch for batch in batches}
-    if distinct:
-        prompts = {batch: rng.integers(0, model.hparams.n_vocab, (batch, prompt_len)).tolist() for batch in batches}
+    prompts = {batch: rng.integers(0, model.hparams.n_vocab, (batch, prompt_len)).tolist() if distinct
+               else [rng.integers(0, model.hparams.n_vocab, prompt_len).tolist()] * batch for batch in batches}
     # What a prefill computes: the tokens that all rows' prompts start with once, each row's own
     # tokens (at least its last one) once per row.
     n_shared = {batch: shared_prefix_length(prompts[batch]) for batch in batches}
