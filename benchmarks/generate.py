@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from gpt2.checkpoint import DTYPES  # noqa: E402
+from gpt2.arguments import DTYPES  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -76,7 +76,7 @@ def prefill_flops(hparams, n_tokens):
 def worker(model_dir, batches, prompt_len, new_tokens, runs, dtype, distinct):
     """Measure one model in this process; print a JSON line with the numbers."""
     from gpt2 import GPT2
-    from gpt2.sample import sample_chunks, shared_prefix_length
+    from gpt2.decode import sample_chunks, shared_prefix_length
 
     start = time.perf_counter()
     model = GPT2.from_folder(model_dir, dtype)

@@ -1,8 +1,9 @@
 import pytest
 import tensorflow as tf
 
-from gpt2.checkpoint import load_params, read_hparams
-from gpt2.model import empty_cache, forward, logits
+from gpt2.checkpoint import load_params
+from gpt2.folders import read_hparams
+from gpt2.model import forward, logits
 from gpt2.testing import make_model_folder
 
 
@@ -27,7 +28,6 @@ def full_logits(model):
     hparams, params = model
 
     def compute(tokens):
-        h, _ = forward(params, hparams, tf.constant([tokens]), empty_cache(hparams, 1, len(tokens)), 0)
-        return logits(params, h)[0].numpy()
+        return logits(params, forward(params, hparams, tf.constant([tokens])))[0].numpy()
 
     return compute

@@ -8,7 +8,7 @@ import gpt2
 from gpt2.api import TextStream
 from gpt2.encoder import read_encoder
 from gpt2.errors import GPT2Error
-from gpt2.sample import sample
+from gpt2.decode import sample
 from gpt2.testing import ModelMirror
 
 
@@ -60,15 +60,50 @@ def test_stop_strings_end_samples(model):
 
 
 def test_errors(model):
-    with pytest.raises(GPT2Error, match="--top_p"):
+    with pytest.raises(GPT2Error, match="top_p"):
         model.generate("x", length=5, top_p=2)
     with pytest.raises(GPT2Error, match="which leaves room for"):
         model.generate("the mill " * 100, length=100)
     assert len(model.generate("the mill " * 100, length=100, truncate_prompt=True, temperature=0)) == 1
     with pytest.raises(GPT2Error, match="unknown model"):
         gpt2.load("nope", "/nonexistent")
-    with pytest.raises(GPT2Error, match="--dtype must be one of float32, float16, bfloat16"):
+    with pytest.raises(GPT2Error, match="dtype must be one of float32, float16, bfloat16"):
         gpt2.load("124M", "/nonexistent", dtype="float64")  # refused before any download
+
+
+def test_context_fits_the_prompt_and_the_new_tokens(model):
+    prompt = "the mill " * 5
+    n = len(model.encode(prompt))
+    n_ctx = model.hparams.n_ctx
+    assert model.context(prompt, n_ctx + 1 - n) == model.encode(prompt)
+    assert model.context(prompt, n_ctx + 5 - n, truncate_prompt=True) == model.encode(prompt)[4:]
+    with pytest.raises(GPT2Error, match=f"prompt is {n} tokens, which leaves room for {n_ctx + 1 - n} new tokens"
+                                        ".*set truncate_prompt"):
+        model.context(prompt, n_ctx + 2 - n)
+    with pytest.raises(GPT2Error, match="more than the model's context"):
+        model.context("the", n_ctx + 1, truncate_prompt=True)
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"temperature": -1}, "temperature must be a number >= 0"), ({"top_k": -2}, "top_k must be a whole number"),
+    ({"top_p": 0}, r"top_p must be a number in \(0, 1\]"), ({"top_p": 1.5}, "top_p must be"),
+    ({"length": 0}, "length must be a whole number of at least 1"),
+    ({"temperature": float("nan")}, "temperature must be"), ({"seed": "x"}, "seed must be a whole number"),
+    ({"seed": 2 ** 64}, "seed must be"), ({"nsamples": -1}, "nsamples must be a whole number of at least 1"),
+    ({"batch_size": 0}, "batch_size must be"), ({"stop": ""}, "stop must be text .* never an empty string"),
+    ({"stop": ["a", 3]}, "stop must be a string or a list of strings"),
+])
+def test_impossible_arguments_are_named(model, flags, message):
+    """Each check names the parameter as the API calls it (the command line says --name)."""
+    with pytest.raises(GPT2Error, match=message) as error:
+        model.generate("x", **{"length": 5, **flags})
+    assert not str(error.value).startswith("--")
+
+
+@pytest.mark.parametrize("prompt", [123, ["a", None], [], None])
+def test_prompts_must_be_text(model, prompt):
+    with pytest.raises(GPT2Error, match="prompt must be a string"):
+        model.generate(prompt, length=3)
 
 
 def test_load_downloads_a_missing_model(tiny_model, tmp_path):

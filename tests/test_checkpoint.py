@@ -2,12 +2,15 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt2.checkpoint import MODEL_FILES, find_model_dir, load_params, read_hparams, variable_shapes
+import gpt2
+from gpt2 import checkpoint
+from gpt2.checkpoint import load_params, variable_shapes
 from gpt2.errors import GPT2Error
-from gpt2.model import HParams
+from gpt2.folders import MODEL_FILES, HParams, find_model_dir, read_hparams
 from gpt2.testing import make_model_folder
 
 
@@ -104,3 +107,42 @@ def test_factory_can_make_deeper_models(tmp_path):
     hparams = make_model_folder(tmp_path / "deep", n_layer=3, n_ctx=32)
     assert read_hparams(tmp_path / "deep") == hparams
     assert hparams.n_layer == 3 and hparams.n_ctx == 32
+
+
+def test_saved_model_is_an_openai_folder_that_loads_back_the_same(tiny_model, tmp_path):
+    """load -> save -> load gives identical tensors, in a folder laid out as the factory's (OpenAI's)."""
+    model = gpt2.load("tiny", str(tiny_model.parent))
+    saved = tmp_path / "copy"
+    assert model.save(saved) == str(saved)
+    assert sorted(os.listdir(saved)) == sorted(MODEL_FILES)
+    for name in ("encoder.json", "vocab.bpe"):
+        assert (saved / name).read_bytes() == (tiny_model / name).read_bytes()
+    assert read_hparams(saved) == model.hparams
+    factory = tf.train.load_checkpoint(str(tiny_model / "model.ckpt"))
+    written = tf.train.load_checkpoint(str(saved / "model.ckpt"))
+    assert written.get_variable_to_shape_map() == factory.get_variable_to_shape_map()
+    assert written.get_variable_to_dtype_map() == factory.get_variable_to_dtype_map()
+    for name in factory.get_variable_to_shape_map():
+        np.testing.assert_array_equal(written.get_tensor(name), factory.get_tensor(name))
+    again = load_params(saved, model.hparams)
+    tf.nest.map_structure(np.testing.assert_array_equal, again, model.params)
+
+
+def test_saving_replaces_a_folder_whole_or_not_at_all(tiny_model, tmp_path, monkeypatch):
+    model = gpt2.load("tiny", str(tiny_model.parent))
+    target = tmp_path / "run"
+    model.save(target)
+    before = {name: (target / name).read_bytes() for name in os.listdir(target)}
+
+    def crash(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "write_hparams", crash)  # after the weights, before the rename
+    with pytest.raises(OSError):
+        model.save(target)
+    assert {name: (target / name).read_bytes() for name in os.listdir(target)} == before
+    assert os.listdir(tmp_path) == ["run"]  # nothing half-written left beside it
+    monkeypatch.undo()
+    trained = tf.nest.map_structure(lambda t: t * 2, model.params)
+    checkpoint.save_model(target, model.hparams, trained, tiny_model)
+    assert os.listdir(tmp_path) == ["run"]
+    np.testing.assert_array_equal(load_params(target, model.hparams)["wte"], trained["wte"])

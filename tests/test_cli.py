@@ -10,6 +10,7 @@ import pexpect
 import pytest
 
 import gpt2
+from gpt2 import cli
 from gpt2.testing import make_model_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,12 +134,23 @@ def test_any_output_encoding(models_dir):
     (["--model_name", "gpt-5"], "unknown model 'gpt-5'"),
     (["--prompt_file", "/nonexistent/prompt.txt"], "cannot read --prompt_file /nonexistent/prompt.txt"),
     (["--dtype", "float8"], "--dtype must be one of float32, float16, bfloat16, not 'float8'"),
+    (["--stop", ""], "--stop must be text that ends a sample, never an empty string"),
 ])
 def test_bad_flags_give_one_line_errors(models_dir, flags, message):
-    result = run("generate_interactive.py", *flags, stdin="hello\n", models_dir=models_dir)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+    """In this process: the command's exit message is the one line a user sees on stderr."""
+    with pytest.raises(SystemExit) as exit:
+        cli.interactive_main(["--model_name", "tiny", "--models_dir", str(models_dir), *flags])
+    assert isinstance(exit.value.code, str) and exit.value.code.startswith("error: ")
+    assert "\n" not in exit.value.code and message in exit.value.code
+
+
+def test_flags_are_checked_before_tensorflow_starts():
+    code = ("import sys; from gpt2.cli import unconditional_main\n"
+            "try: unconditional_main(['--top_k', '-1'])\n"
+            "except SystemExit as e: print(e.code, '|', 'tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")})
+    assert result.stdout.strip() == "error: --top_k must be a whole number >= 0 (0 turns it off), not -1 | False"
 
 
 def test_prompt_too_long_is_reported_and_the_loop_goes_on(models_dir):
@@ -239,3 +251,18 @@ def test_console_commands_point_at_the_cli():
     if shutil.which("gpt2-download"):  # installed (CI installs the package): a bad name is a one-line error
         result = subprocess.run(["gpt2-download", "9B"], capture_output=True, text=True, timeout=120)
         assert result.returncode != 0 and result.stderr.startswith("error: unknown model 9B")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.3, 0.8, 1.5, 3.0, 6.0])
+def test_ctrl_c_at_any_moment_is_one_line_and_status_130(models_dir, delay):
+    """SIGINT while Python starts, fire and TensorFlow import, the model loads, the loop compiles or samples run."""
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "generate_unconditional.py"), "--model_name",
+                                "long", "--models_dir", str(models_dir), "--length", "300", "--ignore_eot"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    [line] = stderr.strip().splitlines()
+    assert line == "interrupted" or line.startswith("error: interrupted after "), stderr

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from gpt2.checkpoint import MODEL_FILES
+from gpt2.folders import MODEL_FILES
 from gpt2.download import download_model
 from gpt2.errors import GPT2Error
 from gpt2.testing import ModelMirror

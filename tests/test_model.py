@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt2.checkpoint import load_params, read_hparams
-from gpt2.model import empty_cache, forward, logits
+from gpt2.checkpoint import load_params
+from gpt2.folders import read_hparams
+from gpt2.model import LayerCache, SharedPrefix, empty_cache, forward, forward_cached, logits
 
 
 def reference_logits(model_dir, tokens):
@@ -61,7 +62,7 @@ def test_half_precision_stays_within_its_precision(tiny_model, model, dtype, bou
     params = load_params(tiny_model, hparams, dtype)
     assert params["wte"].dtype == dtype and params["h"][0]["mlp"]["c_fc"]["w"].dtype == dtype
     tokens = np.random.default_rng(0).integers(0, hparams.n_vocab, size=hparams.n_ctx).tolist()
-    h, _ = forward(params, hparams, tf.constant([tokens]), empty_cache(hparams, 1, len(tokens), dtype), 0)
+    h = forward(params, hparams, tf.constant([tokens]))
     ours, ref = logits(params, h)[0].numpy(), reference_logits(tiny_model, tokens)
     assert ours.dtype == np.float32
     error = np.abs(ours - ref).max()
@@ -74,16 +75,27 @@ def test_half_precision_stays_within_its_precision(tiny_model, model, dtype, bou
     np.testing.assert_array_equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear])
 
 
+def test_one_pass_with_a_cache_equals_the_plain_forward_pass(model, full_logits):
+    """The two paths of gpt2.model: a whole sequence into an empty cache (prompts) and the plain pass
+    (scoring, training); the plain pass itself is checked against the reference above."""
+    hparams, params = model
+    tokens = np.random.default_rng(7).integers(0, hparams.n_vocab, size=(2, 50))
+    h, _ = forward_cached(params, hparams, tf.constant(tokens), empty_cache(hparams, 2, 64), 0)
+    plain = logits(params, forward(params, hparams, tf.constant(tokens))).numpy()
+    np.testing.assert_allclose(logits(params, h).numpy(), plain, atol=1e-4)
+    np.testing.assert_allclose(plain[1], full_logits(tokens[1].tolist()), atol=1e-5)  # rows do not mix
+
+
 def test_cached_steps_equal_full_recomputation(model, full_logits):
     hparams, params = model
     tokens = np.random.default_rng(1).integers(0, hparams.n_vocab, size=40).tolist()
     expected = full_logits(tokens)
     # A prompt of 25 tokens in one pass, then 15 single tokens, each attending to the cache.
     past = empty_cache(hparams, 1, 64)
-    h, past = forward(params, hparams, tf.constant([tokens[:25]]), past, 0)
+    h, past = forward_cached(params, hparams, tf.constant([tokens[:25]]), past, 0)
     steps = [logits(params, h)[0].numpy()]
     for pos in range(25, 40):
-        h, past = forward(params, hparams, tf.constant([[tokens[pos]]]), past, pos)
+        h, past = forward_cached(params, hparams, tf.constant([[tokens[pos]]]), past, pos)
         steps.append(logits(params, h)[0].numpy())
     np.testing.assert_allclose(np.concatenate(steps), expected, atol=1e-4)
 
@@ -93,7 +105,7 @@ def test_batch_rows_are_independent(model, full_logits):
     rng = np.random.default_rng(2)
     batch = rng.integers(0, hparams.n_vocab, size=(3, 20))
     past = empty_cache(hparams, 3, 20)
-    h, _ = forward(params, hparams, tf.constant(batch), past, 0)
+    h, _ = forward_cached(params, hparams, tf.constant(batch), past, 0)
     for row, row_logits in zip(batch.tolist(), logits(params, h).numpy()):
         np.testing.assert_allclose(row_logits, full_logits(row), atol=1e-4)
 
@@ -105,8 +117,8 @@ def test_rows_at_different_positions(model, full_logits):
     long, short = rng.integers(0, hparams.n_vocab, size=12).tolist(), rng.integers(0, hparams.n_vocab, size=5).tolist()
     padded = [long[:-1], short[:-1] + [0] * 7]  # right padding, as the sampler pads prompts
     past = empty_cache(hparams, 2, 16)
-    _, past = forward(params, hparams, tf.constant(padded), past, 0)
-    h, _ = forward(params, hparams, tf.constant([[long[-1]], [short[-1]]]), past, tf.constant([11, 4]))
+    _, past = forward_cached(params, hparams, tf.constant(padded), past, 0)
+    h, _ = forward_cached(params, hparams, tf.constant([[long[-1]], [short[-1]]]), past, tf.constant([11, 4]))
     step_logits = logits(params, h)[:, 0].numpy()
     np.testing.assert_allclose(step_logits[0], full_logits(long)[-1], atol=1e-4)
     np.testing.assert_allclose(step_logits[1], full_logits(short)[-1], atol=1e-4)
@@ -119,12 +131,13 @@ def test_rows_that_start_alike_keep_those_tokens_once(model, full_logits):
     rng = np.random.default_rng(6)
     start = rng.integers(0, hparams.n_vocab, size=9).tolist()
     rows = [start + rng.integers(0, hparams.n_vocab, size=n).tolist() for n in (4, 1, 7)]
-    _, one_row = forward(params, hparams, tf.constant([start]), empty_cache(hparams, 1, 16), 0)
-    shared = ([(keys[0], values[0]) for keys, values in one_row], tf.constant(9))
+    _, one_row = forward_cached(params, hparams, tf.constant([start]), empty_cache(hparams, 1, 16), 0)
+    shared = SharedPrefix([LayerCache(layer.keys[0], layer.values[0]) for layer in one_row], tf.constant(9))
     # Each row's own tokens but its last, padded to 6, in one pass; then the last ones in one step.
     own = [row[9:-1] + [0] * (6 - len(row[9:-1])) for row in rows]
-    h, past = forward(params, hparams, tf.constant(own), empty_cache(hparams, 3, 16), 0, shared)
+    h, past = forward_cached(params, hparams, tf.constant(own), empty_cache(hparams, 3, 16), 0, shared)
     np.testing.assert_allclose(logits(params, h)[2].numpy(), full_logits(rows[2])[9:-1], atol=1e-4)
-    h, _ = forward(params, hparams, tf.constant([[row[-1]] for row in rows]), past, tf.constant([3, 0, 6]), shared)
+    h, _ = forward_cached(params, hparams, tf.constant([[row[-1]] for row in rows]), past, tf.constant([3, 0, 6]),
+                          shared)
     for row, row_logits in zip(rows, logits(params, h)[:, 0].numpy()):
         np.testing.assert_allclose(row_logits, full_logits(row)[-1], atol=1e-4)

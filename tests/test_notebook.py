@@ -13,7 +13,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from gpt2.checkpoint import MODEL_FILES
+from gpt2.folders import MODEL_FILES
 from gpt2.cli import banner
 from gpt2.testing import ModelMirror, make_model_folder
 

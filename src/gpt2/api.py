@@ -8,15 +8,16 @@
 
 The command-line scripts are thin callers of this module.
 """
-import random
 import sys
 
-from .checkpoint import (MODEL_NAMES, canonical_name, check_dtype, default_models_dir, find_model_dir, load_params,
-                         read_hparams)
+from . import tensorflow_quietly  # noqa: F401  (first: TensorFlow starts without its C++ start-up lines)
+from .arguments import ArgumentError, check_dtype, check_sampling, check_seed, check_stop, new_seed, whole
+from .checkpoint import load_params, save_model
+from .decode import sample_chunks
 from .download import download_model
 from .encoder import read_encoder
 from .errors import GPT2Error
-from .sample import fit_context, sample_chunks
+from .folders import MODEL_NAMES, canonical_name, default_models_dir, find_model_dir, read_hparams
 
 # Tokens per compiled call while streaming: small enough that text and Ctrl-C feel immediate.
 STREAM_CHUNK = 1
@@ -45,19 +46,26 @@ def load(model_name="124M", models_dir=None, *, dtype="float32", base_url=None, 
 
 
 class GPT2:
-    """A loaded GPT-2: its hparams, weights (`params`) and `encoder`."""
+    """A loaded GPT-2: its hparams, weights (`params`), `encoder`, and the folder it came from (`model_dir`)."""
 
-    def __init__(self, hparams, params, encoder):
+    def __init__(self, hparams, params, encoder, model_dir):
         if encoder.n_vocab != hparams.n_vocab:
             raise GPT2Error(f"encoder.json has {encoder.n_vocab} tokens but hparams.json says {hparams.n_vocab}: "
                             "the model folder mixes files of different models, download it again")
-        self.hparams, self.params, self.encoder = hparams, params, encoder
+        self.hparams, self.params, self.encoder, self.model_dir = hparams, params, encoder, model_dir
 
     @classmethod
     def from_folder(cls, model_dir, dtype="float32"):
         """The model in a folder of OpenAI's layout (hparams.json, model.ckpt.*, encoder.json, vocab.bpe)."""
         hparams = read_hparams(model_dir)
-        return cls(hparams, load_params(model_dir, hparams, dtype), read_encoder(model_dir))
+        return cls(hparams, load_params(model_dir, hparams, dtype), read_encoder(model_dir), model_dir)
+
+    def save(self, model_dir):
+        """Write this model (its weights as they are now) as an OpenAI model folder; returns its path.
+
+        Every tool that reads OpenAI's checkpoints can load it; the folder appears whole or not at all.
+        """
+        return save_model(model_dir, self.hparams, self.params, self.model_dir)
 
     def encode(self, text):
         return self.encoder.encode(text)
@@ -65,14 +73,37 @@ class GPT2:
     def decode(self, tokens):
         return self.encoder.decode(tokens)
 
-    def context(self, prompt, length, truncate_prompt=False):
-        """The tokens that start a sample: the prompt's, or <|endoftext|> alone for an empty prompt."""
-        tokens = self.encode(prompt) if prompt else [self.encoder.eot_token]
-        return fit_context(tokens, length, self.hparams.n_ctx, truncate_prompt)
+    def sample_length(self, length, prompt):
+        """New tokens per sample: `length`, checked to fit the context, or by default as OpenAI's
+        scripts: half the context after a prompt, all of it for unconditional text (prompt "")."""
+        n_ctx = self.hparams.n_ctx
+        if length is None:
+            return n_ctx // 2 if prompt else n_ctx
+        whole("length", length, 1)
+        if length > n_ctx:
+            raise ArgumentError(f"{{length}} {length} is more than the model's context of {n_ctx} tokens: "
+                                f"ask for {n_ctx} or fewer", "length")
+        return length
 
-    def default_length(self, prompt):
-        """As OpenAI's scripts: half the context after a prompt, all of it for unconditional text."""
-        return self.hparams.n_ctx // 2 if prompt else self.hparams.n_ctx
+    def context(self, prompt, length, truncate_prompt=False):
+        """The tokens that start a sample of `length` new tokens: the prompt's, or <|endoftext|> alone
+        for an empty prompt.
+
+        The model sees n_ctx tokens at most; the last new token is never fed back to it, so a prompt
+        of n tokens leaves room for n_ctx + 1 - n new ones. With `truncate_prompt`, a prompt that is
+        too long keeps only its last tokens; otherwise it is an error that says how many are left.
+        """
+        tokens = self.encode(prompt) if prompt else [self.encoder.eot_token]
+        n_ctx = self.hparams.n_ctx
+        room = n_ctx + 1 - self.sample_length(length, prompt)
+        if len(tokens) <= room:
+            return tokens
+        if truncate_prompt:
+            return tokens[len(tokens) - room:]
+        raise ArgumentError(f"the prompt is {len(tokens)} tokens, which leaves room for "
+                            f"{max(n_ctx + 1 - len(tokens), 0)} new tokens of the model's {n_ctx}, but {{length}} "
+                            f"is {length}: shorten the prompt, lower {{length}}, or set {{truncate_prompt}} to keep "
+                            f"only the prompt's last {room} tokens", "length", "truncate_prompt")
 
     def generate(self, prompt="", length=None, *, temperature=1.0, top_k=0, top_p=1.0, seed=None, nsamples=1,
                  batch_size=1, stop=None, truncate_prompt=False, ignore_eot=False, first_sample=0):
@@ -86,18 +117,18 @@ class GPT2:
         `stop`: a string or list of strings that ends a sample (not included). A sample also ends
         at <|endoftext|> unless `ignore_eot`.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        length = self.default_length(prompts[0]) if length is None else length
-        seed = new_seed() if seed is None else seed
+        prompts = check_prompts(prompt)
+        whole("nsamples", nsamples, 1)
+        whole("batch_size", batch_size, 1)
+        flags = self._sampling_flags(length, temperature, top_k, top_p, seed, first_sample, stop)
+        length = self.sample_length(length, prompts[0])
         rows = [(p, self.context(p, length, truncate_prompt)) for p in prompts for _ in range(nsamples)]
         texts = []
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
-            streams = [TextStream(self.encoder, stop, self._stop_token(ignore_eot)) for _ in batch]
-            for chunk in sample_chunks(self.params, self.hparams, [context for _, context in batch], length,
-                                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                       first_sample=first_sample + start, stop_token=self._stop_token(ignore_eot),
-                                       chunk_size=BATCH_CHUNK):
+            streams = [TextStream(self.encoder, flags["stop"], self._stop_token(ignore_eot)) for _ in batch]
+            for chunk in self._chunks([context for _, context in batch], length, flags, first_sample + start,
+                                      ignore_eot, BATCH_CHUNK):
                 for text_stream, tokens in zip(streams, chunk):
                     text_stream.feed(tokens)
                 if all(s.finished for s in streams):
@@ -114,13 +145,12 @@ class GPT2:
         Pieces are whole characters, and text that may be the start of a `stop` string is held
         back until it is clear. Flags as for `generate`. Stop iterating to stop generating.
         """
-        length = self.default_length(prompt) if length is None else length
+        [prompt] = check_prompts(prompt, several=False)
+        flags = self._sampling_flags(length, temperature, top_k, top_p, seed, first_sample, stop)
+        length = self.sample_length(length, prompt)
         context = self.context(prompt, length, truncate_prompt)
-        seed = new_seed() if seed is None else seed
-        text_stream = TextStream(self.encoder, stop, self._stop_token(ignore_eot))
-        for chunk in sample_chunks(self.params, self.hparams, [context], length, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, seed=seed, first_sample=first_sample,
-                                   stop_token=self._stop_token(ignore_eot), chunk_size=STREAM_CHUNK):
+        text_stream = TextStream(self.encoder, flags["stop"], self._stop_token(ignore_eot))
+        for chunk in self._chunks([context], length, flags, first_sample, ignore_eot, STREAM_CHUNK):
             piece = text_stream.feed(chunk[0])
             if piece:
                 yield piece
@@ -130,12 +160,33 @@ class GPT2:
         if piece:
             yield piece
 
+    @staticmethod
+    def _sampling_flags(length, temperature, top_k, top_p, seed, first_sample, stop):
+        """The sampling arguments, checked; a fresh seed for None."""
+        check_sampling(length, temperature, top_k, top_p)
+        whole("first_sample", first_sample, 0)
+        seed = check_seed(seed)
+        return dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=new_seed() if seed is None else seed,
+                    stop=check_stop(stop))
+
+    def _chunks(self, contexts, length, flags, first_sample, ignore_eot, chunk_size):
+        return sample_chunks(self.params, self.hparams, contexts, length, temperature=flags["temperature"],
+                             top_k=flags["top_k"], top_p=flags["top_p"], seed=flags["seed"],
+                             first_sample=first_sample, stop_token=self._stop_token(ignore_eot),
+                             chunk_size=chunk_size)
+
     def _stop_token(self, ignore_eot):
         return None if ignore_eot else self.encoder.eot_token
 
 
-def new_seed():
-    return random.SystemRandom().randrange(2 ** 31)
+def check_prompts(prompt, several=True, name="prompt"):
+    """The prompts as a list: `prompt` is a string, or (with `several`) a list of strings."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if several and isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise ArgumentError(f"{{{name}}} must be a string{' or a non-empty list of strings' if several else ''}, "
+                        f"not {prompt!r}", name)
 
 
 class TextStream:
@@ -146,7 +197,7 @@ class TextStream:
     """
 
     def __init__(self, encoder, stop=None, stop_token=None):
-        self.stop = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        self.stop = check_stop(stop)
         self.stop_token = stop_token
         self._decoder = encoder.stream_decoder()
         self.text = ""

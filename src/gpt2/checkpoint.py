@@ -1,79 +1,20 @@
-"""OpenAI's GPT-2 model folders: find one, check it, read its weights, and write one.
+"""The weights of OpenAI's GPT-2 model folders: read them into a params tree, write one back.
 
-A model folder holds, exactly as OpenAI publishes it:
-    checkpoint, hparams.json, model.ckpt.index, model.ckpt.data-00000-of-00001, model.ckpt.meta,
-    encoder.json, vocab.bpe
-The weights are a TensorFlow checkpoint whose variables are named `model/wte`, `model/wpe`,
-`model/h{i}/ln_1/g`, `model/h{i}/attn/c_attn/w`, ... and `model/ln_f/b`.
+The weights are a TensorFlow checkpoint (model.ckpt.*) whose variables are named `model/wte`,
+`model/wpe`, `model/h{i}/ln_1/g`, `model/h{i}/attn/c_attn/w`, ... and `model/ln_f/b`. The rest of
+a folder (its names, hparams.json, the vocabulary files) is gpt2.folders' job.
 """
-import json
 import os
+import shutil
 
 import numpy as np
 import tensorflow as tf
 
+from .arguments import check_dtype
 from .errors import GPT2Error
-from .model import HParams
+from .folders import VOCAB_FILES, write_hparams
 
-# OpenAI's four released models and their shapes.
-OPENAI_HPARAMS = {
-    "124M": HParams(n_embd=768, n_head=12, n_layer=12),
-    "355M": HParams(n_embd=1024, n_head=16, n_layer=24),
-    "774M": HParams(n_embd=1280, n_head=20, n_layer=36),
-    "1558M": HParams(n_embd=1600, n_head=25, n_layer=48),
-}
-MODEL_NAMES = tuple(OPENAI_HPARAMS)
-LEGACY_NAMES = {"117M": "124M", "345M": "355M"}  # OpenAI renamed these two in 2019
-MODEL_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
-               "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")
-# The files that loading reads (the meta graph and the `checkpoint` pointer are not needed).
-REQUIRED_FILES = ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001", "encoder.json", "vocab.bpe")
 CKPT_PREFIX = "model.ckpt"
-
-
-def default_models_dir():
-    """Where model folders live: $GPT2_MODELS_DIR, else ./models as in the original."""
-    return os.environ.get("GPT2_MODELS_DIR") or "models"
-
-
-def canonical_name(model_name):
-    """124M for 117M and 355M for 345M; other names unchanged."""
-    return LEGACY_NAMES.get(str(model_name), str(model_name))
-
-
-def find_model_dir(model_name, models_dir=None):
-    """The folder of `model_name` under `models_dir`, checked to hold the files loading needs.
-
-    `model_name` is one of OpenAI's names (legacy names accepted) or any folder in `models_dir`,
-    such as a fine-tuned model.
-    """
-    models_dir = models_dir or default_models_dir()
-    model_name = str(model_name)
-    path = os.path.join(models_dir, model_name)
-    if not os.path.isdir(path):
-        path = os.path.join(models_dir, canonical_name(model_name))
-    if not os.path.isdir(path):
-        if canonical_name(model_name) in MODEL_NAMES:
-            raise GPT2Error(f"model {model_name} is not in {models_dir}: "
-                            f"run `python download_model.py {canonical_name(model_name)}` to fetch it")
-        raise GPT2Error(f"unknown model {model_name!r}: use one of {', '.join(MODEL_NAMES)} "
-                        f"or the name of a model folder in {models_dir}")
-    missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(path, f))]
-    if missing:
-        raise GPT2Error(f"{path} is missing {', '.join(missing)}: download the model again "
-                        f"(`python download_model.py {model_name}`)")
-    return path
-
-
-def read_hparams(model_dir):
-    """The HParams of a model folder, from its hparams.json."""
-    path = os.path.join(model_dir, "hparams.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-        return HParams(**{name: int(values[name]) for name in HParams._fields})
-    except (ValueError, KeyError, TypeError) as e:
-        raise GPT2Error(f"{path} is damaged ({e.__class__.__name__}: {e}): download the model again") from None
 
 
 def variable_shapes(hparams):
@@ -93,14 +34,6 @@ def variable_shapes(hparams):
         shapes.update({f"model/h{i}/{name}": shape for name, shape in block.items()})
     shapes.update({"model/ln_f/g": [n_embd], "model/ln_f/b": [n_embd]})
     return shapes
-
-
-DTYPES = ("float32", "float16", "bfloat16")
-
-
-def check_dtype(dtype):
-    if dtype not in DTYPES:
-        raise GPT2Error(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
 
 
 def load_params(model_dir, hparams, dtype="float32"):
@@ -129,7 +62,7 @@ def load_params(model_dir, hparams, dtype="float32"):
         if os.path.getsize(data_file) < needed:
             raise GPT2Error(f"{data_file} is truncated ({os.path.getsize(data_file)} of at least {needed} bytes): "
                             "download the model again")
-        params = {"h": [{} for _ in range(hparams.n_layer)]}
+        params = empty_tree(hparams)
         for name, shape in shapes.items():
             # Read straight into a TensorFlow tensor: no NumPy copy, so loading needs the weights' bytes once.
             [value] = tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=[name], shape_and_slices=[""],
@@ -137,12 +70,8 @@ def load_params(model_dir, hparams, dtype="float32"):
             if len(shape) == 3:
                 value = tf.reshape(value, shape[1:])  # [1, n_in, n_out] -> [n_in, n_out], same buffer
             value = tf.cast(value, dtype)  # one tensor at a time: the float32 copy is freed at once
-            node, parts = params, name.split("/")[1:]  # "model/h3/attn/c_attn/w" -> h, 3, attn, c_attn, w
-            if parts[0].startswith("h") and parts[0][1:].isdigit():
-                node, parts = params["h"][int(parts[0][1:])], parts[1:]
-            for part in parts[:-1]:
-                node = node.setdefault(part, {})
-            node[parts[-1]] = value
+            node, key = tree_node(params, name)
+            node[key] = value
             del value
             if set(node) == {"w", "b"}:
                 # A linear layer's w and b are both read: the bias becomes w's last row (see
@@ -151,8 +80,72 @@ def load_params(model_dir, hparams, dtype="float32"):
                 node["w"] = tf.concat([node["w"], node.pop("b")[None]], axis=0)
     except tf.errors.OpError as e:
         raise GPT2Error(f"cannot read the checkpoint {prefix} ({e.message.splitlines()[0]}): "
-                        "it is damaged, download the model again") from None
+                        "it is damaged, download the model again") from e
     return params
+
+
+def empty_tree(hparams):
+    return {"h": [{} for _ in range(hparams.n_layer)]}
+
+
+def tree_node(params, name):
+    """(the dict that holds variable `name` in a params tree, its key there), making dicts on the way.
+
+    "model/h3/attn/c_attn/w" -> (params["h"][3]["attn"]["c_attn"], "w").
+    """
+    node, parts = params, name.split("/")[1:]
+    if parts[0].startswith("h") and parts[0][1:].isdigit():
+        node, parts = params["h"][int(parts[0][1:])], parts[1:]
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    return node, parts[-1]
+
+
+def checkpoint_variables(params, hparams):
+    """{OpenAI name: float32 array} of a params tree: the inverse of load_params' folding and reshaping."""
+    variables = {}
+    for name, shape in variable_shapes(hparams).items():
+        node, key = tree_node(params, name)
+        if len(shape) == 3 or (key == "b" and "w" in node):  # a linear layer's w [1, n_in, n_out] or b [n_out]
+            w = np.asarray(tf.cast(node["w"], tf.float32))  # [n_in + 1, n_out]
+            value = w[:-1][None] if key == "w" else w[-1]
+        else:
+            value = np.asarray(tf.cast(node[key], tf.float32))
+        variables[name] = value
+    return variables
+
+
+def save_model(model_dir, hparams, params, vocab_dir):
+    """Write a params tree as the OpenAI model folder `model_dir`, with vocab_dir's encoder.json and vocab.bpe.
+
+    The folder is written whole beside `model_dir`, then renamed into place: a crash leaves the
+    previous folder (or none), never a half-written one.
+    """
+    model_dir = os.path.abspath(model_dir)
+    writing = f"{model_dir}.writing-{os.getpid()}"
+    shutil.rmtree(writing, ignore_errors=True)  # left by a crash of an earlier process with this pid
+    os.makedirs(writing)
+    try:
+        write_checkpoint(writing, hparams, checkpoint_variables(params, hparams))
+        for name in VOCAB_FILES:
+            shutil.copyfile(os.path.join(vocab_dir, name), os.path.join(writing, name))
+        replace_folder(writing, model_dir)
+    except BaseException:
+        shutil.rmtree(writing, ignore_errors=True)
+        raise
+    return model_dir
+
+
+def replace_folder(new, path):
+    """Move the folder `new` to `path`, replacing what is there (two renames: the old one is kept until then)."""
+    if not os.path.exists(path):
+        os.rename(new, path)
+        return
+    old = f"{path}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(path, old)
+    os.rename(new, path)
+    shutil.rmtree(old)
 
 
 def write_checkpoint(model_dir, hparams, variables):
@@ -173,8 +166,7 @@ def write_checkpoint(model_dir, hparams, variables):
         f.write(f'model_checkpoint_path: "{CKPT_PREFIX}"\nall_model_checkpoint_paths: "{CKPT_PREFIX}"\n')
     with open(prefix + ".meta", "wb") as f:
         f.write(_meta_graph(shapes))
-    with open(os.path.join(model_dir, "hparams.json"), "w") as f:
-        json.dump(hparams._asdict(), f, indent=2)
+    write_hparams(model_dir, hparams)
 
 
 def _meta_graph(shapes):

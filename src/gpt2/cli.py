@@ -2,18 +2,19 @@
 
 The flags keep the names and meaning of OpenAI's scripts: model_name, seed, nsamples, batch_size,
 length, temperature, top_k, top_p, models_dir.
+
+Every flag is checked before TensorFlow starts (gpt2.api, which imports it, is imported when a
+model is loaded), and Ctrl-C at any moment, start-up included, ends a command with one line and
+exit status 130.
 """
 import json
 import os
 import sys
 
-import fire
 from tqdm import tqdm
 
-from .api import load, new_seed
-from .download import check_model_names, download_model
+from .arguments import ArgumentError, check_dtype, check_sampling, check_seed, check_stop, new_seed, whole
 from .errors import GPT2Error
-from .sample import check_length, check_sampling_flags
 
 PROMPT = "Model prompt >>> "
 MORE = "... "
@@ -23,26 +24,27 @@ def banner(n):
     return "=" * 40 + " SAMPLE " + str(n) + " " + "=" * 40
 
 
-def check_count(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise GPT2Error(f"--{name} must be a whole number of at least {minimum}, not {value!r}")
+class Interrupted(GPT2Error):
+    """Ctrl-C, with what was done before it."""
 
 
-def check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, unconditional=False):
-    """The seed to use, after checking every flag; a GPT2Error names the first bad one."""
-    check_count("nsamples", nsamples, 0 if unconditional else 1)
-    check_count("batch_size", batch_size, 1)
+def check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype, unconditional=False):
+    """The seed to use (one for the whole run), after checking every flag; an ArgumentError names the first bad one."""
+    whole("nsamples", nsamples, 0 if unconditional else 1)
+    whole("batch_size", batch_size, 1)
     if nsamples % batch_size:
-        raise GPT2Error(f"--nsamples ({nsamples}) must be a multiple of --batch_size ({batch_size})")
-    check_sampling_flags(1 if length is None else length, temperature, top_k, top_p)
-    if stop is not None and not isinstance(stop, str) and not (
-            isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
-        raise GPT2Error(f"--stop must be a string or a list of strings, not {stop!r}")
-    if seed is None:
-        return new_seed()
-    if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 63:
-        raise GPT2Error(f"--seed must be a whole number, not {seed!r}")
-    return seed
+        raise ArgumentError(f"{{nsamples}} ({nsamples}) must be a multiple of {{batch_size}} ({batch_size})",
+                            "nsamples", "batch_size")
+    check_sampling(length, temperature, top_k, top_p)
+    check_stop(stop)
+    check_dtype(dtype)
+    seed = check_seed(seed)
+    return new_seed() if seed is None else seed
+
+
+def load_model(model_name, models_dir, dtype):
+    from .api import load  # starts TensorFlow: only once the flags are known to be right
+    return load(model_name, models_dir, dtype=dtype)
 
 
 def read_prompt():
@@ -76,17 +78,16 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
     A prompt line that ends with a backslash continues on the next line. Ctrl-C while a sample is
     being written stops that sample and returns to the prompt.
     """
-    seed = check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, stop)
+    seed = check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype)
     first_prompt = None
     if prompt_file is not None:
         try:
             with open(prompt_file, encoding="utf-8") as f:
                 first_prompt = f.read()
         except (OSError, UnicodeDecodeError) as e:
-            raise GPT2Error(f"cannot read --prompt_file {prompt_file}: {getattr(e, 'strerror', None) or e}") from None
-    model = load(model_name, models_dir, dtype=dtype)
-    length = model.hparams.n_ctx // 2 if length is None else length
-    check_length(length, model.hparams.n_ctx)
+            raise GPT2Error(f"cannot read --prompt_file {prompt_file}: {getattr(e, 'strerror', None) or e}") from e
+    model = load_model(model_name, models_dir, dtype)
+    length = model.sample_length(length, prompt="any")
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -111,7 +112,7 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
         try:
             model.context(raw_text, length, truncate_prompt)
         except GPT2Error as e:
-            print(f"error: {e}")
+            print(f"error: {flag_wording(e)}")
             continue
         try:
             for generated in range(1, nsamples + 1, batch_size):
@@ -143,17 +144,11 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
     first_sample=sample_index, ...)` gives it again). The other flags are as for
     generate_interactive.py.
     """
-    seed = check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, unconditional=True)
-    model = load(model_name, models_dir, dtype=dtype)
-    length = model.hparams.n_ctx if length is None else length
-    check_length(length, model.hparams.n_ctx)
+    seed = check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype, unconditional=True)
+    model = load_model(model_name, models_dir, dtype)
+    length = model.sample_length(length, prompt="")
     flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eot=ignore_eot)
-    out_file = None
-    if output:
-        try:
-            out_file = open(output, "wb", buffering=0)  # one write per sample: a killed run leaves whole samples
-        except OSError as e:
-            raise GPT2Error(f"cannot write --output {output}: {e.strerror}") from None
+    out_file = open_output(output) if output else None
     as_jsonl = str(output).endswith(".jsonl")
     progress = tqdm(total=nsamples or None, unit="sample", disable=out_file is None, file=sys.stderr)
     generated = 0
@@ -172,12 +167,20 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
                                         ensure_ascii=False) + "\n" if as_jsonl else shown
                     out_file.write(record.encode("utf-8"))
                 progress.update(1)
-    except KeyboardInterrupt:
-        raise GPT2Error(f"interrupted after {generated} complete samples") from None
+    except KeyboardInterrupt as e:
+        raise Interrupted(f"interrupted after {generated} complete samples") from e
     finally:
         progress.close()
         if out_file:
             out_file.close()
+
+
+def open_output(output):
+    """The file --output, open for writes that each reach the file whole: a killed run leaves whole records."""
+    try:
+        return open(output, "wb", buffering=0)
+    except OSError as e:
+        raise GPT2Error(f"cannot write --output {output}: {e.strerror}") from e
 
 
 def download(*model_names, models_dir=None, base_url=None):
@@ -187,25 +190,42 @@ def download(*model_names, models_dir=None, base_url=None):
     base_url: where to fetch from ($GPT2_BASE_URL, else OpenAI's storage); files are under
     <base_url>/models/<name>/. Files already complete are skipped; an interrupted download resumes.
     """
+    from .download import check_model_names, download_model
+
     for name in check_model_names(model_names):
         try:
             model_dir = download_model(name, models_dir, base_url)
-        except KeyboardInterrupt:
-            raise GPT2Error("interrupted: rerun the same command to resume the download") from None
+        except KeyboardInterrupt as e:
+            raise Interrupted("interrupted: rerun the same command to resume the download") from e
         print(f"{name}: complete in {model_dir}")
 
 
+def flag_wording(error):
+    """A GPT2Error's message as the command line says it: parameter names as flags (--top_p)."""
+    return error.worded("--") if isinstance(error, ArgumentError) else str(error)
+
+
 def run(command, argv=None):
-    """Parse flags with fire and run `command`; user errors become one line on stderr."""
-    # Any console encoding: text it cannot show becomes '?', bytes it cannot read become U+FFFD.
-    sys.stdout.reconfigure(errors="replace")
-    sys.stdin.reconfigure(errors="replace")
+    """Parse flags with fire and run `command`; user errors become one line on stderr.
+
+    Ctrl-C exits with status 130 (128 + SIGINT, as a shell reports a command it interrupted).
+    """
     try:
+        # Any console encoding: text it cannot show becomes '?', bytes it cannot read become U+FFFD.
+        for stream in (sys.stdout, sys.stdin):
+            if hasattr(stream, "reconfigure"):  # not every replacement stream (notebooks, pytest) has it
+                stream.reconfigure(errors="replace")
+        import fire
+
         fire.Fire(command, command=argv, name=os.path.basename(sys.argv[0]))
+    except Interrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(130)
     except GPT2Error as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {flag_wording(e)}")
     except KeyboardInterrupt:
-        sys.exit("interrupted")
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except BrokenPipeError:  # the reader went away (`... | head`): nothing more to say
         sys.stderr.close()
         os._exit(0)
@@ -221,3 +241,4 @@ def unconditional_main(argv=None):
 
 def download_main(argv=None):
     run(download, argv)
+

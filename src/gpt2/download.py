@@ -17,7 +17,7 @@ import time
 import requests
 from tqdm.auto import tqdm  # widgets in notebooks, text bars in terminals
 
-from .checkpoint import LEGACY_NAMES, MODEL_FILES, MODEL_NAMES, canonical_name, default_models_dir
+from .folders import LEGACY_NAMES, MODEL_FILES, MODEL_NAMES, canonical_name, default_models_dir
 from .errors import GPT2Error
 
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2"
@@ -55,7 +55,7 @@ def download_model(model_name, models_dir=None, base_url=None, *, retries=5, bac
     try:
         os.makedirs(model_dir, exist_ok=True)
     except OSError as e:
-        raise GPT2Error(f"cannot create {model_dir} ({e.strerror}): choose another --models_dir") from None
+        raise GPT2Error(f"cannot create {model_dir} ({e.strerror}): choose another --models_dir") from e
     with requests.Session() as session:
         sizes = {f: _remote_size(session, f"{base_url}/models/{name}/{f}", timeout) for f in todo}
         total = sum(sizes.values()) if all(sizes.values()) else None
@@ -88,7 +88,7 @@ def _fetch(session, url, path, total_bar, *, retries, backoff, timeout, progress
         except _Retry as e:
             if attempt == retries:
                 raise GPT2Error(f"could not download {url} after {retries} tries ({e}): check the network "
-                                "connection, then rerun the same command to resume") from None
+                                "connection, then rerun the same command to resume") from e
             time.sleep(backoff * 2 ** (attempt - 1))
 
 
@@ -127,12 +127,12 @@ def _fetch_once(session, url, partial, total_bar, done_before, timeout, progress
                     bar.update(len(chunk))
                     total_bar.update(len(chunk))
     except requests.RequestException as e:
-        raise _Retry(_reason(e)) from None
+        raise _Retry(_reason(e)) from e
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise GPT2Error(f"the disk is full while writing {partial}: free some space and rerun the same "
-                            "command to resume") from None
-        raise GPT2Error(f"cannot write {partial} ({e.strerror}): check the folder's permissions") from None
+                            "command to resume") from e
+        raise GPT2Error(f"cannot write {partial} ({e.strerror}): check the folder's permissions") from e
     got = os.path.getsize(partial)
     if size is not None and got != size:
         raise _Retry(f"got {got} of {size} bytes")

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import tiktoken
 
-from .checkpoint import find_model_dir
+from .folders import find_model_dir
 from .errors import GPT2Error
 
 # GPT-2's pre-tokenizer: English contractions, runs of letters, of digits, of other symbols (each
@@ -50,9 +50,9 @@ class Encoder:
         def to_bytes(token):
             try:
                 return bytes(byte_of[char] for char in token)
-            except KeyError:
+            except KeyError as e:
                 raise GPT2Error(f"vocabulary token {token!r} is not in GPT-2's byte alphabet: "
-                                "the model's encoder.json or vocab.bpe is damaged, download the model again") from None
+                                "the model's encoder.json or vocab.bpe is damaged, download the model again") from e
 
         # A token's rank is the step of BPE that makes it: the 256 bytes first, then each merge.
         ranks = {bytes([byte]): rank for rank, byte in enumerate(bytes_to_unicode())}
@@ -79,7 +79,7 @@ class Encoder:
             return self._bpe.decode_bytes([int(t) for t in tokens])
         except KeyError as e:
             raise GPT2Error(f"token id {e.args[0]} is outside this vocabulary of {self.n_vocab} tokens: "
-                            "the model's hparams.json and encoder.json do not match") from None
+                            "the model's hparams.json and encoder.json do not match") from e
 
     def decode(self, tokens):
         """The text of `tokens`; bytes that do not form UTF-8 become U+FFFD, as in GPT-2."""
@@ -118,10 +118,10 @@ def read_encoder(model_dir):
         with open(os.path.join(model_dir, "vocab.bpe"), encoding="utf-8") as f:
             lines = f.read().split("\n")
     except FileNotFoundError as e:
-        raise GPT2Error(f"{e.filename} is missing: download the model again") from None
+        raise GPT2Error(f"{e.filename} is missing: download the model again") from e
     except (ValueError, UnicodeDecodeError) as e:
         raise GPT2Error(f"the vocabulary in {model_dir} is damaged ({e.__class__.__name__}): "
-                        "download the model again") from None
+                        "download the model again") from e
     # vocab.bpe: a "#version" line, then one merge per line, "left right".
     merges = [tuple(line.split(" ")) for line in lines[1:] if line]
     if any(len(merge) != 2 for merge in merges):

@@ -16,9 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import regex
 
-from .checkpoint import OPENAI_HPARAMS, variable_shapes, write_checkpoint
+from .checkpoint import variable_shapes, write_checkpoint
 from .encoder import END_OF_TEXT, PATTERN, bytes_to_unicode
-from .model import HParams
+from .folders import OPENAI_HPARAMS, HParams
 
 # Text to learn a vocabulary from: English prose with contractions, numbers and punctuation,
 # plus a little of other scripts so that their words are not all single bytes.

@@ -1,11 +1,11 @@
-"""The sampler: its filters against NumPy, its loop against step-by-step recomputation, its seeds."""
+"""The decoding loop against step-by-step recomputation: greedy, seeds, distributions, batches, chunks."""
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt2.errors import GPT2Error
-from gpt2.sample import (bucket, fit_context, sample, sample_chunks, shared_prefix_length, top_k_filter, top_p_filter,
-                         uniform_noise)
+from gpt2 import decode
+from gpt2.decode import bucket, sample, sample_chunks, shared_prefix_length
+from test_sampling import softmax
 
 PROMPT = [10, 200, 33, 5, 400, 17]
 
@@ -44,11 +44,6 @@ def test_same_seed_same_samples_different_seed_differs(model):
     assert sample(params, hparams, PROMPT, 30, batch_size=2, seed=42, first_sample=1) == first[1:]
 
 
-def softmax(x):
-    e = np.exp(x - x.max())
-    return e / e.sum()
-
-
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.5, 5, 1.0), (1.0, 0, 0.6)])
 def test_first_token_frequencies_follow_the_distribution(model, full_logits, temperature, top_k, top_p):
     """4000 draws of one token against the probabilities computed here in NumPy."""
@@ -69,34 +64,6 @@ def test_first_token_frequencies_follow_the_distribution(model, full_logits, tem
     observed = counts[likely] / 4000
     # 5 standard errors of a binomial proportion: fails on a wrong distribution, not by chance.
     assert np.all(np.abs(observed - probs[likely]) < 5 * np.sqrt(probs[likely] * (1 - probs[likely]) / 4000))
-
-
-def test_top_p_keeps_exactly_the_nucleus():
-    probs = np.array([0.05, 0.5, 0.15, 0.3])
-    cases = {0.3: {1}, 0.6: {1, 3}, 0.7: {1, 3}, 0.9: {1, 2, 3}, 0.97: {0, 1, 2, 3}}
-    for p, nucleus in cases.items():
-        kept = top_p_filter(tf.constant([np.log(probs)], tf.float32), p)[0].numpy()
-        assert set(np.flatnonzero(np.isfinite(kept))) == nucleus, p
-
-
-def test_top_p_matches_numpy_on_random_rows():
-    rng = np.random.default_rng(3)
-    rows = rng.standard_normal((50, 300)) * 3
-    for p in (0.1, 0.5, 0.9):
-        kept = np.isfinite(top_p_filter(tf.constant(rows, tf.float32), p).numpy())
-        for row, row_kept in zip(rows, kept):
-            probs = softmax(row)
-            order = np.argsort(-probs)
-            n = np.searchsorted(np.cumsum(probs[order]), p) + 1  # smallest n with mass >= p
-            assert set(np.flatnonzero(row_kept)) == set(order[:n])
-
-
-def test_top_k_keeps_k():
-    rows = tf.constant(np.random.default_rng(4).standard_normal((5, 100)), tf.float32)
-    kept = np.isfinite(top_k_filter(rows, 7).numpy())
-    assert (kept.sum(axis=1) == 7).all()
-    for row_kept, row in zip(kept, rows.numpy()):
-        assert set(np.flatnonzero(row_kept)) == set(np.argsort(-row)[:7])
 
 
 def test_stops_before_the_stop_token(model):
@@ -126,25 +93,6 @@ def test_cache_sizes_are_few_and_never_a_third_empty():
     sizes = [bucket(n, 1024) for n in (1, 16, 17, 25, 33, 600, 767, 769, 2000)]
     assert sizes == [16, 16, 24, 32, 48, 768, 768, 1024, 1024]
     assert all(n <= bucket(n, 4096) <= max(16, n * 1.5) for n in range(1, 4097))
-
-
-def test_fit_context():
-    assert fit_context(list(range(10)), 119, 128) == list(range(10))
-    assert fit_context(list(range(10)), 125, 128, truncate=True) == list(range(6, 10))
-    with pytest.raises(GPT2Error, match="prompt is 10 tokens, which leaves room for 119 new tokens.*--truncate_prompt"):
-        fit_context(list(range(10)), 120, 128)
-    with pytest.raises(GPT2Error, match="more than the model's context"):
-        fit_context([1], 129, 128, truncate=True)
-
-
-@pytest.mark.parametrize("flags,message", [
-    ({"temperature": -1}, "--temperature"), ({"top_k": -2}, "--top_k"), ({"top_p": 0}, "--top_p"),
-    ({"top_p": 1.5}, "--top_p"), ({"length": 0}, "--length"), ({"temperature": float("nan")}, "--temperature"),
-])
-def test_impossible_flags(model, flags, message):
-    hparams, params = model
-    with pytest.raises(GPT2Error, match=message):
-        sample(params, hparams, PROMPT, **{"length": 5, **flags})
 
 
 def test_prompts_of_different_lengths_share_a_batch(model):
@@ -196,36 +144,15 @@ def test_ctrl_c_while_tensorflow_reads_the_arguments_stays_a_keyboard_interrupt(
         sample(params, hparams, PROMPT, 5, stop_token=CtrlCWhenHashed())
 
 
-def mix64(z):
-    """SplitMix64's finalizer (Steele, Lea and Flood, 2014), in plain Python."""
-    mask = (1 << 64) - 1
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    return z ^ (z >> 31)
-
-
-def splitmix64(seed, count):
-    """Numbers 1..count of the SplitMix64 stream of `seed`."""
-    return [mix64((seed + i * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)) for i in range(1, count + 1)]
-
-
-def test_noise_is_the_splitmix64_stream_of_each_rows_seed():
-    """Row (seed, sample) at step t gets numbers t*n+1 .. t*n+n of the stream keyed by mix(mix(seed) ^ sample)."""
-    row_seeds = [[7, 0], [7, 1], [2 ** 40 + 3, 5]]
-    noise = uniform_noise(tf.constant(row_seeds, tf.int64), tf.constant(3), 50).numpy()
-    for (seed, sample_number), row in zip(row_seeds, noise):
-        stream = splitmix64(mix64(mix64(seed) ^ sample_number), 4 * 50)[3 * 50:]
-        np.testing.assert_array_equal(row, [((z >> 41) + 0.5) / 2 ** 23 for z in stream])
-
-
-def test_noise_is_uniform_and_independent_across_rows_and_steps():
-    noise = np.stack([uniform_noise(tf.constant([[1, 0], [1, 1]], tf.int64), tf.constant(step), 50257).numpy()
-                      for step in range(4)])  # [step, row, token]
-    flat = noise.ravel()
-    assert 0 < flat.min() and flat.max() < 1
-    assert abs(flat.mean() - 0.5) < 0.002 and abs(flat.var() - 1 / 12) < 0.001
-    counts = np.histogram(flat, bins=20, range=(0, 1))[0]
-    chi2 = ((counts - flat.size / 20) ** 2 / (flat.size / 20)).sum()
-    assert chi2 < 50  # 19 degrees of freedom: 50 is far beyond the 99.9th percentile (43.8)
-    rows = noise.reshape(-1, 50257)
-    assert np.abs(np.corrcoef(rows) - np.eye(len(rows))).max() < 0.03  # no two rows or steps alike
+def test_a_prompt_of_another_length_in_the_same_cache_bucket_compiles_nothing_new(model):
+    """Prompts of 5, 9 and 7 tokens with 6 new ones all fit a 16-slot cache: one decoding loop serves them."""
+    hparams, params = model
+    start, advance = decode._start.__wrapped__, decode._advance.__wrapped__  # the tf.functions
+    sample(params, hparams, PROMPT[:5], 6, top_k=3, seed=1)
+    loops = advance.experimental_get_tracing_count()
+    sample(params, hparams, PROMPT + [1, 2, 3], 6, top_k=3, seed=2)
+    assert advance.experimental_get_tracing_count() == loops
+    prompts = start.experimental_get_tracing_count()  # the prompt pass generalizes its shapes by now
+    sample(params, hparams, PROMPT + [4], 6, top_k=3, seed=3)
+    assert advance.experimental_get_tracing_count() == loops
+    assert start.experimental_get_tracing_count() == prompts

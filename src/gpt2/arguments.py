@@ -1,0 +1,89 @@
+"""The checks of what callers pass, in one place, worded with the parameters' names.
+
+The Python API calls them where it is called; the command line calls the same ones before it
+loads anything, and shows each name as its flag (`top_p` becomes `--top_p`) through
+`ArgumentError.worded`. No TensorFlow here: a command's flags are checked before TensorFlow starts.
+"""
+import numbers
+import random
+
+from .errors import GPT2Error
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ArgumentError(GPT2Error, ValueError):
+    """An impossible argument. The message is written with parameter names as {name} marks."""
+
+    def __init__(self, template, *names):
+        self.template, self.names = template, names
+        super().__init__(self.worded(""))
+
+    def worded(self, prefix):
+        """The message with each parameter name after `prefix` ("" for the API, "--" for flags)."""
+        text = self.template
+        for name in self.names:
+            text = text.replace("{" + name + "}", prefix + name)
+        return text
+
+
+def must(name, requirement, value):
+    return ArgumentError(f"{{{name}}} must be {requirement}, not {value!r}", name)
+
+
+def is_whole(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def whole(name, value, minimum):
+    """`value`, checked to be a whole number (not a bool) of at least `minimum`."""
+    if not is_whole(value) or value < minimum:
+        raise must(name, f"a whole number of at least {minimum}", value)
+    return int(value)
+
+
+def check_sampling(length, temperature, top_k, top_p):
+    """How tokens are chosen; `length` may be None (the default length)."""
+    if length is not None:
+        whole("length", length, 1)
+    if not is_real(temperature) or not 0 <= temperature < float("inf"):
+        raise must("temperature", "a number >= 0 (0 means always the most likely token)", temperature)
+    if not is_whole(top_k) or top_k < 0:
+        raise must("top_k", "a whole number >= 0 (0 turns it off)", top_k)
+    if not is_real(top_p) or not 0 < top_p <= 1:
+        raise must("top_p", "a number in (0, 1] (1 turns it off)", top_p)
+
+
+def check_seed(seed):
+    """`seed`, checked to be None or a whole number that fits 64 bits."""
+    if seed is not None and not (is_whole(seed) and -2 ** 63 <= seed < 2 ** 63):
+        raise must("seed", "a whole number (64 bits)", seed)
+    return seed
+
+
+def new_seed():
+    return random.SystemRandom().randrange(2 ** 31)
+
+
+def check_stop(stop):
+    """`stop` as a list of strings: None, a string, or a list of them, none empty (an empty one
+    would end every sample before its first character)."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise must("stop", "a string or a list of strings", stop)
+    if not all(stop):
+        raise must("stop", "text that ends a sample, never an empty string", stop)
+    return list(stop)
+
+
+def check_dtype(dtype):
+    if dtype not in DTYPES:
+        raise must("dtype", f"one of {', '.join(DTYPES)}", dtype)
+    return dtype

@@ -1,0 +1,198 @@
+"""Decoding: continue token lists with GPT-2 in compiled TensorFlow loops.
+
+Two compiled functions do the work: `_start` runs the prompts through the model (a TensorFlow
+graph: big matrix products, any prompt length) and picks the first token; `_advance` runs up to n
+more steps in one XLA-compiled loop. `plan_batch` lays the rows out first: the tokens that all
+rows start with (several samples of one prompt) run once, into a cache that all rows share (see
+gpt2.model), so that each step reads the prompt's keys and values once, not once per row; and
+the cache lengths are rounded up to a few sizes (see `bucket`), so that a new prompt length
+rarely means a new compilation. How each token is chosen is gpt2.sampling's job.
+
+These functions trust their arguments: gpt2.api checks what users pass.
+"""
+import functools
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+from .model import LayerCache, SharedPrefix, empty_cache, forward_cached, logits
+from .sampling import Rule, choose, mark_stopped
+
+
+class Batch(NamedTuple):
+    """How a batch of token lists is laid out for decoding."""
+    prefix: np.ndarray  # [n_shared] the tokens that every row starts with, run once for all rows
+    shared_len: int  # slots of the shared cache (0: nothing shared)
+    rest: np.ndarray  # [batch, longest] each row's own prompt tokens, then padding
+    n_rest: np.ndarray  # [batch] how many of them are the row's
+    cache_len: int  # slots of each row's own cache
+
+
+class Draw(NamedTuple):
+    """What each draw depends on, as tensors: they change no compiled code."""
+    row_seeds: tf.Tensor  # [batch, 2] (seed, sample number) of each row
+    temperature: tf.Tensor
+    top_p: tf.Tensor
+
+
+class State(NamedTuple):
+    """Where decoding stands between two compiled calls."""
+    cache: list  # a LayerCache per block: each row's own tokens
+    token: tf.Tensor  # [batch] the latest token, not yet fed to the model
+    pos: tf.Tensor  # [batch] the slot it goes into
+    done: tf.Tensor  # [batch] rows that drew the stop token
+
+
+def shared_prefix_length(contexts):
+    """How many tokens all contexts start with, leaving each at least one of its own.
+
+    Each row needs its last prompt token run on its own rows' pass: its logits give the first new token.
+    """
+    n = min(len(c) for c in contexts) - 1
+    for i in range(n):
+        if any(c[i] != contexts[0][i] for c in contexts):
+            return i
+    return n
+
+
+def bucket(n, limit):
+    """n rounded up to one of 16, 24, 32, 48, 64, 96, ... (powers of two and 1.5 times them), at most `limit`.
+
+    Few sizes, so few compilations; and at most a third of the cache is slots that are never
+    filled (every step reads the whole cache, so unused slots cost time).
+    """
+    size = 16
+    while size < n:
+        size = size // 2 * 3 if size & (size - 1) == 0 else size // 3 * 4
+    return min(size, limit)
+
+
+def plan_batch(contexts, length, n_ctx):
+    """The Batch that continues each token list in `contexts` by up to `length` tokens."""
+    longest = max(len(c) for c in contexts)
+    if not min(len(c) for c in contexts) or longest + length - 1 > n_ctx:
+        # The API's checks keep this from happening; a compiled scatter would clamp the slots silently.
+        raise ValueError(f"contexts of 1..{n_ctx + 1 - length} tokens are needed for {length} new ones")
+    # Rows share the cache of what their prompts start with. A lone row would read as many bytes
+    # either way, and the split attention's extra steps cost it about 5% of its speed.
+    n_shared = shared_prefix_length(contexts) if len(contexts) > 1 else 0
+    rests = [c[n_shared:] for c in contexts]
+    rest = np.zeros([len(contexts), max(len(r) for r in rests)], np.int32)
+    for row, tokens in zip(rest, rests):
+        row[:len(tokens)] = tokens
+    return Batch(prefix=np.array(contexts[0][:n_shared], np.int32),
+                 shared_len=bucket(n_shared, n_ctx) if n_shared else 0,
+                 rest=rest, n_rest=np.array([len(r) for r in rests], np.int32),
+                 cache_len=bucket(rest.shape[1] + length - 1, n_ctx - n_shared))
+
+
+def raises_ctrl_c(function):
+    """`function`, a tf.function, with Ctrl-C raised as the KeyboardInterrupt that Python raises.
+
+    A tf.function reads its arguments' types under a bare `except:` that turns any exception into
+    a TypeError; a Ctrl-C landing there would end a command with that traceback instead of its
+    "interrupted" message (seen once in CI). The KeyboardInterrupt is still in the TypeError's context.
+    """
+    @functools.wraps(function, assigned=("__name__", "__doc__"), updated=())
+    def call(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except Exception as e:
+            context = e.__context__
+            while context is not None:
+                if isinstance(context, KeyboardInterrupt):
+                    raise KeyboardInterrupt from e
+                context = context.__context__
+            raise
+    return call
+
+
+@raises_ctrl_c
+@tf.function(reduce_retracing=True)
+def _start(params, prefix, rest, n_rest, draw, *, hparams, rule, shared_len, cache_len):
+    """Run the prompts through the model and pick each row's first token.
+
+    prefix [n_shared] runs once, into a shared cache of shared_len slots, or not at all when
+    shared_len is 0. rest [batch, longest] (row b's own n_rest[b] tokens, then padding, which later
+    steps overwrite in the cache and no real token attends to) runs in one pass.
+    Returns the SharedPrefix (or None) and the State.
+    """
+    dtype = params["wte"].dtype
+    shared = None
+    if shared_len:
+        _, one_row = forward_cached(params, hparams, prefix[None], empty_cache(hparams, 1, shared_len, dtype), 0)
+        shared = SharedPrefix([LayerCache(layer.keys[0], layer.values[0]) for layer in one_row], tf.size(prefix))
+    cache = empty_cache(hparams, tf.shape(rest)[0], cache_len, dtype)
+    h, cache = forward_cached(params, hparams, rest, cache, 0, shared)
+    last = tf.gather(h, n_rest - 1, batch_dims=1)  # [batch, n_embd] at each row's last real token
+    token = choose(logits(params, last), 0, draw.row_seeds, draw.temperature, draw.top_p, rule)
+    token, done = mark_stopped(token, tf.zeros_like(token, tf.bool), rule)
+    return shared, State(cache, token, n_rest, done)
+
+
+@raises_ctrl_c
+@tf.function(jit_compile=True)
+def _advance(params, shared, state, first_step, n_steps, draw, *, hparams, rule):
+    """Up to n_steps more tokens in one loop, fewer if every row is done.
+
+    Returns the new State, the tokens [batch, cache_len] (the first `steps` columns are new) and steps.
+    """
+    out = tf.zeros([tf.shape(state.token)[0], state.cache[0].keys.shape[2]], tf.int32)
+
+    def body(i, state, out):
+        h, cache = forward_cached(params, hparams, state.token[:, None], state.cache, state.pos, shared)
+        token = choose(logits(params, h[:, -1]), first_step + i, draw.row_seeds, draw.temperature, draw.top_p, rule)
+        token, done = mark_stopped(token, state.done, rule)
+        column = tf.stack([tf.range(tf.shape(token)[0]), tf.fill(tf.shape(token), i)], axis=-1)
+        return i + 1, State(cache, token, state.pos + 1, done), tf.tensor_scatter_nd_update(out, column, token)
+
+    steps, state, out = tf.while_loop(lambda i, state, out: (i < n_steps) & ~tf.reduce_all(state.done),
+                                      body, (tf.constant(0), state, out))
+    return state, out, steps
+
+
+def sample_chunks(params, hparams, contexts, length, *, temperature=1.0, top_k=0, top_p=1.0, seed=0,
+                  first_sample=0, stop_token=None, chunk_size=None):
+    """Continue each token list in `contexts` (one row each), yielding new tokens as they come.
+
+    Yields arrays [rows, k]: the first token of every row, then up to `chunk_size` tokens at a
+    time (all the rest at once if None), `length` in all unless every row has stopped. A row that
+    drew `stop_token` repeats it from then on. Row r is sample number first_sample + r of `seed`:
+    the same seed and sample number give the same tokens, whatever the batch or the chunk size.
+    """
+    batch = plan_batch(contexts, length, hparams.n_ctx)
+    rule = Rule(greedy=temperature == 0, top_k=min(top_k, hparams.n_vocab), use_top_p=top_p < 1,
+                stop_token=stop_token)
+    draw = Draw(row_seeds=tf.constant([[seed, first_sample + row] for row in range(len(contexts))], tf.int64),
+                temperature=tf.constant(max(temperature, 1e-9), tf.float32), top_p=tf.constant(top_p, tf.float32))
+    shared, state = _start(params, tf.constant(batch.prefix), tf.constant(batch.rest), tf.constant(batch.n_rest),
+                           draw, hparams=hparams, rule=rule, shared_len=batch.shared_len, cache_len=batch.cache_len)
+    yield state.token.numpy()[:, None]
+    made, done = 1, state.done.numpy().all()
+    while made < length and not done:
+        n = length - made if chunk_size is None else min(chunk_size, length - made)
+        state, out, steps = _advance(params, shared, state, tf.constant(made), tf.constant(n), draw,
+                                     hparams=hparams, rule=rule)
+        steps = int(steps)
+        made += steps
+        done = state.done.numpy().all()
+        yield out.numpy()[:, :steps]
+
+
+def sample(params, hparams, context, length, *, batch_size=1, temperature=1.0, top_k=0, top_p=1.0, seed=0,
+           first_sample=0, stop_token=None):
+    """`batch_size` continuations of the token list `context`, each a list of at most `length` tokens.
+
+    A row ends before `stop_token` (which is not returned) when it is given. Rows are samples
+    first_sample, first_sample + 1, ... of `seed` (see `sample_chunks`).
+    """
+    chunks = list(sample_chunks(params, hparams, [list(context)] * batch_size, length, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed, first_sample=first_sample,
+                                stop_token=stop_token))
+    rows = []
+    for row in np.concatenate(chunks, axis=1).tolist():
+        if stop_token is not None and stop_token in row:
+            row = row[:row.index(stop_token)]
+        rows.append(row)
+    return rows

@@ -1,0 +1,94 @@
+"""OpenAI's model folders without TensorFlow: the released models, where folders live, hparams.json.
+
+A model folder holds, exactly as OpenAI publishes it:
+    checkpoint, hparams.json, model.ckpt.index, model.ckpt.data-00000-of-00001, model.ckpt.meta,
+    encoder.json, vocab.bpe
+gpt2.checkpoint reads and writes the weights (model.ckpt.*); this module knows the rest, so that
+downloading and the commands' start-up need no TensorFlow.
+"""
+import json
+import os
+from typing import NamedTuple
+
+from .arguments import is_whole
+from .errors import GPT2Error
+
+
+class HParams(NamedTuple):  # a NamedTuple: tf.function keys its compiled code on these values
+    n_vocab: int = 50257
+    n_ctx: int = 1024
+    n_embd: int = 768
+    n_head: int = 12
+    n_layer: int = 12
+
+
+# OpenAI's four released models and their shapes.
+OPENAI_HPARAMS = {
+    "124M": HParams(n_embd=768, n_head=12, n_layer=12),
+    "355M": HParams(n_embd=1024, n_head=16, n_layer=24),
+    "774M": HParams(n_embd=1280, n_head=20, n_layer=36),
+    "1558M": HParams(n_embd=1600, n_head=25, n_layer=48),
+}
+MODEL_NAMES = tuple(OPENAI_HPARAMS)
+LEGACY_NAMES = {"117M": "124M", "345M": "355M"}  # OpenAI renamed these two in 2019
+MODEL_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
+               "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")
+# The files that loading reads (the meta graph and the `checkpoint` pointer are not needed).
+REQUIRED_FILES = ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001", "encoder.json", "vocab.bpe")
+VOCAB_FILES = ("encoder.json", "vocab.bpe")
+
+
+def default_models_dir():
+    """Where model folders live: $GPT2_MODELS_DIR, else ./models as in the original."""
+    return os.environ.get("GPT2_MODELS_DIR") or "models"
+
+
+def canonical_name(model_name):
+    """124M for 117M and 355M for 345M; other names unchanged."""
+    return LEGACY_NAMES.get(str(model_name), str(model_name))
+
+
+def find_model_dir(model_name, models_dir=None):
+    """The folder of `model_name` under `models_dir`, checked to hold the files loading needs.
+
+    `model_name` is one of OpenAI's names (legacy names accepted) or any folder in `models_dir`,
+    such as a fine-tuned model.
+    """
+    models_dir = models_dir or default_models_dir()
+    model_name = str(model_name)
+    path = os.path.join(models_dir, model_name)
+    if not os.path.isdir(path):
+        path = os.path.join(models_dir, canonical_name(model_name))
+    if not os.path.isdir(path):
+        if canonical_name(model_name) in MODEL_NAMES:
+            raise GPT2Error(f"model {model_name} is not in {models_dir}: "
+                            f"run `python download_model.py {canonical_name(model_name)}` to fetch it")
+        raise GPT2Error(f"unknown model {model_name!r}: use one of {', '.join(MODEL_NAMES)} "
+                        f"or the name of a model folder in {models_dir}")
+    missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise GPT2Error(f"{path} is missing {', '.join(missing)}: download the model again "
+                        f"(`python download_model.py {model_name}`)")
+    return path
+
+
+def read_hparams(model_dir):
+    """The HParams of a model folder, from its hparams.json: every field a whole number >= 1."""
+    path = os.path.join(model_dir, "hparams.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+        hparams = HParams(**{name: values[name] for name in HParams._fields})
+    except (ValueError, KeyError, TypeError) as e:
+        raise GPT2Error(f"{path} is damaged ({e.__class__.__name__}: {e}): download the model again") from e
+    for name, value in hparams._asdict().items():
+        if not is_whole(value) or value < 1:
+            raise GPT2Error(f"{path} is damaged: {name} is {value!r}, not a whole number of at least 1")
+    if hparams.n_embd % hparams.n_head:
+        raise GPT2Error(f"{path} is damaged: n_embd {hparams.n_embd} is not a multiple of n_head {hparams.n_head}")
+    return hparams
+
+
+def write_hparams(model_dir, hparams):
+    with open(os.path.join(model_dir, "hparams.json"), "w", encoding="utf-8") as f:
+        json.dump(hparams._asdict(), f, indent=2)

@@ -1,0 +1,90 @@
+"""How each token is chosen from the model's logits: the token rules, each testable without the model.
+
+Greedy argmax when temperature is 0; otherwise logits / temperature, cut to the top_k most likely
+tokens and to the top_p nucleus, then a draw with noise from a counter-based random stream keyed by
+(seed, sample number, step), so that the same seed and flags give the same samples, run after run,
+whatever the batch size or the chunks. gpt2.decode runs these rules inside its compiled loop.
+"""
+from typing import NamedTuple, Optional
+
+import numpy as np
+import tensorflow as tf
+
+
+def top_k_filter(logits, k):
+    """Logits [batch, n_vocab] with all but the k largest of each row set to -inf."""
+    kth_largest = tf.math.top_k(logits, k=k).values[:, -1:]
+    return tf.where(logits < kth_largest, tf.constant(-np.inf, logits.dtype), logits)
+
+
+def top_p_filter(logits, p):
+    """Logits [batch, n_vocab] cut to the nucleus of Holtzman et al. (2019).
+
+    The nucleus is the smallest set of most likely tokens whose probabilities add up to at least p:
+    it includes the token whose probability crosses p. (OpenAI's original code stopped just
+    before that token.) Tokens tied with the least likely one kept are kept too.
+    """
+    sorted_logits = tf.sort(logits, direction="DESCENDING")
+    mass_before = tf.cumsum(tf.nn.softmax(sorted_logits), axis=-1, exclusive=True)
+    n_kept = tf.reduce_sum(tf.cast(mass_before < p, tf.int32), axis=-1)  # >= 1: the first has mass 0 before it
+    least_kept = tf.gather(sorted_logits, n_kept - 1, batch_dims=1)
+    return tf.where(logits < least_kept[:, None], tf.constant(-np.inf, logits.dtype), logits)
+
+
+class Rule(NamedTuple):
+    """How a token is chosen: the settings that change the compiled code (not temperature or top_p)."""
+    greedy: bool
+    top_k: int
+    use_top_p: bool
+    stop_token: Optional[int]
+
+
+def choose(next_logits, step, row_seeds, temperature, top_p, rule):
+    """Tokens [batch] picked from logits [batch, n_vocab] at generation step `step`.
+
+    Each row draws with its own seed (row_seeds [batch, 2]), by the Gumbel-max trick: the argmax
+    of logits plus Gumbel noise is a draw from their softmax. So a sample's tokens depend on its
+    seed alone, not on which batch it shares or how large that batch is.
+    """
+    if rule.greedy:
+        return tf.argmax(next_logits, axis=-1, output_type=tf.int32)
+    next_logits = next_logits / temperature
+    if rule.top_k:
+        next_logits = top_k_filter(next_logits, rule.top_k)
+    if rule.use_top_p:
+        next_logits = top_p_filter(next_logits, top_p)
+    noise = uniform_noise(row_seeds, step, next_logits.shape[1])
+    gumbel = -tf.math.log(-tf.math.log(noise))
+    return tf.argmax(next_logits + gumbel, axis=-1, output_type=tf.int32)
+
+
+def _mix64(z):
+    """The SplitMix64 finalizer: a bijection of uint64 whose outputs look independent of its inputs."""
+    shift = lambda z, n: tf.bitwise.right_shift(z, tf.constant(n, tf.uint64))  # noqa: E731
+    z = tf.bitwise.bitwise_xor(z, shift(z, 30)) * tf.constant(0xBF58476D1CE4E5B9, tf.uint64)
+    z = tf.bitwise.bitwise_xor(z, shift(z, 27)) * tf.constant(0x94D049BB133111EB, tf.uint64)
+    return tf.bitwise.bitwise_xor(z, shift(z, 31))
+
+
+@tf.function(jit_compile=True)  # compiled even from the prefill graph: TensorFlow's own kernels lack uint64 ops
+def uniform_noise(row_seeds, step, n):
+    """Uniform numbers in (0, 1), [batch, n]: row b's are draws step * n + 1 ... step * n + n of the
+    SplitMix64 stream keyed by row_seeds[b] = (seed, sample number).
+
+    A counter-based generator: every number is a function of (seed, sample, step, index) alone, so
+    all rows and tokens are computed at once, with no state and no loop over rows.
+    """
+    seeds = tf.cast(row_seeds, tf.uint64)
+    key = _mix64(tf.bitwise.bitwise_xor(_mix64(seeds[:, 0]), seeds[:, 1]))  # [batch]
+    counter = tf.cast(step, tf.uint64) * n + tf.cast(tf.range(1, n + 1, dtype=tf.int64), tf.uint64)  # [n]
+    bits = _mix64(key[:, None] + counter[None, :] * tf.constant(0x9E3779B97F4A7C15, tf.uint64))
+    # The top 23 bits, centred in their interval: exact in float32, never 0 or 1 (both would make log infinite).
+    return (tf.cast(tf.bitwise.right_shift(bits, tf.constant(41, tf.uint64)), tf.float32) + 0.5) * 2.0 ** -23
+
+
+def mark_stopped(token, done, rule):
+    """Rows that drew the stop token are done; finished rows only repeat it."""
+    if rule.stop_token is None:
+        return token, done
+    token = tf.where(done, rule.stop_token, token)
+    return token, done | tf.equal(token, rule.stop_token)
