@@ -35,42 +35,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 from gpt2.arguments import DTYPES  # noqa: E402
+from machine import forward_flops, machine_bandwidth, machine_gemm, parameter_count  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def parameter_count(hparams):
-    from gpt2.checkpoint import variable_shapes
-    return sum(int(np.prod(shape)) for shape in variable_shapes(hparams).values())
-
-
-def median_seconds(fn, repeats=5):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def machine_bandwidth(n_bytes):
-    """GB/s of a float32 matrix-vector product over n_bytes of matrix (capped at 2 GiB)."""
-    matrix = np.ones((min(n_bytes, 2 << 30) // 4 // 4096, 4096), np.float32)
-    vector = np.ones(4096, np.float32)
-    return matrix.nbytes / median_seconds(lambda: matrix @ vector) / 1e9
-
-
-def machine_gemm(n=2048):
-    """GFLOP/s of a float32 n x n matrix product."""
-    a, b = np.ones((n, n), np.float32), np.ones((n, n), np.float32)
-    return 2 * n ** 3 / median_seconds(lambda: a @ b) / 1e9
-
-
-def prefill_flops(hparams, n_tokens):
-    """Multiply-adds x 2 of one pass over n_tokens: the weight matrices, then attention's two products."""
-    weights = parameter_count(hparams) - hparams.n_vocab * hparams.n_embd - hparams.n_ctx * hparams.n_embd
-    return 2 * weights * n_tokens + 4 * hparams.n_layer * n_tokens ** 2 * hparams.n_embd
 
 
 def worker(model_dir, batches, prompt_len, new_tokens, runs, dtype, distinct):
@@ -89,8 +56,8 @@ def worker(model_dir, batches, prompt_len, new_tokens, runs, dtype, distinct):
     # tokens (at least its last one) once per row.
     n_shared = {batch: shared_prefix_length(prompts[batch]) for batch in batches}
     prefill_tokens = {batch: prompt_len + (batch - 1) * (prompt_len - n_shared[batch]) for batch in batches}
-    gemm_flops = {batch: prefill_flops(model.hparams, prompt_len) + (batch - 1) * (
-        prefill_flops(model.hparams, prompt_len) - prefill_flops(model.hparams, n_shared[batch])) for batch in batches}
+    gemm_flops = {batch: forward_flops(model.hparams, prompt_len) + (batch - 1) * (
+        forward_flops(model.hparams, prompt_len) - forward_flops(model.hparams, n_shared[batch])) for batch in batches}
 
     def timed(batch, length):
         start, first = time.perf_counter(), None

@@ -28,3 +28,11 @@ def test_generate_benchmark_prints_its_table(tmp_path, flags, prompts):
         row = (rf"\| tiny \| float32 \| {batch} \| {batch_prompts} \| -?[\d.]+ \| \d+ \(\d+% of GEMM\) "
                rf"\| {RATE} \({RATE}-{RATE}\) \| -?\d+% \| [\d.]+ \| [\d.]+ GB/s, \d+ GFLOP/s \|")
         assert re.search(row, result.stdout), result.stdout
+
+
+def test_score_benchmark_prints_its_table(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "score.py"), "--tiny", "--models_dir",
+                             str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\| tiny \| \d+ \(\d+-\d+\) \| \d+% \| [\d.]+ \| [\d.]+ GB \| \d+ GFLOP/s \|", result.stdout), \
+        result.stdout

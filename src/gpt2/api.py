@@ -1,14 +1,18 @@
-"""The Python API: load a model once, then generate text from code.
+"""The Python API: load a model once, then generate or score text from code.
 
     import gpt2
     model = gpt2.load("124M")                 # downloads it on first use
     model.generate("The river", length=40, top_k=40, seed=1)      # -> ["...", ...]
     for piece in model.stream("The river", length=40):            # text as it is made
         print(piece, end="", flush=True)
+    model.score("The river ran past the mill.").perplexity
 
 The command-line scripts are thin callers of this module.
 """
+import collections
 import sys
+
+import numpy as np
 
 from . import tensorflow_quietly  # noqa: F401  (first: TensorFlow starts without its C++ start-up lines)
 from .arguments import ArgumentError, check_dtype, check_sampling, check_seed, check_stop, new_seed, whole
@@ -18,6 +22,7 @@ from .download import download_model
 from .encoder import read_encoder
 from .errors import GPT2Error
 from .folders import MODEL_NAMES, canonical_name, default_models_dir, find_model_dir, read_hparams
+from .score import Score, score_tokens
 
 # Tokens per compiled call while streaming: small enough that text and Ctrl-C feel immediate.
 STREAM_CHUNK = 1
@@ -177,6 +182,60 @@ class GPT2:
 
     def _stop_token(self, ignore_eot):
         return None if ignore_eot else self.encoder.eot_token
+
+    def score(self, text, stride=None, *, batch_size=1):
+        """How likely GPT-2 finds `text`: a Score with its `tokens`, the natural-log probability of
+        each (`logprobs`), and `nll` (mean, nats per token), `perplexity`, `bits_per_byte`.
+
+        Every token is scored once, t_1 given <|endoftext|> alone; a text longer than the context
+        goes in windows of n_ctx tokens that start `stride` tokens apart (default n_ctx // 2), so
+        each token has at least n_ctx - stride tokens before it (see gpt2.score). A list of texts
+        gives a list of Scores. `batch_size`: windows computed at once (the scores do not change).
+        """
+        if not isinstance(text, str):
+            return [self.score(t, stride, batch_size=batch_size) for t in check_prompts(text, name="text")]
+        chunks = list(self.score_pieces([text], stride, batch_size=batch_size))
+        return Score(np.concatenate([tokens for tokens, _ in chunks]),
+                     np.concatenate([logprobs for _, logprobs in chunks]), len(text.encode("utf-8")))
+
+    def perplexity(self, text, stride=None, *, batch_size=1):
+        """exp(mean negative log-likelihood per token) of `text` (or a list of them), as `score` computes it."""
+        scores = self.score(text, stride, batch_size=batch_size)
+        return scores.perplexity if isinstance(scores, Score) else [s.perplexity for s in scores]
+
+    def window_stride(self, stride):
+        """How far apart scoring windows start: `stride`, checked to be in 1..n_ctx - 1, or n_ctx // 2 for None."""
+        n_ctx = self.hparams.n_ctx
+        if stride is None:
+            return n_ctx // 2
+        if whole("stride", stride, 1) >= n_ctx:
+            raise ArgumentError(f"{{stride}} must be less than the model's context of {n_ctx} tokens, not {stride}",
+                                "stride")
+        return stride
+
+    def score_pieces(self, pieces, stride=None, *, batch_size=1):
+        """`score` for a text too large for memory, given as pieces of text (strings, read as needed;
+        gpt2.score.text_pieces cuts a file where the pieces encode as the whole).
+
+        Yields (tokens, logprobs) arrays as the windows are computed, in the text's order.
+        """
+        stride = self.window_stride(stride)
+        whole("batch_size", batch_size, 1)
+        pending = collections.deque()  # tokens encoded, not yet scored
+
+        def text_tokens():
+            for piece in pieces:
+                tokens = self.encode(piece)
+                pending.extend(tokens)
+                yield from tokens
+            if not pending and not scored:
+                raise GPT2Error("nothing to score: the text is empty")
+
+        scored = False
+        for logprobs in score_tokens(self.params, self.hparams, text_tokens(), self.encoder.eot_token,
+                                     stride=stride, batch_size=batch_size):
+            scored = True
+            yield np.array([pending.popleft() for _ in logprobs], np.int64), logprobs
 
 
 def check_prompts(prompt, several=True, name="prompt"):

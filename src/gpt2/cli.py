@@ -8,6 +8,7 @@ model is loaded), and Ctrl-C at any moment, start-up included, ends a command wi
 exit status 130.
 """
 import json
+import math
 import os
 import sys
 
@@ -175,12 +176,104 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
             out_file.close()
 
 
+def score_files(*files, model_name="124M", models_dir=None, stride=None, batch_size=1, output=None, dtype="float32"):
+    """Score text files: for each FILE (UTF-8 text; - reads stdin) one line with its tokens, the mean
+    negative log-likelihood (nats per token), perplexity and bits per byte; a total line for several.
+
+    Each token is scored once, the first given <|endoftext|> alone (see README.md).
+    stride: windows of the model's context (n_ctx tokens) start this many tokens apart, so each
+    token has at least n_ctx - stride tokens before it; default n_ctx // 2.
+    batch_size: windows computed at once (the scores do not change).
+    output: x.jsonl writes one JSON object per token (file, index, token, text, logprob) as it
+    goes; x.json writes a summary per file at the end.
+    model_name, models_dir, dtype: as for generate_interactive.py.
+    """
+    if not files:
+        raise GPT2Error("name the text files to score (- reads standard input)")
+    if stride is not None:
+        whole("stride", stride, 1)
+    whole("batch_size", batch_size, 1)
+    check_dtype(dtype)
+    if output is not None and not str(output).endswith((".jsonl", ".json")):
+        raise ArgumentError(f"{{output}} must end in .jsonl (a record per token) or .json (a summary per file), "
+                            f"not {output!r}", "output")
+    for name in files:
+        if name != "-":
+            open_text(name).close()
+    from .score import text_pieces
+
+    model = load_model(model_name, models_dir, dtype)
+    stride = model.window_stride(stride)
+    out_file = open_output(output) if output else None
+    summaries = []
+    try:
+        for name in files:
+            summary = dict(file=name, tokens=0, bytes=0, logprob=0.0)
+            summaries.append(summary)
+            with open_text(name) as text_file, tqdm(desc=name, unit="B", unit_scale=True, leave=False,
+                                                    total=None if name == "-" else os.path.getsize(name),
+                                                    file=sys.stderr) as progress:
+                try:
+                    for tokens, logprobs in model.score_pieces(text_pieces(text_file), stride, batch_size=batch_size):
+                        n_bytes = len(model.encoder.decode_bytes(tokens))
+                        if output and output.endswith(".jsonl"):
+                            out_file.write("".join(json.dumps(
+                                {"file": name, "index": summary["tokens"] + i, "token": int(token),
+                                 "text": model.decode([token]), "logprob": float(logprob)}, ensure_ascii=False) + "\n"
+                                for i, (token, logprob) in enumerate(zip(tokens, logprobs))).encode("utf-8"))
+                        summary["tokens"] += len(tokens)
+                        summary["bytes"] += n_bytes
+                        summary["logprob"] += float(logprobs.sum())
+                        progress.update(n_bytes)
+                except UnicodeDecodeError as e:
+                    raise GPT2Error(f"{name} is not UTF-8 text ({e.reason}): save it as UTF-8 first") from e
+                except GPT2Error as e:  # an empty file
+                    raise GPT2Error(f"{name}: {e}") from e
+            print(score_line(summary), flush=True)
+        if len(files) > 1:
+            total = dict(file="total", **{k: sum(s[k] for s in summaries) for k in ("tokens", "bytes", "logprob")})
+            print(score_line(total))
+            summaries.append(total)
+        if output and output.endswith(".json"):
+            out_file.write((json.dumps([score_summary(s) for s in summaries], indent=2, ensure_ascii=False) + "\n")
+                           .encode("utf-8"))
+    except KeyboardInterrupt as e:
+        done = sum(s["tokens"] for s in summaries)
+        raise Interrupted(f"interrupted after scoring {done} tokens") from e
+    finally:
+        if out_file:
+            out_file.close()
+
+
+def open_text(name):
+    """The file `name` (or stdin for -) open as UTF-8 text; a one-line error if it cannot be read."""
+    if name == "-":
+        return open(sys.stdin.fileno(), encoding="utf-8", closefd=False)
+    try:
+        return open(name, encoding="utf-8")
+    except OSError as e:
+        raise GPT2Error(f"cannot read {name}: {e.strerror}") from e
+
+
 def open_output(output):
     """The file --output, open for writes that each reach the file whole: a killed run leaves whole records."""
     try:
         return open(output, "wb", buffering=0)
     except OSError as e:
         raise GPT2Error(f"cannot write --output {output}: {e.strerror}") from e
+
+
+def score_summary(summary):
+    """tokens, bytes, nll (nats per token), perplexity and bits per byte of a file's summed log-probabilities."""
+    nll = -summary["logprob"] / summary["tokens"]
+    return {"file": summary["file"], "tokens": summary["tokens"], "bytes": summary["bytes"], "nll": nll,
+            "perplexity": math.exp(nll), "bits_per_byte": -summary["logprob"] / math.log(2) / summary["bytes"]}
+
+
+def score_line(summary):
+    s = score_summary(summary)
+    return (f"{s['file']}: {s['tokens']} tokens, {s['nll']:.4f} nats/token, perplexity {s['perplexity']:.3f}, "
+            f"{s['bits_per_byte']:.4f} bits/byte")
 
 
 def download(*model_names, models_dir=None, base_url=None):
@@ -242,3 +335,6 @@ def unconditional_main(argv=None):
 def download_main(argv=None):
     run(download, argv)
 
+
+def score_main(argv=None):
+    run(score_files, argv)
