@@ -244,7 +244,7 @@ def test_console_commands_point_at_the_cli():
 
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
-    assert set(scripts) == {"gpt2-interactive", "gpt2-unconditional", "gpt2-download", "gpt2-score"}
+    assert set(scripts) == {"gpt2-interactive", "gpt2-unconditional", "gpt2-download", "gpt2-score", "gpt2-finetune"}
     for target in scripts.values():
         module, function = target.split(":")
         assert callable(getattr(importlib.import_module(module), function))

@@ -65,12 +65,13 @@ class GPT2:
         hparams = read_hparams(model_dir)
         return cls(hparams, load_params(model_dir, hparams, dtype), read_encoder(model_dir), model_dir)
 
-    def save(self, model_dir):
+    def save(self, model_dir, write_more=None):
         """Write this model (its weights as they are now) as an OpenAI model folder; returns its path.
 
-        Every tool that reads OpenAI's checkpoints can load it; the folder appears whole or not at all.
+        Every tool that reads OpenAI's checkpoints can load it; the folder appears whole or not at
+        all. `write_more(folder)` may add files to it first.
         """
-        return save_model(model_dir, self.hparams, self.params, self.model_dir)
+        return save_model(model_dir, self.hparams, self.params, self.model_dir, write_more)
 
     def encode(self, text):
         return self.encoder.encode(text)

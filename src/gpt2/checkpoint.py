@@ -115,11 +115,12 @@ def checkpoint_variables(params, hparams):
     return variables
 
 
-def save_model(model_dir, hparams, params, vocab_dir):
+def save_model(model_dir, hparams, params, vocab_dir, write_more=None):
     """Write a params tree as the OpenAI model folder `model_dir`, with vocab_dir's encoder.json and vocab.bpe.
 
     The folder is written whole beside `model_dir`, then renamed into place: a crash leaves the
-    previous folder (or none), never a half-written one.
+    previous folder (or none), never a half-written one. `write_more(folder)`, if given, adds
+    files to it before the rename (a fine-tuning run's state).
     """
     model_dir = os.path.abspath(model_dir)
     writing = f"{model_dir}.writing-{os.getpid()}"
@@ -129,6 +130,8 @@ def save_model(model_dir, hparams, params, vocab_dir):
         write_checkpoint(writing, hparams, checkpoint_variables(params, hparams))
         for name in VOCAB_FILES:
             shutil.copyfile(os.path.join(vocab_dir, name), os.path.join(writing, name))
+        if write_more:
+            write_more(writing)
         replace_folder(writing, model_dir)
     except BaseException:
         shutil.rmtree(writing, ignore_errors=True)

@@ -15,7 +15,7 @@ import sys
 from tqdm import tqdm
 
 from .arguments import ArgumentError, check_dtype, check_sampling, check_seed, check_stop, new_seed, whole
-from .errors import GPT2Error
+from .errors import GPT2Error, Interrupted
 
 PROMPT = "Model prompt >>> "
 MORE = "... "
@@ -23,10 +23,6 @@ MORE = "... "
 
 def banner(n):
     return "=" * 40 + " SAMPLE " + str(n) + " " + "=" * 40
-
-
-class Interrupted(GPT2Error):
-    """Ctrl-C, with what was done before it."""
 
 
 def check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype, unconditional=False):
@@ -338,3 +334,9 @@ def download_main(argv=None):
 
 def score_main(argv=None):
     run(score_files, argv)
+
+
+def finetune_main(argv=None):
+    from .finetuning import finetune
+
+    run(finetune, argv)

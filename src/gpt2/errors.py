@@ -1,4 +1,4 @@
-"""The one exception type that the command-line tools turn into a one-line message."""
+"""The exception types that the command-line tools turn into a one-line message."""
 
 
 class GPT2Error(Exception):
@@ -6,3 +6,7 @@ class GPT2Error(Exception):
 
     The message is one sentence that says what is wrong and what to do about it.
     """
+
+
+class Interrupted(GPT2Error):
+    """Ctrl-C, with what was done before it (the commands exit with status 130)."""

@@ -1,0 +1,106 @@
+"""`gpt2.finetune` and the `finetune.py` command: the run's settings, checked before TensorFlow starts.
+
+gpt2.train does the work; this module holds what a user passes, with its defaults, so that the
+command line reads and checks its flags (and answers --help) without loading anything.
+"""
+import math
+import os
+from typing import NamedTuple, Optional
+
+from .arguments import check_seed, is_real, must, whole
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
+
+
+class Settings(NamedTuple):
+    """A fine-tuning run's settings: the arguments of `finetune` (see its docstring)."""
+    dataset: str
+    model_name: str
+    run_name: str
+    models_dir: Optional[str]
+    steps: int
+    batch_size: int
+    sequence_length: Optional[int]
+    accumulate_gradients: int
+    learning_rate: float
+    warmup_steps: int
+    decay_steps: int
+    optimizer: str
+    weight_decay: float
+    clip_norm: float
+    seed: int
+    save_every: int
+    sample_every: int
+    sample_prompt: Optional[str]
+    sample_length: int
+    val_dataset: Optional[str]
+    val_fraction: float
+    val_every: int
+    val_tokens: int
+    keep_best: bool
+    restore_from: str
+    overwrite: bool
+    csv_column: str
+    base_url: Optional[str]
+    progress: bool
+
+
+def finetune(dataset=None, model_name="124M", run_name="run1", models_dir=None, steps=1000, batch_size=1,
+             sequence_length=None, accumulate_gradients=1, learning_rate=1e-4, warmup_steps=10, decay_steps=0,
+             optimizer="adamw", weight_decay=0.01, clip_norm=1.0, seed=0, save_every=500, sample_every=0,
+             sample_prompt=None, sample_length=64, val_dataset=None, val_fraction=0.0, val_every=0, val_tokens=8192,
+             keep_best=False, restore_from="latest", overwrite=False, csv_column="text", base_url=None, progress=True):
+    """Fine-tune GPT-2 on your own text into the model folder models_dir/run_name; returns its path.
+
+    dataset: a .txt, .csv or .jsonl file, a folder or glob of them, or a .tokens file written by an
+    earlier run (documents are joined with <|endoftext|>; encoded once, cached in models_dir/datasets).
+    model_name: the model to start from (fetched on first use); run_name: the run's folder name,
+    which every script then loads as --model_name run_name.
+    steps: how many steps THIS call trains. Rerunning the same command resumes the run from its last
+    save and trains `steps` more (restore_from latest); restore_from fresh starts again from
+    model_name; restore_from PATH starts from the model folder PATH.
+    batch_size, sequence_length (default: the model's context), accumulate_gradients: each step
+    averages the gradients of accumulate_gradients batches of batch_size windows of sequence_length
+    tokens drawn at random from the dataset.
+    learning_rate, warmup_steps (linear warm-up), decay_steps (0: constant after warm-up; else a
+    cosine down to a tenth at that step), optimizer (adamw, adam, sgd, adafactor), weight_decay
+    (adamw), clip_norm (the gradients' global norm is cut to it; 0: no clipping), seed (the same
+    seed and data give the same run).
+    save_every: save every N steps (0: only at the end and on Ctrl-C, which saves and stops).
+    sample_every: print a sample every N steps, sample_length tokens from sample_prompt (default:
+    the first line of the validation text, else of the training text).
+    val_dataset or val_fraction (the last part of the dataset held out), val_every (steps),
+    val_tokens (how many validation tokens are scored): validation loss and perplexity;
+    keep_best: also save the best run so far as models_dir/<run_name>_best.
+    overwrite: allow run_name to replace a model folder that is not a fine-tuning run.
+    csv_column: the text column of .csv datasets. base_url: where to fetch model_name from.
+    """
+    settings = Settings(**{name: value for name, value in locals().items() if name in Settings._fields})
+    check(settings)
+    from . import tensorflow_quietly  # noqa: F401  (TensorFlow starts here, without its C++ start-up lines)
+    from .train import run
+
+    return run(settings)
+
+
+def check(settings):
+    """A GPT2Error naming the first impossible setting."""
+    if settings.dataset is None:
+        raise must("dataset", "the text to train on (a file, a folder or a glob)", None)
+    for name, minimum in (("steps", 1), ("batch_size", 1), ("accumulate_gradients", 1), ("warmup_steps", 0),
+                          ("decay_steps", 0), ("save_every", 0), ("sample_every", 0), ("sample_length", 1),
+                          ("val_every", 0), ("val_tokens", 2)):
+        whole(name, getattr(settings, name), minimum)
+    if settings.sequence_length is not None:
+        whole("sequence_length", settings.sequence_length, 2)
+    check_seed(settings.seed)
+    for name in ("learning_rate", "weight_decay", "clip_norm"):
+        value = getattr(settings, name)
+        if not is_real(value) or not 0 <= value < math.inf:
+            raise must(name, "a number >= 0", value)
+    if not is_real(settings.val_fraction) or not 0 <= settings.val_fraction < 1:
+        raise must("val_fraction", "a number in [0, 1)", settings.val_fraction)
+    if settings.optimizer not in OPTIMIZERS:
+        raise must("optimizer", f"one of {', '.join(OPTIMIZERS)}", settings.optimizer)
+    if settings.restore_from not in ("latest", "fresh") and not os.path.isdir(str(settings.restore_from)):
+        raise must("restore_from", "latest, fresh, or a model folder", settings.restore_from)

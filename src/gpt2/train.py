@@ -1,0 +1,441 @@
+"""Fine-tuning GPT-2 on a user's text: datasets, the optimizers, the compiled training step, runs.
+
+A run lives in one folder, models_dir/<run_name>/: OpenAI's model files (so every script loads it
+as it loads 124M) and, in its `training/` subfolder, what resuming needs: the optimizer's state,
+the step count and the data sampler's random state (state.npz), the run's settings
+(settings.json) and the metrics so far (metrics.csv). The whole folder is written beside the old
+one and renamed into place at each save: a kill at any moment leaves the last complete run.
+
+Datasets are encoded once into a token file of uint16 (models_dir/datasets/<name>-<hash>.tokens),
+read by memory map: a corpus larger than memory trains as well as a small one. Documents (files,
+CSV rows, JSONL records) are joined with <|endoftext|> as the token itself.
+"""
+import csv
+import glob
+import hashlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from . import tensorflow_quietly  # noqa: F401  (before TensorFlow's first use: no C++ start-up lines)
+from .arguments import ArgumentError
+from .errors import GPT2Error, Interrupted
+from .model import forward, logits
+from .score import score_tokens
+
+TOKEN_DTYPE = np.uint16  # GPT-2's 50257 ids fit
+TEXT_SUFFIXES = (".txt", ".csv", ".jsonl")
+
+
+# Datasets.
+
+def dataset_files(dataset):
+    """The text files of `dataset`: a file, a folder (its .txt/.csv/.jsonl files, sorted) or a glob."""
+    if os.path.isdir(dataset):
+        files = sorted(os.path.join(root, f) for root, _, names in os.walk(dataset) for f in names
+                       if f.endswith(TEXT_SUFFIXES))
+    elif os.path.isfile(dataset):
+        files = [dataset]
+    else:
+        files = sorted(glob.glob(dataset, recursive=True))
+    if not files:
+        raise ArgumentError(f"no text found at {{dataset}} {dataset}: give a .txt, .csv or .jsonl file, a folder "
+                            "of them, or a glob such as 'texts/*.txt'", "dataset")
+    return files
+
+
+def documents(path, csv_column="text"):
+    """The texts in one file: the whole of a .txt, a column of each .csv row, the `text` field of each .jsonl line."""
+    try:
+        with open(path, encoding="utf-8", newline="" if path.endswith(".csv") else None) as f:
+            if path.endswith(".csv"):
+                reader = csv.DictReader(f)
+                if csv_column not in (reader.fieldnames or []):
+                    raise ArgumentError(f"{path} has no column {csv_column!r} (it has {reader.fieldnames}): "
+                                        "name the text column with {csv_column}", "csv_column")
+                yield from (row[csv_column] for row in reader if row[csv_column])
+            elif path.endswith(".jsonl"):
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        record = json.loads(line)
+                        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                            raise GPT2Error(f"{path} line {n} has no \"text\" string: each line must be "
+                                            "an object such as {\"text\": \"...\"}")
+                        yield record["text"]
+            else:
+                yield f.read()
+    except UnicodeDecodeError as e:
+        raise GPT2Error(f"{path} is not UTF-8 text ({e.reason}): save it as UTF-8 first") from e
+    except json.JSONDecodeError as e:
+        raise GPT2Error(f"{path} is not JSON Lines ({e}): one JSON object per line") from e
+    except OSError as e:
+        raise GPT2Error(f"cannot read {path}: {e.strerror}") from e
+
+
+def encoded_dataset(dataset, encoder, cache_dir, csv_column="text"):
+    """The tokens of `dataset` as a read-only memory map of uint16, encoded once into cache_dir.
+
+    A file that ends in .tokens is taken as such a token file. The cache's name holds a hash of the
+    files (paths, sizes, times), the CSV column and the vocabulary, so a changed file is encoded again.
+    """
+    if dataset.endswith(".tokens"):
+        return np.memmap(dataset, TOKEN_DTYPE, mode="r")
+    files = dataset_files(dataset)
+    key = hashlib.sha256(json.dumps([[os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)] for f in files]
+                                    + [csv_column, encoder.n_vocab, encoder.eot_token]).encode()).hexdigest()[:16]
+    name = os.path.basename(os.path.normpath(dataset)).replace("*", "_") or "dataset"
+    path = os.path.join(cache_dir, f"{name}-{key}.tokens")
+    if not os.path.isfile(path):
+        os.makedirs(cache_dir, exist_ok=True)
+        writing = f"{path}.writing-{os.getpid()}"
+        with open(writing, "wb") as out, tqdm(total=sum(os.path.getsize(f) for f in files), unit="B",
+                                               unit_scale=True, desc="encoding the dataset", leave=False) as bar:
+            for f in files:
+                for text in documents(f, csv_column):
+                    np.array(encoder.encode(text) + [encoder.eot_token], TOKEN_DTYPE).tofile(out)
+                bar.update(os.path.getsize(f))
+        os.replace(writing, path)
+    if os.path.getsize(path) == 0:
+        raise GPT2Error(f"the dataset {dataset} is too small to train on: it holds no text")
+    return np.memmap(path, TOKEN_DTYPE, mode="r")
+
+
+def random_windows(tokens, rng, batch_size, length):
+    """[batch_size, length] windows of `tokens` at random starts (numpy, int32)."""
+    starts = rng.integers(0, len(tokens) - length + 1, size=batch_size)
+    return np.stack([tokens[s:s + length] for s in starts]).astype(np.int32)
+
+
+# The loss and the optimizers.
+
+def loss(params, hparams, tokens):
+    """Mean cross-entropy, nats per token, of predicting tokens [batch, seq] from the ones before each."""
+    h = forward(params, hparams, tokens[:, :-1])
+    token_logits = logits(params, h)  # [batch, seq - 1, n_vocab] float32
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(tokens[:, 1:], token_logits))
+
+
+class Hyper(NamedTuple):
+    """The optimizer's settings (they change the compiled step)."""
+    optimizer: str  # adam, adamw, sgd, adafactor
+    weight_decay: float = 0.01  # adamw only
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epsilon: float = 1e-8
+    clip_norm: float = 1.0  # the gradients' global norm is cut to this (0: no clipping)
+
+
+def decays(path):
+    """Whether weight decay applies: to the weight matrices, not to layer norms or biases (AdamW's usual rule)."""
+    return path[-1] == "w" or path[-1] in ("wte", "wpe")
+
+
+def decay_mask(w):
+    """1 for the rows of a linear layer's w, 0 for its last row (its bias, see gpt2.model.linear)."""
+    return tf.concat([tf.ones_like(w[:-1]), tf.zeros_like(w[-1:])], axis=0)
+
+
+def slot_shapes(shape, optimizer):
+    """The optimizer's state for one variable of `shape`: {name: shape}."""
+    if optimizer in ("adam", "adamw"):
+        return {"m": shape, "v": shape}
+    if optimizer == "adafactor":
+        # Factored second moments (Shazeer and Stern, 2018): a row and a column statistic of a matrix.
+        return {"row": shape[:-1], "col": shape[:-2] + shape[-1:]} if len(shape) >= 2 else {"v": shape}
+    return {}  # sgd
+
+
+def update(variable, gradient, slots, step, learning_rate, hyper, path):
+    """One optimizer step for one variable; `step` counts from 1."""
+    g = tf.cast(gradient, tf.float32)
+    if hyper.optimizer == "sgd":
+        delta = g
+    elif hyper.optimizer in ("adam", "adamw"):
+        slots["m"].assign(hyper.beta1 * slots["m"] + (1 - hyper.beta1) * g)
+        slots["v"].assign(hyper.beta2 * slots["v"] + (1 - hyper.beta2) * tf.square(g))
+        m_hat = slots["m"] / (1 - hyper.beta1 ** step)
+        v_hat = slots["v"] / (1 - hyper.beta2 ** step)
+        delta = m_hat / (tf.sqrt(v_hat) + hyper.epsilon)
+    else:  # adafactor, without momentum, with update clipping at 1
+        beta2 = 1 - step ** -0.8
+        g2 = tf.square(g) + 1e-30
+        if "v" in slots:
+            slots["v"].assign(beta2 * slots["v"] + (1 - beta2) * g2)
+            v = slots["v"]
+        else:
+            slots["row"].assign(beta2 * slots["row"] + (1 - beta2) * tf.reduce_mean(g2, axis=-1))
+            slots["col"].assign(beta2 * slots["col"] + (1 - beta2) * tf.reduce_mean(g2, axis=-2))
+            v = (slots["row"][..., None] * slots["col"][..., None, :]
+                 / tf.reduce_mean(slots["row"], axis=-1, keepdims=True)[..., None])
+        delta = g * tf.math.rsqrt(v)
+        delta /= tf.maximum(1.0, tf.sqrt(tf.reduce_mean(tf.square(delta))))
+    if hyper.optimizer == "adamw" and decays(path):
+        mask = decay_mask(variable) if path[-1] == "w" else 1.0
+        delta += hyper.weight_decay * tf.cast(variable, tf.float32) * mask
+    variable.assign_sub(tf.cast(learning_rate * delta, variable.dtype))
+
+
+def learning_rate_at(step, base, warmup_steps, decay_steps):
+    """Linear warm-up over warmup_steps, then constant, or a cosine down to base / 10 at decay_steps."""
+    step = tf.cast(step, tf.float32)
+    warm = tf.minimum(1.0, step / max(warmup_steps, 1))
+    if not decay_steps:
+        return base * warm
+    progress = tf.minimum(1.0, step / decay_steps)
+    return base * warm * (0.1 + 0.9 * 0.5 * (1 + tf.cos(math.pi * progress)))
+
+
+def leaves(tree, path=()):
+    """(path, leaf) of each tensor of a params tree: ("h", "0", "attn", "c_attn", "w"), ..."""
+    if isinstance(tree, dict):
+        for key in sorted(tree):
+            yield from leaves(tree[key], path + (key,))
+    elif isinstance(tree, list):
+        for i, node in enumerate(tree):
+            yield from leaves(node, path + (str(i),))
+    else:
+        yield path, tree
+
+
+class Trainer:
+    """The variables of a model being trained, its optimizer state, and the compiled step."""
+
+    def __init__(self, params, hparams, hyper, learning_rate, warmup_steps=0, decay_steps=0):
+        self.hparams, self.hyper = hparams, hyper
+        self.params = tf.nest.map_structure(tf.Variable, params)
+        self.paths, self.variables = zip(*leaves(self.params))
+        self.slots = [{name: tf.Variable(tf.zeros(shape, tf.float32), trainable=False)
+                       for name, shape in slot_shapes(v.shape.as_list(), hyper.optimizer).items()}
+                      for v in self.variables]
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.schedule = (learning_rate, warmup_steps, decay_steps)
+        self._train = tf.function(self._train_step, jit_compile=True)
+
+    def _train_step(self, batches):
+        """batches [accumulate, batch, seq + 1]: one optimizer step on the mean of their gradients.
+
+        Returns the mean loss and the gradients' global norm before clipping.
+        """
+        accumulate = batches.shape[0]
+        total_loss, total = 0.0, [tf.zeros_like(v, tf.float32) for v in self.variables]
+        for i in range(accumulate):  # a few at most: unrolled, so XLA sees one program
+            with tf.GradientTape() as tape:
+                batch_loss = loss(self.params, self.hparams, batches[i])
+            gradients = tape.gradient(batch_loss, self.variables)
+            total = [t + tf.cast(g, tf.float32) for t, g in zip(total, gradients)]
+            total_loss += batch_loss
+        gradients = [t / accumulate for t in total]
+        norm = tf.linalg.global_norm(gradients)
+        if self.hyper.clip_norm:
+            gradients, _ = tf.clip_by_global_norm(gradients, self.hyper.clip_norm, use_norm=norm)
+        self.step.assign_add(1)
+        step = tf.cast(self.step, tf.float32)
+        rate = learning_rate_at(step, *self.schedule)
+        for variable, gradient, slots, path in zip(self.variables, gradients, self.slots, self.paths):
+            update(variable, gradient, slots, step, rate, self.hyper, path)
+        return total_loss / accumulate, norm
+
+    def train_step(self, batches):
+        """(loss, gradient norm) of one step on int32 batches [accumulate, batch, seq + 1]."""
+        batch_loss, norm = self._train(tf.constant(batches))
+        return float(batch_loss), float(norm)
+
+    def state(self):
+        """The optimizer's state and step as {name: array}, for saving."""
+        state = {"step": self.step.numpy()}
+        for path, slots in zip(self.paths, self.slots):
+            state.update({"/".join(path) + ":" + name: slot.numpy() for name, slot in slots.items()})
+        return state
+
+    def restore(self, state):
+        self.step.assign(int(state["step"]))
+        for path, slots in zip(self.paths, self.slots):
+            for name, slot in slots.items():
+                slot.assign(state["/".join(path) + ":" + name])
+
+
+# Runs.
+
+TRAINING = "training"  # the subfolder of a run folder that holds what resuming needs
+
+
+def run(settings):
+    """Train as `settings` (a gpt2.finetuning.Settings, checked) say; returns the run folder."""
+    from .api import GPT2, load
+    from .folders import LEGACY_NAMES, MODEL_NAMES, default_models_dir, find_model_dir
+
+    s = settings
+    models_dir = s.models_dir or default_models_dir()
+    run_dir = os.path.join(models_dir, str(s.run_name))
+    state_file = os.path.join(run_dir, TRAINING, "state.npz")
+    is_run = os.path.isfile(state_file)
+    if not s.overwrite and (str(s.run_name) in MODEL_NAMES + tuple(LEGACY_NAMES) or os.path.isdir(run_dir) and not is_run):
+        raise ArgumentError(f"{run_dir} holds a model that is not a fine-tuning run: choose another {{run_name}}, "
+                            "or set {overwrite} to replace it", "run_name", "overwrite")
+    if s.restore_from == "latest" and is_run:
+        model = GPT2.from_folder(run_dir)
+    elif s.restore_from in ("latest", "fresh"):
+        model = load(s.model_name, models_dir, base_url=s.base_url)
+        is_run = False
+    else:
+        model = GPT2.from_folder(find_model_dir(os.path.basename(s.restore_from), os.path.dirname(s.restore_from)))
+        is_run = False
+    hparams, encoder = model.hparams, model.encoder
+    n_ctx = hparams.n_ctx
+    sequence_length = s.sequence_length or n_ctx
+    if sequence_length > n_ctx:
+        raise ArgumentError(f"{{sequence_length}} {sequence_length} is more than the model's context of {n_ctx} "
+                            "tokens", "sequence_length")
+
+    cache_dir = os.path.join(models_dir, "datasets")
+    tokens = encoded_dataset(str(s.dataset), encoder, cache_dir, s.csv_column)
+    if s.val_dataset:
+        val = encoded_dataset(str(s.val_dataset), encoder, cache_dir, s.csv_column)
+    elif s.val_fraction:
+        cut = int(len(tokens) * (1 - s.val_fraction))
+        tokens, val = tokens[:cut], tokens[cut:]
+    else:
+        val = None
+    if len(tokens) < 2:
+        raise GPT2Error(f"the dataset {s.dataset} is too small to train on: it has {len(tokens)} tokens")
+    if len(tokens) < sequence_length + 1:  # a text shorter than the context trains on all of it at once
+        sequence_length = len(tokens) - 1
+
+    hyper = Hyper(s.optimizer, weight_decay=s.weight_decay, clip_norm=s.clip_norm)
+    trainer = Trainer(model.params, hparams, hyper, s.learning_rate, s.warmup_steps, s.decay_steps)
+    del model.params  # the trainer's variables hold the weights now
+    rng = np.random.default_rng(s.seed)
+    metrics = []
+    if is_run:
+        with np.load(state_file, allow_pickle=False) as saved:
+            saved = dict(saved)
+        try:
+            trainer.restore(saved)
+        except KeyError as e:
+            raise ArgumentError(f"{run_dir} was trained with another {{optimizer}} than {s.optimizer}: give the same "
+                                "one, or set {restore_from} to fresh to start again", "optimizer", "restore_from") from e
+        rng.bit_generator.state = json.loads(str(saved["data_rng"]))
+        metrics = read_metrics(os.path.join(run_dir, TRAINING, "metrics.csv"))
+    vocab_dir = model.model_dir
+    trained = GPT2(hparams, trainer.params, encoder, vocab_dir)
+    best = min((m["val_loss"] for m in metrics if m.get("val_loss") is not None), default=math.inf)
+    prompt = s.sample_prompt or first_line(encoder.decode(np.asarray((val if val is not None else tokens)[:200])))
+
+    def save(path=run_dir):
+        def write_training(folder):
+            os.makedirs(os.path.join(folder, TRAINING))
+            np.savez(os.path.join(folder, TRAINING, "state.npz"), data_rng=json.dumps(rng.bit_generator.state),
+                     **trainer.state())
+            write_metrics(os.path.join(folder, TRAINING, "metrics.csv"), metrics)
+            with open(os.path.join(folder, TRAINING, "settings.json"), "w", encoding="utf-8") as f:
+                json.dump(s._asdict(), f, indent=2)
+        return trained.save(path, write_more=write_training)
+
+    stop = StopRequest()
+    first_step = int(trainer.step.numpy())
+    window = s.accumulate_gradients * s.batch_size
+    bar = tqdm(total=s.steps, desc=f"training {s.run_name}", disable=not s.progress, dynamic_ncols=True)
+    smoothed, train_seconds = None, []
+    with stop:
+        for _ in range(s.steps):
+            if stop.requested:
+                break
+            batches = random_windows(tokens, rng, window, sequence_length + 1)
+            start = time.perf_counter()
+            batch_loss, norm = trainer.train_step(batches.reshape(s.accumulate_gradients, s.batch_size, -1))
+            train_seconds.append(time.perf_counter() - start)
+            step = int(trainer.step.numpy())
+            smoothed = batch_loss if smoothed is None else 0.9 * smoothed + 0.1 * batch_loss
+            # Training steps only (not validation or samples), after the first one, which compiles.
+            tokens_per_s = ((len(train_seconds) - 1) * window * sequence_length / sum(train_seconds[1:])
+                            if len(train_seconds) > 1 else math.nan)
+            record = {"step": step, "loss": batch_loss, "smoothed_loss": smoothed, "grad_norm": norm,
+                      "learning_rate": float(learning_rate_at(step, s.learning_rate, s.warmup_steps, s.decay_steps)),
+                      "tokens_per_s": tokens_per_s, "val_loss": None, "val_perplexity": None}
+            metrics.append(record)
+            bar.set_postfix(step=step, loss=f"{smoothed:.3f}", tokens_s=f"{tokens_per_s:.0f}")
+            bar.update(1)
+            if val is not None and s.val_every and step % s.val_every == 0:
+                record["val_loss"] = validation_loss(trained, val, s.val_tokens)
+                record["val_perplexity"] = math.exp(record["val_loss"])
+                bar.write(f"step {step}: validation loss {record['val_loss']:.4f}, "
+                          f"perplexity {record['val_perplexity']:.2f}")
+                if s.keep_best and record["val_loss"] < best:
+                    best = record["val_loss"]
+                    save(f"{run_dir}_best")
+            if s.sample_every and step % s.sample_every == 0:
+                [text] = trained.generate(prompt, s.sample_length, top_k=40, seed=step, truncate_prompt=True)
+                bar.write(f"======== sample at step {step} ========\n{prompt}{text}\n")
+            if s.save_every and step % s.save_every == 0 and step - first_step < s.steps:
+                save()
+    bar.close()
+    save()
+    if stop.requested:
+        raise Interrupted(f"interrupted at step {int(trainer.step.numpy())}: saved to {run_dir}; rerun the same "
+                          "command to go on")
+    return run_dir
+
+
+class StopRequest:
+    """Ctrl-C during training asks the loop to stop after the step in progress (which then saves).
+
+    A second Ctrl-C stops at once, with the last save kept. Only the main thread can catch signals;
+    elsewhere (a thread) Ctrl-C is not seen here at all.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def validation_loss(model, val, val_tokens):
+    """Mean nats per token of the first val_tokens tokens of `val`, scored as gpt2.score does."""
+    tokens = np.asarray(val[:val_tokens], np.int64)
+    logprobs = np.concatenate(list(score_tokens(model.params, model.hparams, tokens.tolist(), model.encoder.eot_token,
+                                                stride=model.hparams.n_ctx // 2)))
+    return -float(logprobs.mean())
+
+
+def first_line(text):
+    """The first non-empty line of `text`, cut to 200 characters: a real prompt for samples."""
+    return next((line.strip()[:200] for line in text.splitlines() if line.strip()), text[:200])
+
+
+METRICS = ("step", "loss", "smoothed_loss", "grad_norm", "learning_rate", "tokens_per_s", "val_loss", "val_perplexity")
+
+
+def write_metrics(path, metrics):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, METRICS)
+        writer.writeheader()
+        writer.writerows({k: "" if m[k] is None else m[k] for k in METRICS} for m in metrics)
+
+
+def read_metrics(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: None if row[k] == "" else (int(row[k]) if k == "step" else float(row[k])) for k in METRICS}
+                for row in csv.DictReader(f)]

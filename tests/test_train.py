@@ -1,0 +1,183 @@
+"""Fine-tuning: the loss and gradients against independent computations, datasets, runs, resuming."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gpt2
+from gpt2 import train
+from gpt2.checkpoint import load_params
+from gpt2.errors import GPT2Error
+from gpt2.folders import MODEL_FILES, read_hparams
+from gpt2.testing import SAMPLE_TEXT
+from test_model import reference_logits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = ("The miller kept a list of every sack of flour he had ever sold, and the list was longer than "
+        "the river. ")
+
+
+@pytest.fixture
+def models_dir(tiny_model, tmp_path):
+    """A models folder of its own holding the tiny model, so that runs and dataset caches stay apart."""
+    (tmp_path / "models").mkdir()
+    os.symlink(tiny_model, tmp_path / "models" / "tiny")
+    return tmp_path / "models"
+
+
+def folder_digest(folder):
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in sorted(os.listdir(folder))}
+
+
+def test_loss_equals_the_reference_cross_entropy(tiny_model, model):
+    hparams, params = model
+    tokens = np.random.default_rng(0).integers(0, hparams.n_vocab, size=(2, 40))
+    ours = float(train.loss(params, hparams, tf.constant(tokens)))
+    expected = []
+    for row in tokens:
+        logits = reference_logits(tiny_model, row[:-1].tolist())
+        log_norm = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        expected.append(log_norm - logits[np.arange(len(row) - 1), row[1:]])
+    assert abs(ours - np.mean(expected)) < 1e-5
+
+
+def test_gradients_equal_finite_differences(model):
+    """The gradient along a random direction of all weights equals the loss's central difference."""
+    hparams, params = model
+    tokens = tf.constant(np.random.default_rng(1).integers(0, hparams.n_vocab, size=(2, 30)))
+    rng = np.random.default_rng(2)
+    direction = tf.nest.map_structure(lambda p: tf.constant(rng.standard_normal(p.shape), tf.float32), params)
+    variables = tf.nest.map_structure(tf.Variable, params)
+    with tf.GradientTape() as tape:
+        value = train.loss(variables, hparams, tokens)
+    gradients = tape.gradient(value, variables)
+    along = sum(float(tf.reduce_sum(g * d)) for g, d in zip(tf.nest.flatten(gradients), tf.nest.flatten(direction)))
+
+    def shifted(epsilon):
+        moved = tf.nest.map_structure(lambda p, d: p + epsilon * d, params, direction)
+        return float(train.loss(moved, hparams, tokens))
+    epsilon = 1e-3
+    difference = (shifted(epsilon) - shifted(-epsilon)) / (2 * epsilon)
+    assert abs(along) > 1  # a real slope, so the relative bound below means something
+    assert difference == pytest.approx(along, rel=2e-3)
+
+
+def test_datasets_of_every_kind_join_documents_with_the_end_of_text_token(models_dir, tmp_path):
+    encoder = gpt2.load("tiny", str(models_dir)).encoder
+    eot = encoder.eot_token
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("the mill", encoding="utf-8")
+    (folder / "b.txt").write_text("the river", encoding="utf-8")
+    (folder / "rows.csv").write_text('title,body\nx,"the road, up"\ny,the town\n', encoding="utf-8")
+    (folder / "records.jsonl").write_text('{"text": "the market"}\n\n{"text": "the fire"}\n', encoding="utf-8")
+    cache = tmp_path / "cache"
+    tokens = train.encoded_dataset(str(folder), encoder, str(cache), csv_column="body")
+    expected = []
+    for text in ["the mill", "the river", "the market", "the fire", "the road, up", "the town"]:  # a, b, records, rows
+        expected += encoder.encode(text) + [eot]
+    assert tokens.dtype == np.uint16 and tokens.tolist() == expected
+    only_txt = encoder.encode("the mill") + [eot] + encoder.encode("the river") + [eot]
+    assert train.encoded_dataset(str(folder / "*.txt"), encoder, str(cache)).tolist() == only_txt
+    [cached] = [f for f in os.listdir(cache) if f.startswith("texts-")]
+    os.utime(cache / cached, (0, 0))
+    again = train.encoded_dataset(str(folder), encoder, str(cache), csv_column="body")  # read back, not encoded
+    assert again.tolist() == expected and os.path.getmtime(cache / cached) == 0
+    assert train.encoded_dataset(str(cache / cached), encoder, str(cache)).tolist() == expected  # a .tokens file
+
+
+def test_a_run_writes_an_openai_folder_and_learns_the_text(models_dir, tiny_model):
+    base = folder_digest(tiny_model)
+    model = gpt2.load("tiny", str(models_dir))
+    (models_dir.parent / "text.txt").write_text(TEXT * 3, encoding="utf-8")
+    before = model.perplexity(TEXT)
+    run_dir = gpt2.finetune(str(models_dir.parent / "text.txt"), "tiny", "mill", str(models_dir), steps=150,
+                            sequence_length=48, learning_rate=3e-3, warmup_steps=5, save_every=0, progress=False)
+    assert run_dir == str(models_dir / "mill")
+    assert set(MODEL_FILES) <= set(os.listdir(run_dir)) and "training" in os.listdir(run_dir)
+    assert folder_digest(tiny_model) == base  # the starting model is untouched
+    factory = tf.train.load_checkpoint(str(tiny_model / "model.ckpt"))
+    written = tf.train.load_checkpoint(os.path.join(run_dir, "model.ckpt"))
+    assert written.get_variable_to_shape_map() == factory.get_variable_to_shape_map()
+    assert written.get_variable_to_dtype_map() == factory.get_variable_to_dtype_map()
+    tuned = gpt2.load("mill", str(models_dir))
+    after = tuned.perplexity(TEXT)
+    print(f"perplexity of the text: {before:.1f} before, {after:.2f} after")
+    assert after < before / 20
+    words = TEXT.split()
+    [continued] = tuned.generate(" ".join(words[:6]), length=12, temperature=0)
+    assert continued.split()[:4] == words[6:10]
+    metrics = (models_dir / "mill" / "training" / "metrics.csv").read_text().splitlines()
+    assert metrics[0].startswith("step,loss,") and len(metrics) == 151
+
+
+def run_finetune(models_dir, *flags):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "finetune.py"), "--dataset",
+                             str(models_dir.parent / "corpus.txt"), "--model_name", "tiny", "--models_dir",
+                             str(models_dir), "--sequence_length", "32", "--learning_rate", "1e-3", "--seed", "5",
+                             "--progress", "False", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def saved_step(run_dir):
+    with np.load(run_dir / "training" / "state.npz") as state:
+        return int(state["step"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT])
+def test_a_stopped_run_resumes_to_the_same_weights(models_dir, stop):
+    (models_dir.parent / "corpus.txt").write_text(SAMPLE_TEXT, encoding="utf-8")
+    total = 160
+    whole = run_finetune(models_dir, "--run_name", "whole", "--steps", str(total), "--save_every", "20")
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()
+    stopped = run_finetune(models_dir, "--run_name", "stopped", "--steps", str(total), "--save_every", "20")
+    deadline = time.monotonic() + 300
+    while not (models_dir / "stopped" / "training" / "state.npz").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stopped.send_signal(stop)
+    _, stderr = stopped.communicate(timeout=120)
+    if stop == signal.SIGINT:  # finishes the step in progress, saves, one line
+        assert stopped.returncode == 130 and "Traceback" not in stderr
+        assert stderr.strip().splitlines()[-1].startswith("error: interrupted at step ")
+    done = saved_step(models_dir / "stopped")
+    assert 20 <= done < total
+    rest = run_finetune(models_dir, "--run_name", "stopped", "--steps", str(total - done), "--save_every", "20")
+    assert rest.wait(timeout=300) == 0, rest.stderr.read()
+    assert saved_step(models_dir / "stopped") == total
+    hparams = read_hparams(models_dir / "whole")
+    expected, resumed = (load_params(models_dir / name, hparams) for name in ("whole", "stopped"))
+    tf.nest.map_structure(np.testing.assert_array_equal, resumed, expected)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(run_name="tiny"), "holds a model that is not a fine-tuning run: choose another run_name"),
+    (dict(run_name="124M"), "not a fine-tuning run"),
+    (dict(sequence_length=500), "sequence_length 500 is more than the model's context of 128"),
+    (dict(dataset="/nonexistent/*.txt"), "no text found at dataset /nonexistent"),
+    (dict(optimizer="lion"), "optimizer must be one of adamw, adam, sgd, adafactor"),
+    (dict(steps=0), "steps must be a whole number of at least 1"),
+])
+def test_bad_settings_are_one_line_errors(models_dir, flags, message):
+    (models_dir.parent / "text.txt").write_text(TEXT, encoding="utf-8")
+    arguments = {**dict(dataset=str(models_dir.parent / "text.txt"), model_name="tiny", run_name="run",
+                        models_dir=str(models_dir), steps=2, progress=False), **flags}
+    with pytest.raises(GPT2Error, match=message):
+        gpt2.finetune(**arguments)
+
+
+def test_empty_and_tiny_datasets(models_dir):
+    (models_dir.parent / "empty.txt").write_text("", encoding="utf-8")
+    with pytest.raises(GPT2Error, match="is too small to train on"):
+        gpt2.finetune(str(models_dir.parent / "empty.txt"), "tiny", "run", str(models_dir), steps=1, progress=False)
+    (models_dir.parent / "short.txt").write_text("the mill", encoding="utf-8")  # shorter than the context: works
+    run_dir = gpt2.finetune(str(models_dir.parent / "short.txt"), "tiny", "run", str(models_dir), steps=2,
+                            progress=False)
+    assert json.loads((models_dir / "run" / "training" / "settings.json").read_text())["steps"] == 2
+    assert gpt2.load("run", str(models_dir)).hparams == read_hparams(run_dir)
