@@ -36,3 +36,11 @@ def test_score_benchmark_prints_its_table(tmp_path):
     assert result.returncode == 0, result.stderr
     assert re.search(r"\| tiny \| \d+ \(\d+-\d+\) \| \d+% \| [\d.]+ \| [\d.]+ GB \| \d+ GFLOP/s \|", result.stdout), \
         result.stdout
+
+
+def test_train_benchmark_prints_its_table(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train.py"), "--tiny", "--models_dir",
+                             str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\| tiny \| 64 \| \d+ \| \d+% \| [\d.]+ \| [\d.]+ GB \| \d+ GFLOP/s \|", result.stdout), \
+        result.stdout

@@ -20,6 +20,7 @@ from gpt2.testing import ModelMirror, make_model_folder
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "gpt2.ipynb"
 LENGTH = 8
+STEPS = 12
 
 
 def code_cells(nb):
@@ -56,8 +57,10 @@ def test_notebook_is_ready_for_colab():
     source = "\n".join(c.source for c in code_cells(nb))
     assert "%tensorflow_version" not in source and "compat.v1" not in source
     assert 'model_name = "124M"  # @param ["124M", "355M", "774M", "1558M"]' in source
-    for tag in ("install", "gpu", "choose", "load", "generate", "stream", "unconditional", "speed"):
+    for tag in ("install", "gpu", "choose", "load", "generate", "stream", "unconditional", "speed", "finetune",
+                "finetune-plot", "finetune-generate", "finetune-drive", "finetune-resume"):
         cell(nb, tag)
+    assert 'SOURCE = "/content/drive/MyDrive/gpt2"  # @param {type:"string"}' in source  # a Git URL, wheel or folder
 
 
 @pytest.mark.slow
@@ -70,7 +73,8 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     with ModelMirror(mirror_root) as mirror:
         for name, value in {"GPT2_BASE_URL": mirror.url, "GPT2_MODELS_DIR": str(models_dir),
                             "GPT2_NOTEBOOK_SOURCE": str(REPO), "GPT2_NOTEBOOK_MODEL": "124M",
-                            "GPT2_NOTEBOOK_LENGTH": str(LENGTH), "TF_CPP_MIN_LOG_LEVEL": "3"}.items():
+                            "GPT2_NOTEBOOK_LENGTH": str(LENGTH), "GPT2_NOTEBOOK_STEPS": str(STEPS),
+                            "TF_CPP_MIN_LOG_LEVEL": "3"}.items():
             monkeypatch.setenv(name, value)  # the kernel process inherits these
         started = time.perf_counter()
         # Raises CellExecutionError, with the traceback, if any cell fails.
@@ -110,3 +114,15 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     speed = stream_text(cell(nb, "speed"))
     assert f"batch_size=1: {LENGTH} tokens in " in speed and f"batch_size=4: {4 * LENGTH} tokens in " in speed
     assert speed.count("tokens/s") == 2
+
+    # Fine-tuning: a run folder in OpenAI's layout, a loss per step, samples from it, and a second
+    # call that goes on from the first one's last save.
+    run_dir = models_dir / "mine"
+    assert set(MODEL_FILES) <= {p.name for p in run_dir.iterdir()}
+    assert f"The run is in {run_dir}" in stream_text(cell(nb, "finetune"))
+    assert stream_text(cell(nb, "finetune-plot")).startswith("loss ")
+    assert f"at step {STEPS}" in stream_text(cell(nb, "finetune-plot"))
+    tuned = stream_text(cell(nb, "finetune-generate"))
+    assert banner(1) in tuned and banner(2) in tuned
+    assert "Not in Colab: the run stays in" in stream_text(cell(nb, "finetune-drive"))
+    assert f"it has trained {STEPS + STEPS // 3} steps in all" in stream_text(cell(nb, "finetune-resume"))
