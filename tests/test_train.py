@@ -181,3 +181,19 @@ def test_empty_and_tiny_datasets(models_dir):
                             progress=False)
     assert json.loads((models_dir / "run" / "training" / "settings.json").read_text())["steps"] == 2
     assert gpt2.load("run", str(models_dir)).hparams == read_hparams(run_dir)
+
+
+def test_validation_keeps_the_best_run_and_fresh_starts_again(models_dir):
+    (models_dir.parent / "text.txt").write_text(SAMPLE_TEXT, encoding="utf-8")
+    flags = dict(sequence_length=32, learning_rate=1e-3, save_every=0, progress=False)
+    gpt2.finetune(str(models_dir.parent / "text.txt"), "tiny", "run", str(models_dir), steps=10, val_fraction=0.2,
+                  val_every=5, keep_best=True, **flags)
+    rows = (models_dir / "run" / "training" / "metrics.csv").read_text().splitlines()
+    scored = [row.split(",") for row in rows[1:] if not row.endswith(",,")]
+    assert [int(row[0]) for row in scored] == [5, 10]
+    assert float(scored[1][-1]) == pytest.approx(np.exp(float(scored[1][-2])))  # perplexity = exp(loss)
+    assert gpt2.load("run_best", str(models_dir)).hparams == read_hparams(models_dir / "run")
+    gpt2.finetune(str(models_dir.parent / "text.txt"), "tiny", "run", str(models_dir), steps=3,
+                  restore_from="fresh", **flags)
+    assert saved_step(models_dir / "run") == 3
+    assert len((models_dir / "run" / "training" / "metrics.csv").read_text().splitlines()) == 1 + 3
