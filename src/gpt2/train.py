@@ -29,7 +29,7 @@ from . import tensorflow_quietly  # noqa: F401  (before TensorFlow's first use: 
 from .arguments import ArgumentError
 from .errors import GPT2Error, Interrupted
 from .model import forward, logits
-from .score import score_tokens
+from .score import score_tokens, text_pieces
 
 TOKEN_DTYPE = np.uint16  # GPT-2's 50257 ids fit
 TEXT_SUFFIXES = (".txt", ".csv", ".jsonl")
@@ -53,7 +53,8 @@ def dataset_files(dataset):
 
 
 def documents(path, csv_column="text"):
-    """The texts in one file: the whole of a .txt, a column of each .csv row, the `text` field of each .jsonl line."""
+    """The documents in one file, each an iterable of pieces of text: the whole of a .txt (read in
+    pieces, see gpt2.score.text_pieces), a column of each .csv row, the `text` of each .jsonl line."""
     try:
         with open(path, encoding="utf-8", newline="" if path.endswith(".csv") else None) as f:
             if path.endswith(".csv"):
@@ -61,7 +62,7 @@ def documents(path, csv_column="text"):
                 if csv_column not in (reader.fieldnames or []):
                     raise ArgumentError(f"{path} has no column {csv_column!r} (it has {reader.fieldnames}): "
                                         "name the text column with {csv_column}", "csv_column")
-                yield from (row[csv_column] for row in reader if row[csv_column])
+                yield from ([row[csv_column]] for row in reader if row[csv_column])
             elif path.endswith(".jsonl"):
                 for n, line in enumerate(f, 1):
                     if line.strip():
@@ -69,9 +70,9 @@ def documents(path, csv_column="text"):
                         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                             raise GPT2Error(f"{path} line {n} has no \"text\" string: each line must be "
                                             "an object such as {\"text\": \"...\"}")
-                        yield record["text"]
+                        yield [record["text"]]
             else:
-                yield f.read()
+                yield text_pieces(f)
     except UnicodeDecodeError as e:
         raise GPT2Error(f"{path} is not UTF-8 text ({e.reason}): save it as UTF-8 first") from e
     except json.JSONDecodeError as e:
@@ -85,9 +86,12 @@ def encoded_dataset(dataset, encoder, cache_dir, csv_column="text"):
 
     A file that ends in .tokens is taken as such a token file. The cache's name holds a hash of the
     files (paths, sizes, times), the CSV column and the vocabulary, so a changed file is encoded again.
+    Encoding streams: a piece of text at a time is read, encoded and appended to the file.
     """
     if dataset.endswith(".tokens"):
         return np.memmap(dataset, TOKEN_DTYPE, mode="r")
+    if encoder.n_vocab > np.iinfo(TOKEN_DTYPE).max + 1:
+        raise GPT2Error(f"a vocabulary of {encoder.n_vocab} tokens does not fit the dataset file's 16-bit ids")
     files = dataset_files(dataset)
     key = hashlib.sha256(json.dumps([[os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)] for f in files]
                                     + [csv_column, encoder.n_vocab, encoder.eot_token]).encode()).hexdigest()[:16]
@@ -96,13 +100,20 @@ def encoded_dataset(dataset, encoder, cache_dir, csv_column="text"):
     if not os.path.isfile(path):
         os.makedirs(cache_dir, exist_ok=True)
         writing = f"{path}.writing-{os.getpid()}"
-        with open(writing, "wb") as out, tqdm(total=sum(os.path.getsize(f) for f in files), unit="B",
-                                               unit_scale=True, desc="encoding the dataset", leave=False) as bar:
-            for f in files:
-                for text in documents(f, csv_column):
-                    np.array(encoder.encode(text) + [encoder.eot_token], TOKEN_DTYPE).tofile(out)
-                bar.update(os.path.getsize(f))
-        os.replace(writing, path)
+        try:
+            with open(writing, "wb") as out, tqdm(total=sum(os.path.getsize(f) for f in files), unit="B",
+                                                   unit_scale=True, desc="encoding the dataset", leave=False) as bar:
+                for f in files:
+                    for document in documents(f, csv_column):
+                        for piece in document:
+                            np.array(encoder.encode(piece), TOKEN_DTYPE).tofile(out)
+                            bar.update(len(piece.encode("utf-8")))
+                        np.array([encoder.eot_token], TOKEN_DTYPE).tofile(out)
+            os.replace(writing, path)  # whole or not at all: a later run never reads half a dataset
+        except BaseException:
+            if os.path.exists(writing):
+                os.remove(writing)
+            raise
     if os.path.getsize(path) == 0:
         raise GPT2Error(f"the dataset {dataset} is too small to train on: it holds no text")
     return np.memmap(path, TOKEN_DTYPE, mode="r")
