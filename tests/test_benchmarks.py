@@ -30,17 +30,12 @@ def test_generate_benchmark_prints_its_table(tmp_path, flags, prompts):
         assert re.search(row, result.stdout), result.stdout
 
 
-def test_score_benchmark_prints_its_table(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "score.py"), "--tiny", "--models_dir",
+@pytest.mark.parametrize("script,row", [
+    ("score.py", r"\| tiny \| \d+ \(\d+-\d+\) \| \d+% \| [\d.]+ \| [\d.]+ GB \| \d+ GFLOP/s \|"),
+    ("train.py", r"\| tiny \| 64 \| \d+ \| \d+% \| [\d.]+ \| [\d.]+ GB \| \d+ GFLOP/s \|"),
+])
+def test_score_and_train_benchmarks_print_their_tables(tmp_path, script, row):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--tiny", "--models_dir",
                              str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert re.search(r"\| tiny \| \d+ \(\d+-\d+\) \| \d+% \| [\d.]+ \| [\d.]+ GB \| \d+ GFLOP/s \|", result.stdout), \
-        result.stdout
-
-
-def test_train_benchmark_prints_its_table(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train.py"), "--tiny", "--models_dir",
-                             str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert re.search(r"\| tiny \| 64 \| \d+ \| \d+% \| [\d.]+ \| [\d.]+ GB \| \d+ GFLOP/s \|", result.stdout), \
-        result.stdout
+    assert re.search(row, result.stdout), result.stdout
