@@ -86,7 +86,7 @@ def test_bits_per_byte_counts_bytes_not_characters(model):
 
 
 def test_text_is_read_in_pieces_that_encode_as_the_whole(model):
-    """A text 40 times longer than a piece: read a piece at a time, the tokens are the whole text's."""
+    """A text over 20 times longer than a piece: read a piece at a time, the tokens are the whole text's."""
     text = (SAMPLE_TEXT + "\n\n  spaces   and\ttabs\n") * 20
     read = []
 
@@ -96,7 +96,7 @@ def test_text_is_read_in_pieces_that_encode_as_the_whole(model):
             return super().read(n)
 
     pieces = list(text_pieces(Recording(text), piece_chars=1000))
-    assert "".join(pieces) == text and len(pieces) > 30
+    assert "".join(pieces) == text and len(pieces) > 20
     assert max(read) == 1000 and max(len(p) for p in pieces) < 2000  # never the whole text at once
     assert [t for p in pieces for t in model.encode(p)] == model.encode(text)
     whole = model.score(text, stride=64)

@@ -196,9 +196,9 @@ def score_files(*files, model_name="124M", models_dir=None, stride=None, batch_s
     for name in files:
         if name != "-":
             open_text(name).close()
-    from .score import text_pieces
-
     model = load_model(model_name, models_dir, dtype)
+    from .score import text_pieces  # after TensorFlow started quietly (gpt2.api)
+
     stride = model.window_stride(stride)
     out_file = open_output(output) if output else None
     summaries = []
@@ -208,7 +208,7 @@ def score_files(*files, model_name="124M", models_dir=None, stride=None, batch_s
             summaries.append(summary)
             with open_text(name) as text_file, tqdm(desc=name, unit="B", unit_scale=True, leave=False,
                                                     total=None if name == "-" else os.path.getsize(name),
-                                                    file=sys.stderr) as progress:
+                                                    file=sys.stderr, disable=None) as progress:  # terminals only
                 try:
                     for tokens, logprobs in model.score_pieces(text_pieces(text_file), stride, batch_size=batch_size):
                         n_bytes = len(model.encoder.decode_bytes(tokens))
@@ -299,6 +299,13 @@ def run(command, argv=None):
 
     Ctrl-C exits with status 130 (128 + SIGINT, as a shell reports a command it interrupted).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # fire takes a lone "-" as the separator of chained commands; here "-" means standard input.
+    # fire reads its own flags after the last "--".
+    if "--" in argv:
+        argv.insert(len(argv) - argv[::-1].index("--"), "--separator=\x1e")
+    else:
+        argv += ["--", "--separator=\x1e"]
     try:
         # Any console encoding: text it cannot show becomes '?', bytes it cannot read become U+FFFD.
         for stream in (sys.stdout, sys.stdin):
