@@ -144,6 +144,33 @@ def test_bad_flags_give_one_line_errors(models_dir, flags, message):
     assert "\n" not in exit.value.code and message in exit.value.code
 
 
+@pytest.mark.parametrize("main,argv,message", [
+    (cli.unconditional_main, ["--ouput", "x.jsonl"], "unknown flag --ouput: did you mean --output?"),
+    (cli.unconditional_main, ["--nsample=3"], "unknown flag --nsample: did you mean --nsamples?"),
+    (cli.interactive_main, ["--top-pp", "0.9"], "unknown flag --top-pp: did you mean --top_p?"),
+    (cli.interactive_main, ["-temprature", "0"], "unknown flag -temprature: did you mean --temperature?"),
+    (cli.download_main, ["--model_dir", "x"], "unknown flag --model_dir: did you mean --models_dir?"),
+    (cli.score_main, ["a.txt", "--strid", "8"], "unknown flag --strid: did you mean --stride?"),
+    (cli.score_main, ["a.txt", "--frobnicate"], "unknown flag --frobnicate: the flags are --model_name, "),
+    (cli.interactive_main, ["-t", "0"], "ambiguous flag -t: use one of --temperature, --top_k, --top_p, "),
+])
+def test_unknown_flags_are_refused_before_anything_loads(main, argv, message):
+    """A typo is named at once, not after a generation that never ends; the model named does not exist,
+    so an error about it would mean the command had started."""
+    nowhere = ["nope"] if main is cli.download_main else ["--model_name", "nope", "--models_dir", "/nonexistent"]
+    with pytest.raises(SystemExit) as exit:
+        main([*nowhere, *argv])
+    assert isinstance(exit.value.code, str) and "\n" not in exit.value.code
+    assert exit.value.code.startswith("error: " + message)
+
+
+def test_known_flags_in_every_spelling_are_accepted(models_dir, tmp_path, capsys):
+    output = tmp_path / "out.txt"
+    cli.unconditional_main(["--model-name", "tiny", f"--models_dir={models_dir}", "-n", "1", "--length", "2",
+                            "--noignore_eot", "--output", str(output), "--seed", "-5"])
+    assert output.read_text(encoding="utf-8") == capsys.readouterr().out
+
+
 def test_flags_are_checked_before_tensorflow_starts():
     code = ("import sys; from gpt2.cli import unconditional_main\n"
             "try: unconditional_main(['--top_k', '-1'])\n"

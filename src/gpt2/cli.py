@@ -7,9 +7,12 @@ Every flag is checked before TensorFlow starts (gpt2.api, which imports it, is i
 model is loaded), and Ctrl-C at any moment, start-up included, ends a command with one line and
 exit status 130.
 """
+import difflib
+import inspect
 import json
 import math
 import os
+import re
 import sys
 
 from tqdm import tqdm
@@ -298,12 +301,44 @@ def flag_wording(error):
     return error.worded("--") if isinstance(error, ArgumentError) else str(error)
 
 
+def check_flag_names(command, argv):
+    """Refuse a flag that `command` has no parameter for, before anything is loaded.
+
+    fire reports such a flag only after the command has run ("Could not consume arg"), which for
+    `generate_unconditional.py --ouput x` is never. A flag is what fire takes for one: `--name`,
+    `--name=value` or `-name` (hyphens in the name read as underscores), up to a lone `--`, after
+    which come fire's own flags.
+    """
+    parameters = inspect.signature(command).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    names = [p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    for argument in argv:
+        if argument == "--":
+            break
+        if not re.match(r"--|-[a-zA-Z]", argument):
+            continue
+        key = argument.lstrip("-").split("=", 1)[0].replace("-", "_")
+        if key in names or (key.startswith("no") and key[2:] in names) or key in ("help", "h"):
+            continue  # --noname sets a switch off; --help and -h are fire's
+        if len(key) == 1:  # fire's shortcut: the one parameter that starts with this letter
+            starting = [name for name in names if name.startswith(key)]
+            if len(starting) == 1:
+                continue
+            if starting:
+                raise GPT2Error(f"ambiguous flag -{key}: use one of {', '.join('--' + n for n in starting)}")
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f"did you mean --{close[0]}?" if close else f"the flags are {', '.join('--' + n for n in names)}"
+        raise GPT2Error(f"unknown flag {argument.split('=', 1)[0]}: {hint}")
+
+
 def run(command, argv=None):
     """Parse flags with fire and run `command`; user errors become one line on stderr.
 
     Ctrl-C exits with status 130 (128 + SIGINT, as a shell reports a command it interrupted).
     """
     try:
+        check_flag_names(command, sys.argv[1:] if argv is None else argv)
         # Any console encoding: text it cannot show becomes '?', bytes it cannot read become U+FFFD.
         for stream in (sys.stdout, sys.stdin):
             if hasattr(stream, "reconfigure"):  # not every replacement stream (notebooks, pytest) has it
