@@ -1,4 +1,5 @@
 """The scripts, run as a user runs them: in a pseudo-terminal (pexpect) or as piped subprocesses."""
+import io
 import json
 import os
 import signal
@@ -117,6 +118,31 @@ def test_stop_strings_and_prompt_file(models_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert PROMPT + "The river\n... ran past the mill\n" in result.stdout
     assert BANNER.format(1) + "\n" + full[:full.index(stop)] + "\n" + "=" * 80 in result.stdout
+
+
+def test_a_huge_prompt_file_is_shown_by_its_first_lines_and_size(models_dir, tmp_path, monkeypatch, capsys):
+    text = "the river ran past the mill\n" * 200_000  # 5.6 MB
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no prompts after the file's
+    cli.interactive_main(["--model_name", "tiny", "--models_dir", str(models_dir), "--length", "5",
+                          "--prompt_file", str(tmp_path / "book.txt")])
+    out = capsys.readouterr().out
+    assert out.startswith(PROMPT + "the river ran past the mill\n... the river ran past the mill\n")
+    assert f"has {len(text):,} bytes and 200,001 lines in all]" in out
+    assert "error: the prompt is" in out  # too long for the tiny model's context, as before
+    assert len(out) < 2000
+
+
+def test_unknown_and_empty_model_names(models_dir):
+    with pytest.raises(SystemExit) as exit:
+        cli.interactive_main(["--model_name", "", "--models_dir", str(models_dir)])
+    assert exit.value.code == ("error: --model_name must be one of 124M, 355M, 774M, 1558M or the name of a model "
+                               "folder, not ''")
+    with pytest.raises(SystemExit) as exit:
+        cli.download_main(["", "--models_dir", str(models_dir)])
+    assert exit.value.code.startswith("error: unknown model '': choose from 124M, ")
+    with pytest.raises(gpt2.GPT2Error, match="model_name must be one of"):
+        gpt2.load(" ", str(models_dir))
 
 
 def test_any_output_encoding(models_dir):

@@ -19,9 +19,13 @@ from tqdm import tqdm
 
 from .arguments import ArgumentError, check_dtype, check_sampling, check_seed, check_stop, new_seed, whole
 from .errors import GPT2Error
+from .folders import check_model_name
 
 PROMPT = "Model prompt >>> "
 MORE = "... "
+# A --prompt_file longer than this is shown by its first lines and its size.
+SHOWN_LINES = 10
+SHOWN_CHARS = 2000
 
 
 def banner(n):
@@ -32,8 +36,10 @@ class Interrupted(GPT2Error):
     """Ctrl-C, with what was done before it."""
 
 
-def check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype, unconditional=False):
+def check_flags(model_name, nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype,
+                unconditional=False):
     """The seed to use (one for the whole run), after checking every flag; an ArgumentError names the first bad one."""
+    check_model_name(model_name)
     whole("nsamples", nsamples, 0 if unconditional else 1)
     whole("batch_size", batch_size, 1)
     if nsamples % batch_size:
@@ -49,6 +55,16 @@ def check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, s
 def load_model(model_name, models_dir, dtype):
     from .api import load  # starts TensorFlow: only once the flags are known to be right
     return load(model_name, models_dir, dtype=dtype)
+
+
+def shown_prompt(text, file_name):
+    """A prompt read from a file as the prompt line shows it: whole, or if it is long (a whole book
+    would scroll for minutes) its first lines and its size."""
+    if text.count("\n") < SHOWN_LINES and len(text) <= SHOWN_CHARS:
+        return PROMPT + text.replace("\n", "\n" + MORE)
+    head = "\n".join(text.split("\n", SHOWN_LINES)[:SHOWN_LINES])[:SHOWN_CHARS]
+    return (PROMPT + head.replace("\n", "\n" + MORE) + f"\n{MORE}[... {file_name} has {len(text.encode('utf-8')):,} "
+            f"bytes and {text.count(chr(10)) + 1:,} lines in all]")
 
 
 def read_prompt():
@@ -82,7 +98,7 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
     A prompt line that ends with a backslash continues on the next line. Ctrl-C while a sample is
     being written stops that sample and returns to the prompt.
     """
-    seed = check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype)
+    seed = check_flags(model_name, nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype)
     first_prompt = None
     if prompt_file is not None:
         try:
@@ -104,7 +120,7 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
         try:
             if first_prompt is not None:
                 raw_text, first_prompt = first_prompt, None
-                print(PROMPT + raw_text.replace("\n", "\n" + MORE))
+                print(shown_prompt(raw_text, prompt_file))
             else:
                 raw_text = read_prompt()
             while not raw_text:
@@ -148,7 +164,8 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
     first_sample=sample_index, ...)` gives it again). The other flags are as for
     generate_interactive.py.
     """
-    seed = check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype, unconditional=True)
+    seed = check_flags(model_name, nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype,
+                       unconditional=True)
     model = load_model(model_name, models_dir, dtype)
     length = model.sample_length(length, prompt="")
     flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eot=ignore_eot)
@@ -193,6 +210,7 @@ def score_files(*files, model_name="124M", models_dir=None, stride=None, batch_s
     """
     if not files:
         raise GPT2Error("name the text files to score (- reads standard input)")
+    check_model_name(model_name)
     if stride is not None:
         whole("stride", stride, 1)
     whole("batch_size", batch_size, 1)

@@ -35,7 +35,9 @@ class _Retry(Exception):
 
 def check_model_names(model_names):
     """The canonical names of `model_names`; an unknown one is an error before anything is fetched."""
-    unknown = [str(name) for name in model_names if canonical_name(name) not in MODEL_NAMES]
+    # An empty name is shown quoted: "unknown model ''" rather than "unknown model :".
+    unknown = [str(name) if str(name).strip() else repr(str(name))
+               for name in model_names if canonical_name(name) not in MODEL_NAMES]
     if unknown or not model_names:
         valid = ", ".join(MODEL_NAMES + tuple(LEGACY_NAMES))
         raise GPT2Error(f"unknown model {', '.join(unknown)}: choose from {valid}" if unknown

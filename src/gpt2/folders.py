@@ -10,7 +10,7 @@ import json
 import os
 from typing import NamedTuple
 
-from .arguments import is_whole
+from .arguments import is_whole, must
 from .errors import GPT2Error
 
 
@@ -48,6 +48,13 @@ def canonical_name(model_name):
     return LEGACY_NAMES.get(str(model_name), str(model_name))
 
 
+def check_model_name(model_name):
+    """`model_name` as a string, checked not to be empty: an empty name is models_dir itself."""
+    if not str(model_name).strip():
+        raise must("model_name", f"one of {', '.join(MODEL_NAMES)} or the name of a model folder", model_name)
+    return str(model_name)
+
+
 def find_model_dir(model_name, models_dir=None):
     """The folder of `model_name` under `models_dir`, checked to hold the files loading needs.
 
@@ -55,7 +62,7 @@ def find_model_dir(model_name, models_dir=None):
     such as a fine-tuned model.
     """
     models_dir = models_dir or default_models_dir()
-    model_name = str(model_name)
+    model_name = check_model_name(model_name)
     path = os.path.join(models_dir, model_name)
     if not os.path.isdir(path):
         path = os.path.join(models_dir, canonical_name(model_name))
