@@ -106,6 +106,33 @@ def test_prompts_must_be_text(model, prompt):
         model.generate(prompt, length=3)
 
 
+@pytest.mark.parametrize("call,message", [
+    (lambda m: m.decode([-1]), "tokens must be token ids: whole numbers from 0 to 656, not -1"),
+    (lambda m: m.decode([2 ** 70]), "tokens must be token ids: .*, not 1180591620717411303424"),
+    (lambda m: m.decode(np.array([3, 657])), "tokens must be token ids: .*, not 657"),
+    (lambda m: m.decode([1.5]), "tokens must be token ids: .*, not 1.5"),
+    (lambda m: m.decode(["a"]), "tokens must be token ids: .*, not 'a'"),
+    (lambda m: m.decode("ab"), "tokens must be a list of token ids: .*, not 'ab'"),
+    (lambda m: m.decode(None), "tokens must be a list of token ids"),
+    (lambda m: m.encode(123), "text must be a string, not 123"),
+    (lambda m: m.context(None, 5), "prompt must be a string, not None"),
+    (lambda m: m.generate("a", 3, first_sample=2 ** 70), "first_sample must be a whole number from 0 to 2\\*\\*62 - 1"),
+    (lambda m: m.save(123), "model_dir must be a path"),
+    (lambda m: gpt2.load("tiny", 123), "models_dir must be a path"),
+    (lambda m: gpt2.GPT2.from_folder(None), "model_dir must be a path"),
+])
+def test_wrong_arguments_are_gpt2_errors(model, call, message):
+    """Not bare TypeError, ValueError or OverflowError: the README promises gpt2.GPT2Error."""
+    with pytest.raises(GPT2Error, match=message):
+        call(model)
+
+
+def test_decode_takes_lists_tuples_and_arrays(model):
+    tokens = model.encode("the mill")
+    assert model.decode(tokens) == model.decode(tuple(tokens)) == model.decode(np.array(tokens)) == "the mill"
+    assert model.decode([]) == ""
+
+
 def test_load_downloads_a_missing_model(tiny_model, tmp_path):
     root = tmp_path / "mirror"
     shutil.copytree(tiny_model, root / "355M")

@@ -15,7 +15,8 @@ import sys
 import numpy as np
 
 from . import tensorflow_quietly  # noqa: F401  (first: TensorFlow starts without its C++ start-up lines)
-from .arguments import ArgumentError, check_dtype, check_sampling, check_seed, check_stop, new_seed, whole
+from .arguments import (ArgumentError, check_dtype, check_first_sample, check_path, check_sampling, check_seed,
+                        check_stop, check_text, new_seed, whole)
 from .checkpoint import load_params, save_model
 from .decode import sample_chunks
 from .download import download_model
@@ -38,7 +39,7 @@ def load(model_name="124M", models_dir=None, *, dtype="float32", base_url=None, 
     "float32" (as stored), or "float16" / "bfloat16" for half the memory (faster on GPUs).
     """
     check_dtype(dtype)  # before any download
-    models_dir = models_dir or default_models_dir()
+    models_dir = default_models_dir() if models_dir is None else check_path("models_dir", models_dir)
     try:
         model_dir = find_model_dir(model_name, models_dir)
     except GPT2Error:
@@ -62,6 +63,7 @@ class GPT2:
     @classmethod
     def from_folder(cls, model_dir, dtype="float32"):
         """The model in a folder of OpenAI's layout (hparams.json, model.ckpt.*, encoder.json, vocab.bpe)."""
+        model_dir = check_path("model_dir", model_dir)
         hparams = read_hparams(model_dir)
         return cls(hparams, load_params(model_dir, hparams, dtype), read_encoder(model_dir), model_dir)
 
@@ -70,7 +72,7 @@ class GPT2:
 
         Every tool that reads OpenAI's checkpoints can load it; the folder appears whole or not at all.
         """
-        return save_model(model_dir, self.hparams, self.params, self.model_dir)
+        return save_model(check_path("model_dir", model_dir), self.hparams, self.params, self.model_dir)
 
     def encode(self, text):
         return self.encoder.encode(text)
@@ -98,7 +100,7 @@ class GPT2:
         of n tokens leaves room for n_ctx + 1 - n new ones. With `truncate_prompt`, a prompt that is
         too long keeps only its last tokens; otherwise it is an error that says how many are left.
         """
-        tokens = self.encode(prompt) if prompt else [self.encoder.eot_token]
+        tokens = self.encode(prompt) if check_text("prompt", prompt) else [self.encoder.eot_token]
         n_ctx = self.hparams.n_ctx
         room = n_ctx + 1 - self.sample_length(length, prompt)
         if len(tokens) <= room:
@@ -169,7 +171,7 @@ class GPT2:
     def _sampling_flags(length, temperature, top_k, top_p, seed, first_sample, stop):
         """The sampling arguments, checked; a fresh seed for None."""
         check_sampling(length, temperature, top_k, top_p)
-        whole("first_sample", first_sample, 0)
+        check_first_sample(first_sample)
         seed = check_seed(seed)
         return dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=new_seed() if seed is None else seed,
                     stop=check_stop(stop))
