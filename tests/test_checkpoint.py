@@ -96,10 +96,48 @@ def test_hparams_of_another_model_are_reported(tiny_model, tmp_path):
         load_params(broken, read_hparams(broken))
 
 
+def test_hparams_with_fewer_layers_than_the_checkpoint_are_reported(tiny_model, tmp_path):
+    broken = copy_folder(tiny_model, tmp_path / "broken")
+    hparams = json.loads((broken / "hparams.json").read_text())
+    (broken / "hparams.json").write_text(json.dumps({**hparams, "n_layer": 1}))
+    with pytest.raises(GPT2Error, match=r"has 12 model variables that hparams.json does not account for "
+                                        r"\(model/h1/attn/c_attn/b, model/h1/attn/c_attn/w, model/h1/attn/c_proj/b, "
+                                        r"\.\.\.\): the folder mixes files of different models"):
+        load_params(broken, read_hparams(broken))
+
+
+def test_variables_outside_the_model_are_not_refused(tiny_model, tmp_path):
+    """OpenAI's checkpoints, or a training run's, may hold more than the model: only model/... is checked."""
+    folder = copy_folder(tiny_model, tmp_path / "more")
+    reader = tf.train.load_checkpoint(str(tiny_model / "model.ckpt"))
+    variables = {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+    variables.update({"global_step": np.array(1000, np.int64), "sample_sequence/scratch": np.zeros(3, np.float32)})
+    tf.raw_ops.SaveV2(prefix=str(folder / "model.ckpt"), tensor_names=list(variables),
+                      shape_and_slices=[""] * len(variables), tensors=list(variables.values()))
+    params = load_params(folder, read_hparams(folder))
+    np.testing.assert_array_equal(params["wte"], reader.get_tensor("model/wte"))
+
+
 def test_damaged_hparams_are_reported(tiny_model, tmp_path):
     broken = copy_folder(tiny_model, tmp_path / "broken")
     (broken / "hparams.json").write_text('{"n_vocab": 50257')
     with pytest.raises(GPT2Error, match="hparams.json is damaged"):
+        read_hparams(broken)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"n_layer": 0}, "n_layer is 0, not a whole number of at least 1"),
+    ({"n_head": 0}, "n_head is 0, not a whole number"), ({"n_head": -4}, "n_head is -4, not a whole number"),
+    ({"n_embd": 64.9}, "n_embd is 64.9, not a whole number"), ({"n_ctx": "128"}, "n_ctx is '128', not a whole number"),
+    ({"n_layer": True}, "n_layer is True, not a whole number"),
+    ({"n_head": 5}, "n_embd 32 is not a multiple of n_head 5"),
+    ({"n_vocab": None}, "n_vocab is None, not a whole number"),
+])
+def test_impossible_hparams_are_reported(tiny_model, tmp_path, change, message):
+    broken = copy_folder(tiny_model, tmp_path / "broken")
+    hparams = json.loads((broken / "hparams.json").read_text())
+    (broken / "hparams.json").write_text(json.dumps({**hparams, **change}))
+    with pytest.raises(GPT2Error, match=f"hparams.json is damaged: {message}"):
         read_hparams(broken)
 
 

@@ -50,6 +50,14 @@ def load_params(model_dir, hparams, dtype="float32"):
     try:
         reader = tf.train.load_checkpoint(prefix)
         stored = reader.get_variable_to_shape_map()
+        # Both ways: a model variable that hparams.json does not ask for (n_layer 1 against a 2-layer
+        # checkpoint) would otherwise be left out silently. Other variables (a training step count,
+        # an optimizer's slots) are no part of the model.
+        unasked = sorted(name for name in stored if name.startswith("model/") and name not in shapes)
+        if unasked:
+            listed = ", ".join(unasked[:3]) + (", ..." if len(unasked) > 3 else "")
+            raise GPT2Error(f"{prefix} has {len(unasked)} model variables that hparams.json does not account for "
+                            f"({listed}): the folder mixes files of different models, download it again")
         for name, shape in shapes.items():
             if name not in stored:
                 raise GPT2Error(f"{prefix} has no variable {name}: it is not a GPT-2 checkpoint of this "
