@@ -1,6 +1,9 @@
 """Finding, checking and reading model folders in OpenAI's layout."""
+import ctypes
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -184,3 +187,55 @@ def test_saving_replaces_a_folder_whole_or_not_at_all(tiny_model, tmp_path, monk
     checkpoint.save_model(target, model.hparams, trained, tiny_model)
     assert os.listdir(tmp_path) == ["run"]
     np.testing.assert_array_equal(load_params(target, model.hparams)["wte"], trained["wte"])
+
+
+def without_root_reads():
+    """preexec_fn for a child that, even as root, cannot read what its permissions forbid.
+
+    The permission cases need a user that permissions apply to. The tests run as root here and in
+    CI, and the interpreter may sit where another user cannot reach it (under /root), so a root
+    child gives up the two capabilities that let root read anything (CAP_DAC_OVERRIDE 1,
+    CAP_DAC_READ_SEARCH 2) from its bounding set (PR_CAPBSET_DROP 24) before it starts Python.
+    """
+    if os.geteuid() != 0:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def drop():
+        for capability in (1, 2):
+            if libc.prctl(24, capability, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "cannot drop a capability")
+    return drop
+
+
+def run_unprivileged(code):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          preexec_fn=without_root_reads(), env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def test_unreadable_files_are_named_not_blamed_on_damage(tiny_model, tmp_path):
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    probe.chmod(0)
+    try:
+        check = run_unprivileged(f"open({str(probe)!r}).close()")
+    except OSError as e:
+        pytest.skip(f"no process here is kept from reading a file: {e}")
+    if check.returncode == 0:
+        pytest.skip("no process here is kept from reading a file (root without a way to drop its read override)")
+    unreadable = ["hparams.json", "encoder.json", "vocab.bpe", "model.ckpt.index", "model.ckpt.data-00000-of-00001",
+                  "."]
+    paths = []
+    for n, name in enumerate(unreadable):
+        path = copy_folder(tiny_model, tmp_path / f"locked{n}") / name
+        path.chmod(0o600 if name == "." else 0)  # a folder without x cannot be searched
+        paths.append(os.path.normpath(path))
+    result = run_unprivileged("import gpt2\n"
+                              f"for n in range({len(unreadable)}):\n"
+                              f"    try: gpt2.load(f'locked{{n}}', {str(tmp_path)!r}, download=False)\n"
+                              "    except gpt2.GPT2Error as e: print(e)")
+    for path in paths:
+        os.chmod(path, 0o755)  # so that pytest can remove them
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"cannot read {path}: permission denied (check its owner and permissions)"
+                                          for path in paths]

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from .arguments import check_dtype
 from .errors import GPT2Error
-from .folders import VOCAB_FILES, write_hparams
+from .folders import VOCAB_FILES, read_error, write_hparams
 
 CKPT_PREFIX = "model.ckpt"
 
@@ -47,6 +47,12 @@ def load_params(model_dir, hparams, dtype="float32"):
     check_dtype(dtype)
     prefix = os.path.join(model_dir, CKPT_PREFIX)
     shapes = variable_shapes(hparams)
+    data_file = prefix + ".data-00000-of-00001"
+    for path in (prefix + ".index", data_file):
+        try:  # TensorFlow would call an unreadable file damaged
+            open(path, "rb").close()
+        except OSError as e:
+            raise read_error(path, e) from e
     try:
         reader = tf.train.load_checkpoint(prefix)
         stored = reader.get_variable_to_shape_map()
@@ -65,7 +71,6 @@ def load_params(model_dir, hparams, dtype="float32"):
             if list(stored[name]) != shape:
                 raise GPT2Error(f"{prefix}: {name} has shape {list(stored[name])} but hparams.json asks for "
                                 f"{shape}: the folder mixes files of different models, download it again")
-        data_file = prefix + ".data-00000-of-00001"
         needed = sum(int(np.prod(shape)) * 4 for shape in shapes.values())
         if os.path.getsize(data_file) < needed:
             raise GPT2Error(f"{data_file} is truncated ({os.path.getsize(data_file)} of at least {needed} bytes): "

@@ -14,7 +14,7 @@ from functools import lru_cache
 import tiktoken
 
 from .arguments import check_text, check_tokens
-from .folders import find_model_dir
+from .folders import find_model_dir, read_error
 from .errors import GPT2Error
 
 # GPT-2's pre-tokenizer: English contractions, runs of letters, of digits, of other symbols (each
@@ -118,8 +118,8 @@ def read_encoder(model_dir):
             encoder = json.load(f)
         with open(os.path.join(model_dir, "vocab.bpe"), encoding="utf-8") as f:
             lines = f.read().split("\n")
-    except FileNotFoundError as e:
-        raise GPT2Error(f"{e.filename} is missing: download the model again") from e
+    except OSError as e:
+        raise read_error(e.filename, e) from e
     except (ValueError, UnicodeDecodeError) as e:
         raise GPT2Error(f"the vocabulary in {model_dir} is damaged ({e.__class__.__name__}): "
                         "download the model again") from e

@@ -8,6 +8,7 @@ downloading and the commands' start-up need no TensorFlow.
 """
 import json
 import os
+import stat
 from typing import NamedTuple
 
 from .arguments import is_whole, must
@@ -72,11 +73,33 @@ def find_model_dir(model_name, models_dir=None):
                             f"run `python download_model.py {canonical_name(model_name)}` to fetch it")
         raise GPT2Error(f"unknown model {model_name!r}: use one of {', '.join(MODEL_NAMES)} "
                         f"or the name of a model folder in {models_dir}")
-    missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(path, f))]
+    missing = [f for f in REQUIRED_FILES if not is_file(path, f)]
     if missing:
         raise GPT2Error(f"{path} is missing {', '.join(missing)}: download the model again "
                         f"(`python download_model.py {model_name}`)")
     return path
+
+
+def is_file(folder, name):
+    """Whether folder/name is a file; a folder that cannot be searched is an error, not a missing file."""
+    try:
+        return stat.S_ISREG(os.stat(os.path.join(folder, name)).st_mode)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise read_error(folder, e) from e
+
+
+def read_error(path, error):
+    """The GPT2Error for `path` that could not be read (an OSError): what is wrong and what to do.
+
+    Only a missing file calls for a new download; permissions are the user's to fix.
+    """
+    if isinstance(error, FileNotFoundError):
+        return GPT2Error(f"{path} is missing: download the model again")
+    if isinstance(error, PermissionError):
+        return GPT2Error(f"cannot read {path}: permission denied (check its owner and permissions)")
+    return GPT2Error(f"cannot read {path}: {error.strerror or error}")
 
 
 def read_hparams(model_dir):
@@ -86,6 +109,8 @@ def read_hparams(model_dir):
         with open(path, encoding="utf-8") as f:
             values = json.load(f)
         hparams = HParams(**{name: values[name] for name in HParams._fields})
+    except OSError as e:
+        raise read_error(path, e) from e
     except (ValueError, KeyError, TypeError) as e:
         raise GPT2Error(f"{path} is damaged ({e.__class__.__name__}: {e}): download the model again") from e
     for name, value in hparams._asdict().items():
