@@ -1,7 +1,9 @@
 """The scripts, run as a user runs them: in a pseudo-terminal (pexpect) or as piped subprocesses."""
+import errno
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -289,10 +291,126 @@ def test_ctrl_c_stops_unconditional_with_a_count(models_dir, tmp_path):
     assert output.read_text(encoding="utf-8").count("=" * 40 + " SAMPLE ") == n
 
 
+# Full disks.
+
+class SmallDisk:
+    """A file open for --output on a disk with `room` bytes left, whose writes take at most
+    `per_write` bytes each (as a system may): what cli.open_output returns, for the tests."""
+
+    def __init__(self, path, room, per_write):
+        self.file, self.room, self.per_write = open(path, "wb", buffering=0), room, per_write
+
+    def write(self, data):
+        if not self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = min(len(data), self.room, self.per_write)
+        self.room -= self.file.write(data[:n])
+        return n
+
+    def __getattr__(self, name):  # truncate, seek, close
+        return getattr(self.file, name)
+
+
+def test_full_disk_during_output_leaves_whole_samples_and_says_how_many(models_dir, tmp_path, monkeypatch):
+    output = tmp_path / "samples.jsonl"
+    monkeypatch.setattr(cli, "open_output", lambda path: SmallDisk(path, room=2000, per_write=50))
+    with pytest.raises(SystemExit) as exit:
+        cli.unconditional_main(["--model_name", "tiny", "--models_dir", str(models_dir), "--nsamples", "40",
+                                "--length", "30", "--ignore_eot", "--seed", "4", "--output", str(output)])
+    data = output.read_bytes()
+    records = [json.loads(line) for line in data.decode().splitlines()]  # each written in pieces of 50 bytes
+    n = len(records)
+    assert 0 < n < 40 and data.endswith(b"\n") and [r["number"] for r in records] == list(range(1, n + 1))
+    assert exit.value.code == (f"error: disk full after {n} complete samples (writing {output}): "
+                               "free some space and run again")
+
+
+def test_full_disk_during_score_output_leaves_whole_records(models_dir, tmp_path, monkeypatch):
+    (tmp_path / "text.txt").write_text("the river ran past the old mill. " * 60, encoding="utf-8")
+    output = tmp_path / "tokens.jsonl"
+    monkeypatch.setattr(cli, "open_output", lambda path: SmallDisk(path, room=40000, per_write=1000))
+    with pytest.raises(SystemExit) as exit:
+        cli.score_main([str(tmp_path / "text.txt"), "--model_name", "tiny", "--models_dir", str(models_dir),
+                        "--output", str(output)])
+    lines = output.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["index"] for line in lines] == list(range(len(lines)))
+    assert 0 < len(lines) < 420 and output.read_text(encoding="utf-8").endswith("\n")
+    assert exit.value.code == (f"error: disk full after the records of {len(lines)} tokens (writing {output}): "
+                               "free some space and run again")
+
+
+def test_output_on_a_full_device(models_dir):
+    with pytest.raises(SystemExit) as exit:
+        cli.unconditional_main(["--model_name", "tiny", "--models_dir", str(models_dir), "--nsamples", "2",
+                                "--length", "5", "--output", "/dev/full"])
+    assert exit.value.code == ("error: disk full after 0 complete samples (writing /dev/full): "
+                               "free some space and run again")
+
+
+@pytest.mark.parametrize("main,argv,message", [
+    (cli.interactive_main, ["--length", "3"], "disk full (writing standard output)"),
+    (cli.score_main, ["TEXT"], "disk full (writing standard output)"),
+    (cli.download_main, ["124M"], "disk full (writing standard output)"),
+])
+def test_stdout_on_a_full_device_is_one_line(models_dir, tiny_model, tmp_path, monkeypatch, main, argv, message):
+    """stdout is /dev/full (`> /dev/full`): a one-line error, whichever write finds it full."""
+    (tmp_path / "text.txt").write_text("the mill", encoding="utf-8")
+    argv = [str(tmp_path / "text.txt") if a == "TEXT" else a for a in argv]
+    if main is cli.download_main:  # already complete: nothing to fetch, one line to print
+        shutil.copytree(tiny_model, tmp_path / "124M")
+        argv += ["--models_dir", str(tmp_path)]
+    else:
+        argv += ["--model_name", "tiny", "--models_dir", str(models_dir)]
+    monkeypatch.setattr("sys.stdin", io.StringIO("the river\n"))
+    with open("/dev/full", "w") as full:
+        monkeypatch.setattr("sys.stdout", full)
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+    assert exit.value.code == f"error: {message}: free some space and run again"
+
+
+def test_unconditional_to_a_full_stdout_ends_in_one_line(models_dir):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "generate_unconditional.py"), "--model_name",
+                                 "tiny", "--models_dir", str(models_dir), "--nsamples", "3", "--length", "5"],
+                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr == ("error: disk full after 0 complete samples (writing standard output): "
+                             "free some space and run again\n")
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 256 KiB tmpfs at tmp_path/small, filled up to its last 4 KiB page; skipped where it cannot be mounted."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (it needs root): {result.stderr.strip()}")
+    try:
+        stats = os.statvfs(mount)
+        (mount / "filler").write_bytes(b"x" * (stats.f_bavail * stats.f_frsize - 4096))
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_output_on_a_full_filesystem_keeps_whole_samples(models_dir, small_filesystem):
+    output = small_filesystem / "samples.jsonl"
+    result = run("generate_unconditional.py", "--nsamples", "100", "--batch_size", "4", "--length", "60",
+                 "--ignore_eot", "--output", str(output), models_dir=models_dir)
+    records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    n = len(records)
+    assert 0 < n < 100 and output.read_bytes().endswith(b"\n")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].endswith(f"error: disk full after {n} complete samples (writing {output}): "
+                                                   "free some space and run again")
+
+
 def test_console_commands_point_at_the_cli():
     """pyproject's console commands name functions that exist; once installed, they run."""
     import importlib
-    import shutil
     import tomllib
 
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:

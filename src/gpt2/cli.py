@@ -7,7 +7,9 @@ Every flag is checked before TensorFlow starts (gpt2.api, which imports it, is i
 model is loaded), and Ctrl-C at any moment, start-up included, ends a command with one line and
 exit status 130.
 """
+import contextlib
 import difflib
+import errno
 import inspect
 import json
 import math
@@ -34,6 +36,10 @@ def banner(n):
 
 class Interrupted(GPT2Error):
     """Ctrl-C, with what was done before it."""
+
+
+class WriteFailed(GPT2Error):
+    """A write to --output or stdout failed (a full disk), with what was written whole before it."""
 
 
 def check_flags(model_name, nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype,
@@ -169,7 +175,7 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
     model = load_model(model_name, models_dir, dtype)
     length = model.sample_length(length, prompt="")
     flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eot=ignore_eot)
-    out_file = open_output(output) if output else None
+    out_file = OutputFile(output) if output else None
     as_jsonl = str(output).endswith(".jsonl")
     progress = tqdm(total=nsamples or None, unit="sample", disable=out_file is None, file=sys.stderr)
     generated = 0
@@ -180,13 +186,14 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
             for text in texts:
                 generated += 1
                 shown = banner(generated) + "\n" + text + "\n"
-                print(shown, end="", flush=True)
-                if out_file:
-                    record = json.dumps({"number": generated, "text": text, "sample_index": generated - 1,
-                                         "model_name": str(model_name), "dtype": dtype, "length": length,
-                                         **flags},
-                                        ensure_ascii=False) + "\n" if as_jsonl else shown
-                    out_file.write(record.encode("utf-8"))
+                with writing(f"{generated - 1} complete samples"):
+                    print(shown, end="", flush=True)
+                    if out_file:
+                        record = json.dumps({"number": generated, "text": text, "sample_index": generated - 1,
+                                             "model_name": str(model_name), "dtype": dtype, "length": length,
+                                             **flags},
+                                            ensure_ascii=False) + "\n" if as_jsonl else shown
+                        out_file.write(record.encode("utf-8"))
                 progress.update(1)
     except KeyboardInterrupt as e:
         raise Interrupted(f"interrupted after {generated} complete samples") from e
@@ -225,8 +232,9 @@ def score_files(*files, model_name="124M", models_dir=None, stride=None, batch_s
 
     model = load_model(model_name, models_dir, dtype)
     stride = model.window_stride(stride)
-    out_file = open_output(output) if output else None
+    out_file = OutputFile(output) if output else None
     summaries = []
+    recorded = 0  # tokens whose records are in --output x.jsonl
     try:
         for name in files:
             summary = dict(file=name, tokens=0, bytes=0, logprob=0.0)
@@ -238,26 +246,34 @@ def score_files(*files, model_name="124M", models_dir=None, stride=None, batch_s
                     for tokens, logprobs in model.score_pieces(text_pieces(text_file), stride, batch_size=batch_size):
                         n_bytes = len(model.encoder.decode_bytes(tokens))
                         if output and output.endswith(".jsonl"):
-                            out_file.write("".join(json.dumps(
+                            records = "".join(json.dumps(
                                 {"file": name, "index": summary["tokens"] + i, "token": int(token),
                                  "text": model.decode([token]), "logprob": float(logprob)}, ensure_ascii=False) + "\n"
-                                for i, (token, logprob) in enumerate(zip(tokens, logprobs))).encode("utf-8"))
+                                for i, (token, logprob) in enumerate(zip(tokens, logprobs)))
+                            with writing(f"the records of {recorded} tokens"):
+                                out_file.write(records.encode("utf-8"))
+                            recorded += len(tokens)
                         summary["tokens"] += len(tokens)
                         summary["bytes"] += n_bytes
                         summary["logprob"] += float(logprobs.sum())
                         progress.update(n_bytes)
                 except UnicodeDecodeError as e:
                     raise GPT2Error(f"{name} is not UTF-8 text ({e.reason}): save it as UTF-8 first") from e
+                except WriteFailed:
+                    raise
                 except GPT2Error as e:  # an empty file
                     raise GPT2Error(f"{name}: {e}") from e
-            print(score_line(summary), flush=True)
+            with writing(""):
+                print(score_line(summary), flush=True)
         if len(files) > 1:
             total = dict(file="total", **{k: sum(s[k] for s in summaries) for k in ("tokens", "bytes", "logprob")})
-            print(score_line(total))
+            with writing(""):
+                print(score_line(total), flush=True)
             summaries.append(total)
         if output and output.endswith(".json"):
-            out_file.write((json.dumps([score_summary(s) for s in summaries], indent=2, ensure_ascii=False) + "\n")
-                           .encode("utf-8"))
+            with writing(""):
+                out_file.write((json.dumps([score_summary(s) for s in summaries], indent=2, ensure_ascii=False)
+                                + "\n").encode("utf-8"))
     except KeyboardInterrupt as e:
         done = sum(s["tokens"] for s in summaries)
         raise Interrupted(f"interrupted after scoring {done} tokens") from e
@@ -277,11 +293,73 @@ def open_text(name):
 
 
 def open_output(output):
-    """The file --output, open for writes that each reach the file whole: a killed run leaves whole records."""
+    """The file --output, open for writes that go straight to the file (no buffer that a killed run would lose)."""
+    return open(output, "wb", buffering=0)
+
+
+class OutputFile:
+    """The file --output, written a whole record at a time.
+
+    A killed run leaves whole records. A write that the system takes only in part is completed, and
+    one that fails (a full disk) is rolled back to the end of the last whole record before its
+    OSError, with the file's name, is raised.
+    """
+
+    def __init__(self, path):
+        self.path = str(path)
+        try:
+            self._file = open_output(path)
+        except OSError as e:
+            raise GPT2Error(f"cannot write --output {path}: {e.strerror}") from e
+        self._whole = 0  # bytes of whole records: the file's length between two writes
+
+    def write(self, record):
+        rest = memoryview(record)
+        try:
+            while rest:
+                rest = rest[self._file.write(rest):]
+        except OSError as e:
+            with contextlib.suppress(OSError):  # not a regular file (a pipe, /dev/full): nothing to take back
+                self._file.truncate(self._whole)
+                self._file.seek(self._whole)
+            raise OSError(e.errno, e.strerror, self.path) from e
+        self._whole += len(record)
+
+    def close(self):
+        self._file.close()
+
+
+@contextlib.contextmanager
+def writing(done):
+    """Writes to --output or stdout: an OSError (a full disk) becomes one line that says what was
+    written whole before it (`done`: "3 complete samples", or "" for nothing worth counting)."""
     try:
-        return open(output, "wb", buffering=0)
+        yield
     except OSError as e:
-        raise GPT2Error(f"cannot write --output {output}: {e.strerror}") from e
+        raise WriteFailed(write_failure(e, done)) from e
+
+
+def write_failure(error, done):
+    """The message for an OSError of a write to --output or stdout, after `done` was written whole."""
+    where = error.filename or "standard output"
+    after = f" after {done}" if done else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full{after} (writing {where}): free some space and run again"
+    return f"cannot write {where}{after}: {error.strerror}"
+
+
+def stdout_is_broken():
+    """Whether stdout cannot take what is buffered for it (a full disk). If so it is pointed at
+    /dev/null, so that Python's own flush at exit does not end the command with a traceback."""
+    try:
+        sys.stdout.flush()
+        return False
+    except OSError:
+        with contextlib.suppress(OSError, ValueError):  # a replacement stream may have no file descriptor
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return True
 
 
 def score_summary(summary):
@@ -364,6 +442,7 @@ def run(command, argv=None):
         import fire
 
         fire.Fire(command, command=argv, name=os.path.basename(sys.argv[0]))
+        sys.stdout.flush()  # what print left in the buffer goes out now, where a failure is still reported
     except Interrupted as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(130)
@@ -375,6 +454,12 @@ def run(command, argv=None):
     except BrokenPipeError:  # the reader went away (`... | head`): nothing more to say
         sys.stderr.close()
         os._exit(0)
+    except OSError as e:
+        if not stdout_is_broken():  # not stdout's: a failure nobody foresaw, shown whole
+            raise
+        sys.exit(f"error: {write_failure(e, '')}")
+    finally:
+        stdout_is_broken()
 
 
 def interactive_main(argv=None):
