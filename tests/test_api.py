@@ -133,6 +133,26 @@ def test_decode_takes_lists_tuples_and_arrays(model):
     assert model.decode([]) == ""
 
 
+def test_a_batch_too_large_for_memory_is_refused_with_the_largest_that_fits(model, monkeypatch):
+    from gpt2 import api
+
+    assert api.available_memory() > 0  # this machine's, read from /proc/meminfo
+    monkeypatch.setattr(api, "available_memory", lambda: 10_000_000)
+    with pytest.raises(GPT2Error) as error:
+        model.generate("", length=100, nsamples=4096, batch_size=4096)
+    fits = int(str(error.value).split("use batch_size ")[1].split()[0])
+    need = api.byte_size(api.decoding_memory(model.hparams, 4096, 1, 100, 4))
+    assert str(error.value) == (f"batch_size 4096 with length 100 needs about {need} of memory beyond the model's "
+                                f"weights, but 10.0 MB is available: use batch_size {fits} or less")
+    assert 1 < fits < 4096
+    assert len(model.generate("", length=100, nsamples=fits, batch_size=fits, seed=1)) == fits  # the largest fits
+    with pytest.raises(GPT2Error, match=f"batch_size {fits + 1} with length 100 needs about"):
+        model.generate("", length=100, nsamples=fits + 1, batch_size=fits + 1)
+    monkeypatch.setattr(api, "available_memory", lambda: 1000)
+    with pytest.raises(GPT2Error, match="not even one sample of 100 tokens fits: lower length or free some memory"):
+        model.generate("", length=100)
+
+
 def test_load_downloads_a_missing_model(tiny_model, tmp_path):
     root = tmp_path / "mirror"
     shutil.copytree(tiny_model, root / "355M")

@@ -291,6 +291,17 @@ def test_ctrl_c_stops_unconditional_with_a_count(models_dir, tmp_path):
     assert output.read_text(encoding="utf-8").count("=" * 40 + " SAMPLE ") == n
 
 
+def test_a_batch_too_large_for_memory_is_one_line(models_dir, monkeypatch):
+    from gpt2 import api
+
+    monkeypatch.setattr(api, "available_memory", lambda: 10_000_000)
+    with pytest.raises(SystemExit) as exit:
+        cli.unconditional_main(["--model_name", "long", "--models_dir", str(models_dir), "--batch_size", "4096",
+                                "--nsamples", "4096", "--length", "1024"])
+    assert exit.value.code.startswith("error: --batch_size 4096 with --length 1024 needs about ")
+    assert " but 10.0 MB is available: use --batch_size " in exit.value.code and "\n" not in exit.value.code
+
+
 # Full disks.
 
 class SmallDisk:
