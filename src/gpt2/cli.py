@@ -228,9 +228,9 @@ def score_files(*files, model_name="124M", models_dir=None, stride=None, batch_s
     for name in files:
         if name != "-":
             open_text(name).close()
-    from .score import text_pieces
-
     model = load_model(model_name, models_dir, dtype)
+    from .score import text_pieces  # after gpt2.api, which starts TensorFlow without its C++ start-up lines
+
     stride = model.window_stride(stride)
     out_file = OutputFile(output) if output else None
     summaries = []
@@ -239,9 +239,10 @@ def score_files(*files, model_name="124M", models_dir=None, stride=None, batch_s
         for name in files:
             summary = dict(file=name, tokens=0, bytes=0, logprob=0.0)
             summaries.append(summary)
+            # disable=None: a bar only on a terminal; piped, stderr keeps the error alone on its line.
             with open_text(name) as text_file, tqdm(desc=name, unit="B", unit_scale=True, leave=False,
                                                     total=None if name == "-" else os.path.getsize(name),
-                                                    file=sys.stderr) as progress:
+                                                    file=sys.stderr, disable=None) as progress:
                 try:
                     for tokens, logprobs in model.score_pieces(text_pieces(text_file), stride, batch_size=batch_size):
                         n_bytes = len(model.encoder.decode_bytes(tokens))
@@ -428,20 +429,34 @@ def check_flag_names(command, argv):
         raise GPT2Error(f"unknown flag {argument.split('=', 1)[0]}: {hint}")
 
 
+def without_fire_separator(argv):
+    """argv with fire's separator set to one that no argument can hold (a NUL).
+
+    fire reads a lone "-" as the separator between chained calls, which these commands never make:
+    `score.py - --model_name tiny` would score no stdin and ignore every flag after the "-". fire's
+    own flags go after a final "--".
+    """
+    if "--" in argv:  # the user's fire flags (-- --help) follow the last one
+        at = len(argv) - argv[::-1].index("--")
+        return argv[:at] + ["--separator", "\0"] + argv[at:]
+    return argv + ["--", "--separator", "\0"]
+
+
 def run(command, argv=None):
     """Parse flags with fire and run `command`; user errors become one line on stderr.
 
     Ctrl-C exits with status 130 (128 + SIGINT, as a shell reports a command it interrupted).
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        check_flag_names(command, sys.argv[1:] if argv is None else argv)
+        check_flag_names(command, argv)
         # Any console encoding: text it cannot show becomes '?', bytes it cannot read become U+FFFD.
         for stream in (sys.stdout, sys.stdin):
             if hasattr(stream, "reconfigure"):  # not every replacement stream (notebooks, pytest) has it
                 stream.reconfigure(errors="replace")
         import fire
 
-        fire.Fire(command, command=argv, name=os.path.basename(sys.argv[0]))
+        fire.Fire(command, command=without_fire_separator(argv), name=os.path.basename(sys.argv[0]))
         sys.stdout.flush()  # what print left in the buffer goes out now, where a failure is still reported
     except Interrupted as e:
         print(f"error: {e}", file=sys.stderr)
