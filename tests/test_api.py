@@ -90,7 +90,8 @@ def test_context_fits_the_prompt_and_the_new_tokens(model):
     ({"length": 0}, "length must be a whole number of at least 1"),
     ({"temperature": float("nan")}, "temperature must be"), ({"seed": "x"}, "seed must be a whole number"),
     ({"seed": 2 ** 64}, "seed must be"), ({"nsamples": -1}, "nsamples must be a whole number of at least 1"),
-    ({"batch_size": 0}, "batch_size must be"), ({"stop": ""}, "stop must be text .* never an empty string"), ({"stop": ["a", ""]}, "stop must be text"),
+    ({"batch_size": 0}, "batch_size must be"), ({"stop": ""}, "stop must be text .* never an empty string"),
+    ({"stop": ["a", ""]}, "stop must be text"),
     ({"stop": ["a", 3]}, "stop must be a string or a list of strings"),
 ])
 def test_impossible_arguments_are_named(model, flags, message):
