@@ -91,6 +91,7 @@ def test_context_fits_the_prompt_and_the_new_tokens(model):
     ({"temperature": float("nan")}, "temperature must be"), ({"seed": "x"}, "seed must be a whole number"),
     ({"seed": 2 ** 64}, "seed must be"), ({"nsamples": -1}, "nsamples must be a whole number of at least 1"),
     ({"batch_size": 0}, "batch_size must be"), ({"stop": ""}, "stop must be text .* never an empty string"),
+    ({"stop": ["a", ""]}, "stop must be text"),
     ({"stop": ["a", 3]}, "stop must be a string or a list of strings"),
 ])
 def test_impossible_arguments_are_named(model, flags, message):
@@ -104,6 +105,53 @@ def test_impossible_arguments_are_named(model, flags, message):
 def test_prompts_must_be_text(model, prompt):
     with pytest.raises(GPT2Error, match="prompt must be a string"):
         model.generate(prompt, length=3)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda m: m.decode([-1]), "tokens must be token ids: whole numbers from 0 to 656, not -1"),
+    (lambda m: m.decode([2 ** 70]), "tokens must be token ids: .*, not 1180591620717411303424"),
+    (lambda m: m.decode(np.array([3, 657])), "tokens must be token ids: .*, not 657"),
+    (lambda m: m.decode([1.5]), "tokens must be token ids: .*, not 1.5"),
+    (lambda m: m.decode(["a"]), "tokens must be token ids: .*, not 'a'"),
+    (lambda m: m.decode("ab"), "tokens must be a list of token ids: .*, not 'ab'"),
+    (lambda m: m.decode(None), "tokens must be a list of token ids"),
+    (lambda m: m.encode(123), "text must be a string, not 123"),
+    (lambda m: m.context(None, 5), "prompt must be a string, not None"),
+    (lambda m: m.generate("a", 3, first_sample=2 ** 70), "first_sample must be a whole number from 0 to 2\\*\\*62 - 1"),
+    (lambda m: m.save(123), "model_dir must be a path"),
+    (lambda m: gpt2.load("tiny", 123), "models_dir must be a path"),
+    (lambda m: gpt2.GPT2.from_folder(None), "model_dir must be a path"),
+])
+def test_wrong_arguments_are_gpt2_errors(model, call, message):
+    """Not bare TypeError, ValueError or OverflowError: the README promises gpt2.GPT2Error."""
+    with pytest.raises(GPT2Error, match=message):
+        call(model)
+
+
+def test_decode_takes_lists_tuples_and_arrays(model):
+    tokens = model.encode("the mill")
+    assert model.decode(tokens) == model.decode(tuple(tokens)) == model.decode(np.array(tokens)) == "the mill"
+    assert model.decode([]) == ""
+
+
+def test_a_batch_too_large_for_memory_is_refused_with_the_largest_that_fits(model, monkeypatch):
+    from gpt2 import api
+
+    assert api.available_memory() > 0  # this machine's, read from /proc/meminfo
+    monkeypatch.setattr(api, "available_memory", lambda: 10_000_000)
+    with pytest.raises(GPT2Error) as error:
+        model.generate("", length=100, nsamples=4096, batch_size=4096)
+    fits = int(str(error.value).split("use batch_size ")[1].split()[0])
+    need = api.byte_size(api.decoding_memory(model.hparams, 4096, 1, 100, 4))
+    assert str(error.value) == (f"batch_size 4096 with length 100 needs about {need} of memory beyond the model's "
+                                f"weights, but 10.0 MB is available: use batch_size {fits} or less")
+    assert 1 < fits < 4096
+    assert len(model.generate("", length=100, nsamples=fits, batch_size=fits, seed=1)) == fits  # the largest fits
+    with pytest.raises(GPT2Error, match=f"batch_size {fits + 1} with length 100 needs about"):
+        model.generate("", length=100, nsamples=fits + 1, batch_size=fits + 1)
+    monkeypatch.setattr(api, "available_memory", lambda: 1000)
+    with pytest.raises(GPT2Error, match="not even one sample of 100 tokens fits: lower length or free some memory"):
+        model.generate("", length=100)
 
 
 def test_load_downloads_a_missing_model(tiny_model, tmp_path):

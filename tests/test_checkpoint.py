@@ -1,6 +1,9 @@
 """Finding, checking and reading model folders in OpenAI's layout."""
+import ctypes
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -96,10 +99,48 @@ def test_hparams_of_another_model_are_reported(tiny_model, tmp_path):
         load_params(broken, read_hparams(broken))
 
 
+def test_hparams_with_fewer_layers_than_the_checkpoint_are_reported(tiny_model, tmp_path):
+    broken = copy_folder(tiny_model, tmp_path / "broken")
+    hparams = json.loads((broken / "hparams.json").read_text())
+    (broken / "hparams.json").write_text(json.dumps({**hparams, "n_layer": 1}))
+    with pytest.raises(GPT2Error, match=r"has 12 model variables that hparams.json does not account for "
+                                        r"\(model/h1/attn/c_attn/b, model/h1/attn/c_attn/w, model/h1/attn/c_proj/b, "
+                                        r"\.\.\.\): the folder mixes files of different models"):
+        load_params(broken, read_hparams(broken))
+
+
+def test_variables_outside_the_model_are_not_refused(tiny_model, tmp_path):
+    """OpenAI's checkpoints, or a training run's, may hold more than the model: only model/... is checked."""
+    folder = copy_folder(tiny_model, tmp_path / "more")
+    reader = tf.train.load_checkpoint(str(tiny_model / "model.ckpt"))
+    variables = {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+    variables.update({"global_step": np.array(1000, np.int64), "sample_sequence/scratch": np.zeros(3, np.float32)})
+    tf.raw_ops.SaveV2(prefix=str(folder / "model.ckpt"), tensor_names=list(variables),
+                      shape_and_slices=[""] * len(variables), tensors=list(variables.values()))
+    params = load_params(folder, read_hparams(folder))
+    np.testing.assert_array_equal(params["wte"], reader.get_tensor("model/wte"))
+
+
 def test_damaged_hparams_are_reported(tiny_model, tmp_path):
     broken = copy_folder(tiny_model, tmp_path / "broken")
     (broken / "hparams.json").write_text('{"n_vocab": 50257')
     with pytest.raises(GPT2Error, match="hparams.json is damaged"):
+        read_hparams(broken)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"n_layer": 0}, "n_layer is 0, not a whole number of at least 1"),
+    ({"n_head": 0}, "n_head is 0, not a whole number"), ({"n_head": -4}, "n_head is -4, not a whole number"),
+    ({"n_embd": 64.9}, "n_embd is 64.9, not a whole number"), ({"n_ctx": "128"}, "n_ctx is '128', not a whole number"),
+    ({"n_layer": True}, "n_layer is True, not a whole number"),
+    ({"n_head": 5}, "n_embd 32 is not a multiple of n_head 5"),
+    ({"n_vocab": None}, "n_vocab is None, not a whole number"),
+])
+def test_impossible_hparams_are_reported(tiny_model, tmp_path, change, message):
+    broken = copy_folder(tiny_model, tmp_path / "broken")
+    hparams = json.loads((broken / "hparams.json").read_text())
+    (broken / "hparams.json").write_text(json.dumps({**hparams, **change}))
+    with pytest.raises(GPT2Error, match=f"hparams.json is damaged: {message}"):
         read_hparams(broken)
 
 
@@ -146,3 +187,55 @@ def test_saving_replaces_a_folder_whole_or_not_at_all(tiny_model, tmp_path, monk
     checkpoint.save_model(target, model.hparams, trained, tiny_model)
     assert os.listdir(tmp_path) == ["run"]
     np.testing.assert_array_equal(load_params(target, model.hparams)["wte"], trained["wte"])
+
+
+def without_root_reads():
+    """preexec_fn for a child that, even as root, cannot read what its permissions forbid.
+
+    The permission cases need a user that permissions apply to. The tests run as root here and in
+    CI, and the interpreter may sit where another user cannot reach it (under /root), so a root
+    child gives up the two capabilities that let root read anything (CAP_DAC_OVERRIDE 1,
+    CAP_DAC_READ_SEARCH 2) from its bounding set (PR_CAPBSET_DROP 24) before it starts Python.
+    """
+    if os.geteuid() != 0:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def drop():
+        for capability in (1, 2):
+            if libc.prctl(24, capability, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "cannot drop a capability")
+    return drop
+
+
+def run_unprivileged(code):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          preexec_fn=without_root_reads(), env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def test_unreadable_files_are_named_not_blamed_on_damage(tiny_model, tmp_path):
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    probe.chmod(0)
+    try:
+        check = run_unprivileged(f"open({str(probe)!r}).close()")
+    except OSError as e:
+        pytest.skip(f"no process here is kept from reading a file: {e}")
+    if check.returncode == 0:
+        pytest.skip("no process here is kept from reading a file (root without a way to drop its read override)")
+    unreadable = ["hparams.json", "encoder.json", "vocab.bpe", "model.ckpt.index", "model.ckpt.data-00000-of-00001",
+                  "."]
+    paths = []
+    for n, name in enumerate(unreadable):
+        path = copy_folder(tiny_model, tmp_path / f"locked{n}") / name
+        path.chmod(0o600 if name == "." else 0)  # a folder without x cannot be searched
+        paths.append(os.path.normpath(path))
+    result = run_unprivileged("import gpt2\n"
+                              f"for n in range({len(unreadable)}):\n"
+                              f"    try: gpt2.load(f'locked{{n}}', {str(tmp_path)!r}, download=False)\n"
+                              "    except gpt2.GPT2Error as e: print(e)")
+    for path in paths:
+        os.chmod(path, 0o755)  # so that pytest can remove them
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"cannot read {path}: permission denied (check its owner and permissions)"
+                                          for path in paths]

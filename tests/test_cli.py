@@ -1,6 +1,9 @@
 """The scripts, run as a user runs them: in a pseudo-terminal (pexpect) or as piped subprocesses."""
+import errno
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +122,31 @@ def test_stop_strings_and_prompt_file(models_dir, tmp_path):
     assert BANNER.format(1) + "\n" + full[:full.index(stop)] + "\n" + "=" * 80 in result.stdout
 
 
+def test_a_huge_prompt_file_is_shown_by_its_first_lines_and_size(models_dir, tmp_path, monkeypatch, capsys):
+    text = "the river ran past the mill\n" * 200_000  # 5.6 MB
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no prompts after the file's
+    cli.interactive_main(["--model_name", "tiny", "--models_dir", str(models_dir), "--length", "5",
+                          "--prompt_file", str(tmp_path / "book.txt")])
+    out = capsys.readouterr().out
+    assert out.startswith(PROMPT + "the river ran past the mill\n... the river ran past the mill\n")
+    assert f"has {len(text):,} bytes and 200,001 lines in all]" in out
+    assert "error: the prompt is" in out  # too long for the tiny model's context, as before
+    assert len(out) < 2000
+
+
+def test_unknown_and_empty_model_names(models_dir):
+    with pytest.raises(SystemExit) as exit:
+        cli.interactive_main(["--model_name", "", "--models_dir", str(models_dir)])
+    assert exit.value.code == ("error: --model_name must be one of 124M, 355M, 774M, 1558M or the name of a model "
+                               "folder, not ''")
+    with pytest.raises(SystemExit) as exit:
+        cli.download_main(["", "--models_dir", str(models_dir)])
+    assert exit.value.code.startswith("error: unknown model '': choose from 124M, ")
+    with pytest.raises(gpt2.GPT2Error, match="model_name must be one of"):
+        gpt2.load(" ", str(models_dir))
+
+
 def test_any_output_encoding(models_dir):
     result = run("generate_interactive.py", "--length", "5", "--seed", "2", stdin="日本語 🙂 Привет\n",
                  models_dir=models_dir, env={"PYTHONIOENCODING": "ascii"})
@@ -142,6 +170,33 @@ def test_bad_flags_give_one_line_errors(models_dir, flags, message):
         cli.interactive_main(["--model_name", "tiny", "--models_dir", str(models_dir), *flags])
     assert isinstance(exit.value.code, str) and exit.value.code.startswith("error: ")
     assert "\n" not in exit.value.code and message in exit.value.code
+
+
+@pytest.mark.parametrize("main,argv,message", [
+    (cli.unconditional_main, ["--ouput", "x.jsonl"], "unknown flag --ouput: did you mean --output?"),
+    (cli.unconditional_main, ["--nsample=3"], "unknown flag --nsample: did you mean --nsamples?"),
+    (cli.interactive_main, ["--top-pp", "0.9"], "unknown flag --top-pp: did you mean --top_p?"),
+    (cli.interactive_main, ["-temprature", "0"], "unknown flag -temprature: did you mean --temperature?"),
+    (cli.download_main, ["--model_dir", "x"], "unknown flag --model_dir: did you mean --models_dir?"),
+    (cli.score_main, ["a.txt", "--strid", "8"], "unknown flag --strid: did you mean --stride?"),
+    (cli.score_main, ["a.txt", "--frobnicate"], "unknown flag --frobnicate: the flags are --model_name, "),
+    (cli.interactive_main, ["-t", "0"], "ambiguous flag -t: use one of --temperature, --top_k, --top_p, "),
+])
+def test_unknown_flags_are_refused_before_anything_loads(main, argv, message):
+    """A typo is named at once, not after a generation that never ends; the model named does not exist,
+    so an error about it would mean the command had started."""
+    nowhere = ["nope"] if main is cli.download_main else ["--model_name", "nope", "--models_dir", "/nonexistent"]
+    with pytest.raises(SystemExit) as exit:
+        main([*nowhere, *argv])
+    assert isinstance(exit.value.code, str) and "\n" not in exit.value.code
+    assert exit.value.code.startswith("error: " + message)
+
+
+def test_known_flags_in_every_spelling_are_accepted(models_dir, tmp_path, capsys):
+    output = tmp_path / "out.txt"
+    cli.unconditional_main(["--model-name", "tiny", f"--models_dir={models_dir}", "-n", "1", "--length", "2",
+                            "--noignore_eot", "--output", str(output), "--seed", "-5"])
+    assert output.read_text(encoding="utf-8") == capsys.readouterr().out
 
 
 def test_flags_are_checked_before_tensorflow_starts():
@@ -237,10 +292,137 @@ def test_ctrl_c_stops_unconditional_with_a_count(models_dir, tmp_path):
     assert output.read_text(encoding="utf-8").count("=" * 40 + " SAMPLE ") == n
 
 
+def test_a_batch_too_large_for_memory_is_one_line(models_dir, monkeypatch):
+    from gpt2 import api
+
+    monkeypatch.setattr(api, "available_memory", lambda: 10_000_000)
+    with pytest.raises(SystemExit) as exit:
+        cli.unconditional_main(["--model_name", "long", "--models_dir", str(models_dir), "--batch_size", "4096",
+                                "--nsamples", "4096", "--length", "1024"])
+    assert exit.value.code.startswith("error: --batch_size 4096 with --length 1024 needs about ")
+    assert " but 10.0 MB is available: use --batch_size " in exit.value.code and "\n" not in exit.value.code
+
+
+# Full disks.
+
+class SmallDisk:
+    """A file open for --output on a disk with `room` bytes left, whose writes take at most
+    `per_write` bytes each (as a system may): what cli.open_output returns, for the tests."""
+
+    def __init__(self, path, room, per_write):
+        self.file, self.room, self.per_write = open(path, "wb", buffering=0), room, per_write
+
+    def write(self, data):
+        if not self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = min(len(data), self.room, self.per_write)
+        self.room -= self.file.write(data[:n])
+        return n
+
+    def __getattr__(self, name):  # truncate, seek, close
+        return getattr(self.file, name)
+
+
+def test_full_disk_during_output_leaves_whole_samples_and_says_how_many(models_dir, tmp_path, monkeypatch):
+    output = tmp_path / "samples.jsonl"
+    monkeypatch.setattr(cli, "open_output", lambda path: SmallDisk(path, room=2000, per_write=50))
+    with pytest.raises(SystemExit) as exit:
+        cli.unconditional_main(["--model_name", "tiny", "--models_dir", str(models_dir), "--nsamples", "40",
+                                "--length", "30", "--ignore_eot", "--seed", "4", "--output", str(output)])
+    data = output.read_bytes()
+    records = [json.loads(line) for line in data.decode().splitlines()]  # each written in pieces of 50 bytes
+    n = len(records)
+    assert 0 < n < 40 and data.endswith(b"\n") and [r["number"] for r in records] == list(range(1, n + 1))
+    assert exit.value.code == (f"error: disk full after {n} complete samples (writing {output}): "
+                               "free some space and run again")
+
+
+def test_full_disk_during_score_output_leaves_whole_records(models_dir, tmp_path, monkeypatch):
+    (tmp_path / "text.txt").write_text("the river ran past the old mill. " * 60, encoding="utf-8")
+    output = tmp_path / "tokens.jsonl"
+    monkeypatch.setattr(cli, "open_output", lambda path: SmallDisk(path, room=40000, per_write=1000))
+    with pytest.raises(SystemExit) as exit:
+        cli.score_main([str(tmp_path / "text.txt"), "--model_name", "tiny", "--models_dir", str(models_dir),
+                        "--output", str(output)])
+    lines = output.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["index"] for line in lines] == list(range(len(lines)))
+    assert 0 < len(lines) < 420 and output.read_text(encoding="utf-8").endswith("\n")
+    assert exit.value.code == (f"error: disk full after the records of {len(lines)} tokens (writing {output}): "
+                               "free some space and run again")
+
+
+def test_output_on_a_full_device(models_dir):
+    with pytest.raises(SystemExit) as exit:
+        cli.unconditional_main(["--model_name", "tiny", "--models_dir", str(models_dir), "--nsamples", "2",
+                                "--length", "5", "--output", "/dev/full"])
+    assert exit.value.code == ("error: disk full after 0 complete samples (writing /dev/full): "
+                               "free some space and run again")
+
+
+@pytest.mark.parametrize("main,argv,message", [
+    (cli.interactive_main, ["--length", "3"], "disk full (writing standard output)"),
+    (cli.score_main, ["TEXT"], "disk full (writing standard output)"),
+    (cli.download_main, ["124M"], "disk full (writing standard output)"),
+])
+def test_stdout_on_a_full_device_is_one_line(models_dir, tiny_model, tmp_path, monkeypatch, main, argv, message):
+    """stdout is /dev/full (`> /dev/full`): a one-line error, whichever write finds it full."""
+    (tmp_path / "text.txt").write_text("the mill", encoding="utf-8")
+    argv = [str(tmp_path / "text.txt") if a == "TEXT" else a for a in argv]
+    if main is cli.download_main:  # already complete: nothing to fetch, one line to print
+        shutil.copytree(tiny_model, tmp_path / "124M")
+        argv += ["--models_dir", str(tmp_path)]
+    else:
+        argv += ["--model_name", "tiny", "--models_dir", str(models_dir)]
+    monkeypatch.setattr("sys.stdin", io.StringIO("the river\n"))
+    with open("/dev/full", "w") as full:
+        monkeypatch.setattr("sys.stdout", full)
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+    assert exit.value.code == f"error: {message}: free some space and run again"
+
+
+def test_unconditional_to_a_full_stdout_ends_in_one_line(models_dir):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "generate_unconditional.py"), "--model_name",
+                                 "tiny", "--models_dir", str(models_dir), "--nsamples", "3", "--length", "5"],
+                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr == ("error: disk full after 0 complete samples (writing standard output): "
+                             "free some space and run again\n")
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 256 KiB tmpfs at tmp_path/small, filled up to its last 4 KiB page; skipped where it cannot be mounted."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (it needs root): {result.stderr.strip()}")
+    try:
+        stats = os.statvfs(mount)
+        (mount / "filler").write_bytes(b"x" * (stats.f_bavail * stats.f_frsize - 4096))
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_output_on_a_full_filesystem_keeps_whole_samples(models_dir, small_filesystem):
+    output = small_filesystem / "samples.jsonl"
+    result = run("generate_unconditional.py", "--nsamples", "100", "--batch_size", "4", "--length", "60",
+                 "--ignore_eot", "--output", str(output), models_dir=models_dir)
+    records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    n = len(records)
+    assert 0 < n < 100 and output.read_bytes().endswith(b"\n")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].endswith(f"error: disk full after {n} complete samples (writing {output}): "
+                                                   "free some space and run again")
+
+
 def test_console_commands_point_at_the_cli():
     """pyproject's console commands name functions that exist; once installed, they run."""
     import importlib
-    import shutil
     import tomllib
 
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:

@@ -1,14 +1,17 @@
 """The real download code over real HTTP, against the project's local mirror and its faults."""
+import fcntl
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
+import gpt2
 from gpt2.folders import MODEL_FILES
 from gpt2.download import download_model
 from gpt2.errors import GPT2Error
@@ -220,3 +223,91 @@ def test_generate_fetches_its_model_on_first_use(mirror, tmp_path):
     assert "Fetching model 124M" in result.stderr
     assert "=" * 40 + " SAMPLE 1 " + "=" * 40 in result.stdout
     assert sorted(os.listdir(tmp_path / "124M")) == sorted(MODEL_FILES)
+
+
+def catch(function, *args):
+    """[] if function(*args) returns, [the exception] if it raises: a thread's failure, for the test to see."""
+    try:
+        function(*args)
+        return []
+    except Exception as e:  # noqa: BLE001  (asserted on by the caller)
+        return [e]
+
+
+def wait_for_part(part, deadline=60):
+    """Wait until a download is midway through writing `part`."""
+    end = time.monotonic() + deadline
+    while not (part.exists() and part.stat().st_size > 0):
+        assert time.monotonic() < end, f"{part} did not appear"
+        time.sleep(0.02)
+
+
+def test_two_downloads_of_one_model_at_once_give_one_whole_copy(mirror_root, tmp_path):
+    """The second process waits for the first instead of resuming its live .part; both succeed."""
+    with ModelMirror(mirror_root, rate=25_000) as mirror:  # the 200 kB data file takes 8 s
+        command = [sys.executable, os.path.join(ROOT, "download_model.py"), "124M", "--models_dir", str(tmp_path),
+                   "--base_url", mirror.url]
+        first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for_part(tmp_path / "124M" / (DATA + ".part"))
+        second = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        second_out, second_err = second.communicate(timeout=120)
+        first_out, first_err = first.communicate(timeout=120)
+        assert first.poll() is not None and first.returncode == 0, first_err
+    assert second.returncode == 0, second_err
+    assert f"waiting for another download of 124M into {tmp_path / '124M'} to finish" in second_err  # they overlapped
+    assert "124M: complete" in first_out and "124M: complete" in second_out
+    assert_same_files(mirror_root, tmp_path / "124M")  # and nothing else: no .part, no lock file
+    assert sorted(r[1] for r in mirror.requests if r[0] == "GET") == sorted(MODEL_FILES)  # each fetched once
+
+
+def test_two_first_uses_at_once_load_one_download(mirror_root, tmp_path, capsys):
+    """A notebook and a terminal (here two threads) that both load a model not yet downloaded."""
+    models, errors = [], []
+
+    def load():
+        errors.extend(catch(lambda: models.append(gpt2.load("124M", str(tmp_path), base_url=mirror.url))))
+
+    with ModelMirror(mirror_root, rate=50_000) as mirror:
+        threads = [threading.Thread(target=load) for _ in range(2)]
+        threads[0].start()
+        wait_for_part(tmp_path / "124M" / (DATA + ".part"))
+        threads[1].start()
+        for thread in threads:
+            thread.join(120)
+    assert errors == [] and len(models) == 2
+    assert models[0].decode(models[0].encode("the mill")) == models[1].decode(models[1].encode("the mill"))
+    assert "waiting for another download of 124M" in capsys.readouterr().err
+    assert_same_files(mirror_root, tmp_path / "124M")
+    assert sorted(r[1] for r in mirror.requests if r[0] == "GET") == sorted(MODEL_FILES)
+
+
+def test_a_download_that_makes_no_progress_is_waited_for_then_named(mirror, mirror_root, tmp_path):
+    (tmp_path / "124M").mkdir()
+    lock = os.open(tmp_path / "124M" / ".download.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as a stopped download (Ctrl-Z) holds it
+    try:
+        with pytest.raises(GPT2Error, match=f"another download of 124M into {tmp_path / '124M'} has made no progress "
+                                            "for 0.5 s: stop it, then rerun to finish the download"):
+            fetch(mirror, tmp_path, lock_timeout=0.5)
+    finally:
+        os.close(lock)
+    assert mirror.requests == []
+    fetch(mirror, tmp_path)  # the lock died with its holder
+    assert_same_files(mirror_root, tmp_path / "124M")
+
+
+def test_the_file_on_disk_is_checked_not_the_bytes_received(mirror, mirror_root, tmp_path):
+    """Bytes of the .part changed on disk while it downloads (another writer, a bad disk) are caught by the
+    checksum of what is on disk, and the file is fetched again."""
+    mirror.rate = 50_000
+    errors = []
+    thread = threading.Thread(target=lambda: errors.extend(catch(fetch, mirror, tmp_path)))
+    thread.start()
+    part = tmp_path / "124M" / (DATA + ".part")
+    wait_for_part(part)
+    with open(part, "r+b") as f:
+        f.write(b"\xff" * 16)
+    thread.join(120)
+    assert errors == []
+    assert [status for _, status, _ in gets(mirror, DATA)] == [200, 200]
+    assert_same_files(mirror_root, tmp_path / "124M")

@@ -86,8 +86,8 @@ def test_bits_per_byte_counts_bytes_not_characters(model):
 
 
 def test_text_is_read_in_pieces_that_encode_as_the_whole(model):
-    """A text over 20 times longer than a piece: read a piece at a time, the tokens are the whole text's."""
-    text = (SAMPLE_TEXT + "\n\n  spaces   and\ttabs\n") * 20
+    """A text 40 times longer than a piece: read a piece at a time, the tokens are the whole text's."""
+    text = (SAMPLE_TEXT + "\n\n  spaces   and\ttabs\n") * 30
     read = []
 
     class Recording(io.StringIO):

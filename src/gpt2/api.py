@@ -10,14 +10,16 @@
 The command-line scripts are thin callers of this module.
 """
 import collections
+import os
 import sys
 
 import numpy as np
 
 from . import tensorflow_quietly  # noqa: F401  (first: TensorFlow starts without its C++ start-up lines)
-from .arguments import ArgumentError, check_dtype, check_sampling, check_seed, check_stop, new_seed, whole
+from .arguments import (ArgumentError, check_dtype, check_first_sample, check_path, check_sampling, check_seed,
+                        check_stop, check_text, new_seed, whole)
 from .checkpoint import load_params, save_model
-from .decode import sample_chunks
+from .decode import decoding_memory, sample_chunks
 from .download import download_model
 from .encoder import read_encoder
 from .errors import GPT2Error
@@ -38,7 +40,7 @@ def load(model_name="124M", models_dir=None, *, dtype="float32", base_url=None, 
     "float32" (as stored), or "float16" / "bfloat16" for half the memory (faster on GPUs).
     """
     check_dtype(dtype)  # before any download
-    models_dir = models_dir or default_models_dir()
+    models_dir = default_models_dir() if models_dir is None else check_path("models_dir", models_dir)
     try:
         model_dir = find_model_dir(model_name, models_dir)
     except GPT2Error:
@@ -62,6 +64,7 @@ class GPT2:
     @classmethod
     def from_folder(cls, model_dir, dtype="float32"):
         """The model in a folder of OpenAI's layout (hparams.json, model.ckpt.*, encoder.json, vocab.bpe)."""
+        model_dir = check_path("model_dir", model_dir)
         hparams = read_hparams(model_dir)
         return cls(hparams, load_params(model_dir, hparams, dtype), read_encoder(model_dir), model_dir)
 
@@ -71,7 +74,8 @@ class GPT2:
         Every tool that reads OpenAI's checkpoints can load it; the folder appears whole or not at
         all. `write_more(folder)` may add files to it first.
         """
-        return save_model(model_dir, self.hparams, self.params, self.model_dir, write_more)
+        return save_model(check_path("model_dir", model_dir), self.hparams, self.params, self.model_dir,
+                          write_more)
 
     def encode(self, text):
         return self.encoder.encode(text)
@@ -99,7 +103,7 @@ class GPT2:
         of n tokens leaves room for n_ctx + 1 - n new ones. With `truncate_prompt`, a prompt that is
         too long keeps only its last tokens; otherwise it is an error that says how many are left.
         """
-        tokens = self.encode(prompt) if prompt else [self.encoder.eot_token]
+        tokens = self.encode(prompt) if check_text("prompt", prompt) else [self.encoder.eot_token]
         n_ctx = self.hparams.n_ctx
         room = n_ctx + 1 - self.sample_length(length, prompt)
         if len(tokens) <= room:
@@ -129,6 +133,7 @@ class GPT2:
         flags = self._sampling_flags(length, temperature, top_k, top_p, seed, first_sample, stop)
         length = self.sample_length(length, prompts[0])
         rows = [(p, self.context(p, length, truncate_prompt)) for p in prompts for _ in range(nsamples)]
+        self._check_memory(min(batch_size, len(rows)), max(len(context) for _, context in rows), length, batch_size)
         texts = []
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
@@ -170,7 +175,7 @@ class GPT2:
     def _sampling_flags(length, temperature, top_k, top_p, seed, first_sample, stop):
         """The sampling arguments, checked; a fresh seed for None."""
         check_sampling(length, temperature, top_k, top_p)
-        whole("first_sample", first_sample, 0)
+        check_first_sample(first_sample)
         seed = check_seed(seed)
         return dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=new_seed() if seed is None else seed,
                     stop=check_stop(stop))
@@ -180,6 +185,26 @@ class GPT2:
                              top_k=flags["top_k"], top_p=flags["top_p"], seed=flags["seed"],
                              first_sample=first_sample, stop_token=self._stop_token(ignore_eot),
                              chunk_size=chunk_size)
+
+    def _check_memory(self, rows, context_len, length, batch_size):
+        """Refuse a batch that would not fit in memory, before TensorFlow allocates it.
+
+        Without this, a batch of 4096 rows of 1024 tokens on 124M (about 600 GB) grew for a minute
+        toward the machine's limit. On a GPU the memory that counts is the GPU's, which TensorFlow
+        does not tell, and its allocation fails at once instead.
+        """
+        available = None if "GPU" in self.params["wte"].device else available_memory()
+        if available is None:
+            return
+        need = decoding_memory(self.hparams, rows, context_len, length, self.params["wte"].dtype.size)
+        if need <= available:
+            return
+        fits = available * rows // need
+        advice = (f"use {{batch_size}} {fits} or less" if fits else
+                  f"not even one sample of {length} tokens fits: lower {{length}} or free some memory")
+        raise ArgumentError(f"{{batch_size}} {batch_size} with {{length}} {length} needs about {byte_size(need)} of "
+                            f"memory beyond the model's weights, but {byte_size(available)} is available: {advice}",
+                            "batch_size", "length")
 
     def _stop_token(self, ignore_eot):
         return None if ignore_eot else self.encoder.eot_token
@@ -237,6 +262,35 @@ class GPT2:
                                      stride=stride, batch_size=batch_size):
             scored = True
             yield np.array([pending.popleft() for _ in logprobs], np.int64), logprobs
+
+
+def available_memory():
+    """Bytes of memory this process can still take: the system's MemAvailable, or less where a
+    control group (a container) limits it; None where neither can be read."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            pass
+    cgroups = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # v2, then v1
+               ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+    for limit, usage in cgroups:
+        try:
+            with open(limit) as f_limit, open(usage) as f_usage:
+                room = int(f_limit.read()) - int(f_usage.read())
+        except (OSError, ValueError):  # absent, or "max": no limit
+            continue
+        available = room if available is None else min(available, room)
+        break
+    return available
+
+
+def byte_size(n):
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def check_prompts(prompt, several=True, name="prompt"):

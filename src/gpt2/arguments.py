@@ -5,6 +5,7 @@ loads anything, and shows each name as its flag (`top_p` becomes `--top_p`) thro
 `ArgumentError.worded`. No TensorFlow here: a command's flags are checked before TensorFlow starts.
 """
 import numbers
+import os
 import random
 
 from .errors import GPT2Error
@@ -65,6 +66,14 @@ def check_seed(seed):
     return seed
 
 
+def check_first_sample(first_sample):
+    """`first_sample`, the number of a seed's first sample: a whole number that leaves the rows counted on from
+    it room in 64 bits."""
+    if not is_whole(first_sample) or not 0 <= first_sample < 2 ** 62:
+        raise must("first_sample", "a whole number from 0 to 2**62 - 1", first_sample)
+    return first_sample
+
+
 def new_seed():
     return random.SystemRandom().randrange(2 ** 31)
 
@@ -81,6 +90,34 @@ def check_stop(stop):
     if not all(stop):
         raise must("stop", "text that ends a sample, never an empty string", stop)
     return list(stop)
+
+
+def check_path(name, path):
+    """`path` (a str or os.PathLike) as a str."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise must(name, "a path (a string or os.PathLike)", path)
+    return os.fspath(path)
+
+
+def check_text(name, text):
+    if not isinstance(text, str):
+        raise must(name, "a string", text)
+    return text
+
+
+def check_tokens(tokens, n_vocab):
+    """`tokens` as a list of ints: a list, tuple or 1-D NumPy array of ids of a vocabulary of n_vocab tokens."""
+    requirement = f"token ids: whole numbers from 0 to {n_vocab - 1}"
+    if getattr(tokens, "ndim", None) == 1 and tokens.dtype.kind in "iu":  # a NumPy array, checked at NumPy's speed
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= n_vocab):
+            raise must("tokens", requirement, tokens[(tokens < 0) | (tokens >= n_vocab)][0].item())
+        return tokens.tolist()
+    if not isinstance(tokens, (list, tuple)):
+        raise must("tokens", "a list of " + requirement, tokens)
+    for token in tokens:
+        if not is_whole(token) or not 0 <= token < n_vocab:
+            raise must("tokens", requirement, token)
+    return [int(token) for token in tokens]
 
 
 def check_dtype(dtype):

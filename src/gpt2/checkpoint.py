@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from .arguments import check_dtype
 from .errors import GPT2Error
-from .folders import VOCAB_FILES, write_hparams
+from .folders import VOCAB_FILES, read_error, write_hparams
 
 CKPT_PREFIX = "model.ckpt"
 
@@ -47,9 +47,23 @@ def load_params(model_dir, hparams, dtype="float32"):
     check_dtype(dtype)
     prefix = os.path.join(model_dir, CKPT_PREFIX)
     shapes = variable_shapes(hparams)
+    data_file = prefix + ".data-00000-of-00001"
+    for path in (prefix + ".index", data_file):
+        try:  # TensorFlow would call an unreadable file damaged
+            open(path, "rb").close()
+        except OSError as e:
+            raise read_error(path, e) from e
     try:
         reader = tf.train.load_checkpoint(prefix)
         stored = reader.get_variable_to_shape_map()
+        # Both ways: a model variable that hparams.json does not ask for (n_layer 1 against a 2-layer
+        # checkpoint) would otherwise be left out silently. Other variables (a training step count,
+        # an optimizer's slots) are no part of the model.
+        unasked = sorted(name for name in stored if name.startswith("model/") and name not in shapes)
+        if unasked:
+            listed = ", ".join(unasked[:3]) + (", ..." if len(unasked) > 3 else "")
+            raise GPT2Error(f"{prefix} has {len(unasked)} model variables that hparams.json does not account for "
+                            f"({listed}): the folder mixes files of different models, download it again")
         for name, shape in shapes.items():
             if name not in stored:
                 raise GPT2Error(f"{prefix} has no variable {name}: it is not a GPT-2 checkpoint of this "
@@ -57,7 +71,6 @@ def load_params(model_dir, hparams, dtype="float32"):
             if list(stored[name]) != shape:
                 raise GPT2Error(f"{prefix}: {name} has shape {list(stored[name])} but hparams.json asks for "
                                 f"{shape}: the folder mixes files of different models, download it again")
-        data_file = prefix + ".data-00000-of-00001"
         needed = sum(int(np.prod(shape)) * 4 for shape in shapes.values())
         if os.path.getsize(data_file) < needed:
             raise GPT2Error(f"{data_file} is truncated ({os.path.getsize(data_file)} of at least {needed} bytes): "

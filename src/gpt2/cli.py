@@ -7,26 +7,41 @@ Every flag is checked before TensorFlow starts (gpt2.api, which imports it, is i
 model is loaded), and Ctrl-C at any moment, start-up included, ends a command with one line and
 exit status 130.
 """
+import contextlib
+import difflib
+import errno
+import inspect
 import json
 import math
 import os
+import re
 import sys
 
 from tqdm import tqdm
 
 from .arguments import ArgumentError, check_dtype, check_sampling, check_seed, check_stop, new_seed, whole
 from .errors import GPT2Error, Interrupted
+from .folders import check_model_name
 
 PROMPT = "Model prompt >>> "
 MORE = "... "
+# A --prompt_file longer than this is shown by its first lines and its size.
+SHOWN_LINES = 10
+SHOWN_CHARS = 2000
 
 
 def banner(n):
     return "=" * 40 + " SAMPLE " + str(n) + " " + "=" * 40
 
 
-def check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype, unconditional=False):
+class WriteFailed(GPT2Error):
+    """A write to --output or stdout failed (a full disk), with what was written whole before it."""
+
+
+def check_flags(model_name, nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype,
+                unconditional=False):
     """The seed to use (one for the whole run), after checking every flag; an ArgumentError names the first bad one."""
+    check_model_name(model_name)
     whole("nsamples", nsamples, 0 if unconditional else 1)
     whole("batch_size", batch_size, 1)
     if nsamples % batch_size:
@@ -42,6 +57,16 @@ def check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, s
 def load_model(model_name, models_dir, dtype):
     from .api import load  # starts TensorFlow: only once the flags are known to be right
     return load(model_name, models_dir, dtype=dtype)
+
+
+def shown_prompt(text, file_name):
+    """A prompt read from a file as the prompt line shows it: whole, or if it is long (a whole book
+    would scroll for minutes) its first lines and its size."""
+    if text.count("\n") < SHOWN_LINES and len(text) <= SHOWN_CHARS:
+        return PROMPT + text.replace("\n", "\n" + MORE)
+    head = "\n".join(text.split("\n", SHOWN_LINES)[:SHOWN_LINES])[:SHOWN_CHARS]
+    return (PROMPT + head.replace("\n", "\n" + MORE) + f"\n{MORE}[... {file_name} has {len(text.encode('utf-8')):,} "
+            f"bytes and {text.count(chr(10)) + 1:,} lines in all]")
 
 
 def read_prompt():
@@ -75,7 +100,7 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
     A prompt line that ends with a backslash continues on the next line. Ctrl-C while a sample is
     being written stops that sample and returns to the prompt.
     """
-    seed = check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype)
+    seed = check_flags(model_name, nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype)
     first_prompt = None
     if prompt_file is not None:
         try:
@@ -97,7 +122,7 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
         try:
             if first_prompt is not None:
                 raw_text, first_prompt = first_prompt, None
-                print(PROMPT + raw_text.replace("\n", "\n" + MORE))
+                print(shown_prompt(raw_text, prompt_file))
             else:
                 raw_text = read_prompt()
             while not raw_text:
@@ -141,11 +166,12 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
     first_sample=sample_index, ...)` gives it again). The other flags are as for
     generate_interactive.py.
     """
-    seed = check_flags(nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype, unconditional=True)
+    seed = check_flags(model_name, nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype,
+                       unconditional=True)
     model = load_model(model_name, models_dir, dtype)
     length = model.sample_length(length, prompt="")
     flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eot=ignore_eot)
-    out_file = open_output(output) if output else None
+    out_file = OutputFile(output) if output else None
     as_jsonl = str(output).endswith(".jsonl")
     progress = tqdm(total=nsamples or None, unit="sample", disable=out_file is None, file=sys.stderr)
     generated = 0
@@ -156,13 +182,14 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
             for text in texts:
                 generated += 1
                 shown = banner(generated) + "\n" + text + "\n"
-                print(shown, end="", flush=True)
-                if out_file:
-                    record = json.dumps({"number": generated, "text": text, "sample_index": generated - 1,
-                                         "model_name": str(model_name), "dtype": dtype, "length": length,
-                                         **flags},
-                                        ensure_ascii=False) + "\n" if as_jsonl else shown
-                    out_file.write(record.encode("utf-8"))
+                with writing(f"{generated - 1} complete samples"):
+                    print(shown, end="", flush=True)
+                    if out_file:
+                        record = json.dumps({"number": generated, "text": text, "sample_index": generated - 1,
+                                             "model_name": str(model_name), "dtype": dtype, "length": length,
+                                             **flags},
+                                            ensure_ascii=False) + "\n" if as_jsonl else shown
+                        out_file.write(record.encode("utf-8"))
                 progress.update(1)
     except KeyboardInterrupt as e:
         raise Interrupted(f"interrupted after {generated} complete samples") from e
@@ -186,6 +213,7 @@ def score_files(*files, model_name="124M", models_dir=None, stride=None, batch_s
     """
     if not files:
         raise GPT2Error("name the text files to score (- reads standard input)")
+    check_model_name(model_name)
     if stride is not None:
         whole("stride", stride, 1)
     whole("batch_size", batch_size, 1)
@@ -197,42 +225,52 @@ def score_files(*files, model_name="124M", models_dir=None, stride=None, batch_s
         if name != "-":
             open_text(name).close()
     model = load_model(model_name, models_dir, dtype)
-    from .score import text_pieces  # after TensorFlow started quietly (gpt2.api)
+    from .score import text_pieces  # after gpt2.api, which starts TensorFlow without its C++ start-up lines
 
     stride = model.window_stride(stride)
-    out_file = open_output(output) if output else None
+    out_file = OutputFile(output) if output else None
     summaries = []
+    recorded = 0  # tokens whose records are in --output x.jsonl
     try:
         for name in files:
             summary = dict(file=name, tokens=0, bytes=0, logprob=0.0)
             summaries.append(summary)
+            # disable=None: a bar only on a terminal; piped, stderr keeps the error alone on its line.
             with open_text(name) as text_file, tqdm(desc=name, unit="B", unit_scale=True, leave=False,
                                                     total=None if name == "-" else os.path.getsize(name),
-                                                    file=sys.stderr, disable=None) as progress:  # terminals only
+                                                    file=sys.stderr, disable=None) as progress:
                 try:
                     for tokens, logprobs in model.score_pieces(text_pieces(text_file), stride, batch_size=batch_size):
                         n_bytes = len(model.encoder.decode_bytes(tokens))
                         if output and output.endswith(".jsonl"):
-                            out_file.write("".join(json.dumps(
+                            records = "".join(json.dumps(
                                 {"file": name, "index": summary["tokens"] + i, "token": int(token),
                                  "text": model.decode([token]), "logprob": float(logprob)}, ensure_ascii=False) + "\n"
-                                for i, (token, logprob) in enumerate(zip(tokens, logprobs))).encode("utf-8"))
+                                for i, (token, logprob) in enumerate(zip(tokens, logprobs)))
+                            with writing(f"the records of {recorded} tokens"):
+                                out_file.write(records.encode("utf-8"))
+                            recorded += len(tokens)
                         summary["tokens"] += len(tokens)
                         summary["bytes"] += n_bytes
                         summary["logprob"] += float(logprobs.sum())
                         progress.update(n_bytes)
                 except UnicodeDecodeError as e:
                     raise GPT2Error(f"{name} is not UTF-8 text ({e.reason}): save it as UTF-8 first") from e
+                except WriteFailed:
+                    raise
                 except GPT2Error as e:  # an empty file
                     raise GPT2Error(f"{name}: {e}") from e
-            print(score_line(summary), flush=True)
+            with writing(""):
+                print(score_line(summary), flush=True)
         if len(files) > 1:
             total = dict(file="total", **{k: sum(s[k] for s in summaries) for k in ("tokens", "bytes", "logprob")})
-            print(score_line(total))
+            with writing(""):
+                print(score_line(total), flush=True)
             summaries.append(total)
         if output and output.endswith(".json"):
-            out_file.write((json.dumps([score_summary(s) for s in summaries], indent=2, ensure_ascii=False) + "\n")
-                           .encode("utf-8"))
+            with writing(""):
+                out_file.write((json.dumps([score_summary(s) for s in summaries], indent=2, ensure_ascii=False)
+                                + "\n").encode("utf-8"))
     except KeyboardInterrupt as e:
         done = sum(s["tokens"] for s in summaries)
         raise Interrupted(f"interrupted after scoring {done} tokens") from e
@@ -252,11 +290,73 @@ def open_text(name):
 
 
 def open_output(output):
-    """The file --output, open for writes that each reach the file whole: a killed run leaves whole records."""
+    """The file --output, open for writes that go straight to the file (no buffer that a killed run would lose)."""
+    return open(output, "wb", buffering=0)
+
+
+class OutputFile:
+    """The file --output, written a whole record at a time.
+
+    A killed run leaves whole records. A write that the system takes only in part is completed, and
+    one that fails (a full disk) is rolled back to the end of the last whole record before its
+    OSError, with the file's name, is raised.
+    """
+
+    def __init__(self, path):
+        self.path = str(path)
+        try:
+            self._file = open_output(path)
+        except OSError as e:
+            raise GPT2Error(f"cannot write --output {path}: {e.strerror}") from e
+        self._whole = 0  # bytes of whole records: the file's length between two writes
+
+    def write(self, record):
+        rest = memoryview(record)
+        try:
+            while rest:
+                rest = rest[self._file.write(rest):]
+        except OSError as e:
+            with contextlib.suppress(OSError):  # not a regular file (a pipe, /dev/full): nothing to take back
+                self._file.truncate(self._whole)
+                self._file.seek(self._whole)
+            raise OSError(e.errno, e.strerror, self.path) from e
+        self._whole += len(record)
+
+    def close(self):
+        self._file.close()
+
+
+@contextlib.contextmanager
+def writing(done):
+    """Writes to --output or stdout: an OSError (a full disk) becomes one line that says what was
+    written whole before it (`done`: "3 complete samples", or "" for nothing worth counting)."""
     try:
-        return open(output, "wb", buffering=0)
+        yield
     except OSError as e:
-        raise GPT2Error(f"cannot write --output {output}: {e.strerror}") from e
+        raise WriteFailed(write_failure(e, done)) from e
+
+
+def write_failure(error, done):
+    """The message for an OSError of a write to --output or stdout, after `done` was written whole."""
+    where = error.filename or "standard output"
+    after = f" after {done}" if done else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full{after} (writing {where}): free some space and run again"
+    return f"cannot write {where}{after}: {error.strerror}"
+
+
+def stdout_is_broken():
+    """Whether stdout cannot take what is buffered for it (a full disk). If so it is pointed at
+    /dev/null, so that Python's own flush at exit does not end the command with a traceback."""
+    try:
+        sys.stdout.flush()
+        return False
+    except OSError:
+        with contextlib.suppress(OSError, ValueError):  # a replacement stream may have no file descriptor
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return True
 
 
 def score_summary(summary):
@@ -294,26 +394,66 @@ def flag_wording(error):
     return error.worded("--") if isinstance(error, ArgumentError) else str(error)
 
 
+def check_flag_names(command, argv):
+    """Refuse a flag that `command` has no parameter for, before anything is loaded.
+
+    fire reports such a flag only after the command has run ("Could not consume arg"), which for
+    `generate_unconditional.py --ouput x` is never. A flag is what fire takes for one: `--name`,
+    `--name=value` or `-name` (hyphens in the name read as underscores), up to a lone `--`, after
+    which come fire's own flags.
+    """
+    parameters = inspect.signature(command).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    names = [p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    for argument in argv:
+        if argument == "--":
+            break
+        if not re.match(r"--|-[a-zA-Z]", argument):
+            continue
+        key = argument.lstrip("-").split("=", 1)[0].replace("-", "_")
+        if key in names or (key.startswith("no") and key[2:] in names) or key in ("help", "h"):
+            continue  # --noname sets a switch off; --help and -h are fire's
+        if len(key) == 1:  # fire's shortcut: the one parameter that starts with this letter
+            starting = [name for name in names if name.startswith(key)]
+            if len(starting) == 1:
+                continue
+            if starting:
+                raise GPT2Error(f"ambiguous flag -{key}: use one of {', '.join('--' + n for n in starting)}")
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f"did you mean --{close[0]}?" if close else f"the flags are {', '.join('--' + n for n in names)}"
+        raise GPT2Error(f"unknown flag {argument.split('=', 1)[0]}: {hint}")
+
+
+def without_fire_separator(argv):
+    """argv with fire's separator set to one that no argument can hold (a NUL).
+
+    fire reads a lone "-" as the separator between chained calls, which these commands never make:
+    `score.py - --model_name tiny` would score no stdin and ignore every flag after the "-". fire's
+    own flags go after a final "--".
+    """
+    if "--" in argv:  # the user's fire flags (-- --help) follow the last one
+        at = len(argv) - argv[::-1].index("--")
+        return argv[:at] + ["--separator", "\0"] + argv[at:]
+    return argv + ["--", "--separator", "\0"]
+
+
 def run(command, argv=None):
     """Parse flags with fire and run `command`; user errors become one line on stderr.
 
     Ctrl-C exits with status 130 (128 + SIGINT, as a shell reports a command it interrupted).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # fire takes a lone "-" as the separator of chained commands; here "-" means standard input.
-    # fire reads its own flags after the last "--".
-    if "--" in argv:
-        argv.insert(len(argv) - argv[::-1].index("--"), "--separator=\x1e")
-    else:
-        argv += ["--", "--separator=\x1e"]
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        check_flag_names(command, argv)
         # Any console encoding: text it cannot show becomes '?', bytes it cannot read become U+FFFD.
         for stream in (sys.stdout, sys.stdin):
             if hasattr(stream, "reconfigure"):  # not every replacement stream (notebooks, pytest) has it
                 stream.reconfigure(errors="replace")
         import fire
 
-        fire.Fire(command, command=argv, name=os.path.basename(sys.argv[0]))
+        fire.Fire(command, command=without_fire_separator(argv), name=os.path.basename(sys.argv[0]))
+        sys.stdout.flush()  # what print left in the buffer goes out now, where a failure is still reported
     except Interrupted as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(130)
@@ -325,6 +465,12 @@ def run(command, argv=None):
     except BrokenPipeError:  # the reader went away (`... | head`): nothing more to say
         sys.stderr.close()
         os._exit(0)
+    except OSError as e:
+        if not stdout_is_broken():  # not stdout's: a failure nobody foresaw, shown whole
+            raise
+        sys.exit(f"error: {write_failure(e, '')}")
+    finally:
+        stdout_is_broken()
 
 
 def interactive_main(argv=None):

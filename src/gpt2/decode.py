@@ -87,6 +87,23 @@ def plan_batch(contexts, length, n_ctx):
                  cache_len=bucket(rest.shape[1] + length - 1, n_ctx - n_shared))
 
 
+def decoding_memory(hparams, rows, context_len, length, itemsize):
+    """About how many bytes decoding `rows` rows of up to `context_len` prompt tokens and `length`
+    new ones needs beyond the weights, in weights of `itemsize` bytes; it grows with the rows.
+
+    The cache dominates: keys and values of every layer and slot, twice while a compiled call
+    returns the updated copy of its input (1558M at batch 1: a 0.47 GB cache, 1.66 GB at its peak
+    beyond the loaded weights, TensorFlow's own included). Then the prompt's pass, whose largest
+    pieces are one layer's attention scores (float32, and the softmax of them) and MLP activations,
+    and each step's float32 logits with the copies that sampling makes of them.
+    """
+    cache_len = bucket(context_len + length - 1, hparams.n_ctx)  # as plan_batch lays it out, unshared
+    cache = 2 * hparams.n_layer * cache_len * hparams.n_embd * itemsize
+    prompt_pass = context_len * (2 * hparams.n_head * cache_len * 4 + 2 * 4 * hparams.n_embd * itemsize)
+    step = 4 * hparams.n_vocab * 4
+    return rows * (2 * cache + prompt_pass + step)
+
+
 def raises_ctrl_c(function):
     """`function`, a tf.function, with Ctrl-C raised as the KeyboardInterrupt that Python raises.
 

@@ -1,18 +1,26 @@
 """Fetching model folders from OpenAI's storage (or a mirror), safely.
 
-Each file goes to `<file>.part` and is renamed only when it is complete: its size matches the
-server's, and its MD5 matches the server's checksum where one is sent (Azure Blob Storage sends
-`Content-MD5` for whole files and `x-ms-blob-content-md5` with every answer). A `.part` left by
-an interruption is resumed with an HTTP Range request; a server that ignores Range sends the
+Each file goes to `<file>.part` and is renamed only when it is complete: the file on disk has the
+server's size, and its MD5 matches the server's checksum where one is sent (Azure Blob Storage
+sends `Content-MD5` for whole files and `x-ms-blob-content-md5` with every answer). A `.part` left
+by an interruption is resumed with an HTTP Range request; a server that ignores Range sends the
 whole file again. Timeouts, dropped connections, server errors and bad checksums are retried
-with growing pauses, a bounded number of times.
+with growing pauses, a bounded number of times. One download at a time works in a model folder
+(a lock file in it): a second one, from another process or thread, waits for the first.
 """
 import base64
+import contextlib
 import errno
 import hashlib
 import os
 import re
+import sys
 import time
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; downloads of one model at once are not kept apart there
+    fcntl = None
 
 import requests
 from tqdm.auto import tqdm  # widgets in notebooks, text bars in terminals
@@ -22,6 +30,8 @@ from .errors import GPT2Error
 
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2"
 CHUNK = 1 << 16  # what an interruption loses at most
+LOCK_FILE = ".download.lock"  # in the model folder while a download works in it
+LOCK_POLL = 0.2  # seconds between two looks at a lock held by another download
 
 
 def default_base_url():
@@ -35,7 +45,9 @@ class _Retry(Exception):
 
 def check_model_names(model_names):
     """The canonical names of `model_names`; an unknown one is an error before anything is fetched."""
-    unknown = [str(name) for name in model_names if canonical_name(name) not in MODEL_NAMES]
+    # An empty name is shown quoted: "unknown model ''" rather than "unknown model :".
+    unknown = [str(name) if str(name).strip() else repr(str(name))
+               for name in model_names if canonical_name(name) not in MODEL_NAMES]
     if unknown or not model_names:
         valid = ", ".join(MODEL_NAMES + tuple(LEGACY_NAMES))
         raise GPT2Error(f"unknown model {', '.join(unknown)}: choose from {valid}" if unknown
@@ -44,18 +56,94 @@ def check_model_names(model_names):
 
 
 def download_model(model_name, models_dir=None, base_url=None, *, retries=5, backoff=1.0, timeout=30,
-                   progress=True):
-    """Fetch the files of `model_name` that are not yet in models_dir/<name>; returns that folder."""
+                   progress=True, lock_timeout=600):
+    """Fetch the files of `model_name` that are not yet in models_dir/<name>; returns that folder.
+
+    While another download works in that folder, this one waits (and says so) until it ends, or
+    until it has made no progress for `lock_timeout` seconds.
+    """
     [name] = check_model_names([model_name])
     model_dir = os.path.join(models_dir or default_models_dir(), name)
     base_url = (base_url or default_base_url()).rstrip("/")
-    todo = [f for f in MODEL_FILES if not os.path.isfile(os.path.join(model_dir, f))]
-    if not todo:
+    if not _missing_files(model_dir):
         return model_dir
     try:
         os.makedirs(model_dir, exist_ok=True)
     except OSError as e:
         raise GPT2Error(f"cannot create {model_dir} ({e.strerror}): choose another --models_dir") from e
+    with _only_download(model_dir, name, lock_timeout):
+        todo = _missing_files(model_dir)  # again: a download that held the folder may have fetched them
+        if todo:
+            _fetch_files(model_dir, name, base_url, todo, retries=retries, backoff=backoff, timeout=timeout,
+                         progress=progress)
+    return model_dir
+
+
+def _missing_files(model_dir):
+    return [f for f in MODEL_FILES if not os.path.isfile(os.path.join(model_dir, f))]
+
+
+@contextlib.contextmanager
+def _only_download(model_dir, name, lock_timeout):
+    """Hold model_dir/.download.lock (flock) while the block runs: one download of a folder at a time.
+
+    Two downloads into one folder would each write the other's `.part` files (a resume appends to
+    the live one; one renames what the other still writes). The second waits while the first
+    makes progress (the folder's files change), and gives up after lock_timeout seconds without
+    any. A lock dies with its process, so a killed download never blocks the next one. The file is
+    removed, still locked, on release; a waiter that got the lock of a removed file tries again.
+    """
+    if fcntl is None:
+        yield
+        return
+    path = os.path.join(model_dir, LOCK_FILE)
+    said = False
+    seen, since = None, time.monotonic()
+    while True:
+        try:
+            lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise GPT2Error(f"cannot create {path} ({e.strerror}): check the folder's permissions") from e
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            os.close(lock)
+            if not said:
+                print(f"waiting for another download of {name} into {model_dir} to finish", file=sys.stderr,
+                      flush=True)
+                said = True
+            now, state = time.monotonic(), _folder_state(model_dir)
+            if state != seen:
+                seen, since = state, now
+            elif now - since > lock_timeout:
+                raise GPT2Error(f"another download of {name} into {model_dir} has made no progress for "
+                                f"{lock_timeout:g} s: stop it, then rerun to finish the download") from e
+            time.sleep(LOCK_POLL)
+            continue
+        try:
+            locked_the_file_there = os.path.samestat(os.fstat(lock), os.stat(path))
+        except FileNotFoundError:
+            locked_the_file_there = False
+        if locked_the_file_there:
+            break
+        os.close(lock)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        os.close(lock)
+
+
+def _folder_state(model_dir):
+    """The names and sizes of a folder's files: they change while a download makes progress."""
+    try:
+        return sorted((entry.name, entry.stat().st_size) for entry in os.scandir(model_dir))
+    except OSError:
+        return None
+
+
+def _fetch_files(model_dir, name, base_url, todo, *, retries, backoff, timeout, progress):
     with requests.Session() as session:
         sizes = {f: _remote_size(session, f"{base_url}/models/{name}/{f}", timeout) for f in todo}
         total = sum(sizes.values()) if all(sizes.values()) else None
@@ -65,7 +153,6 @@ def download_model(model_name, models_dir=None, base_url=None, *, retries=5, bac
                 url = f"{base_url}/models/{name}/{f}"
                 _fetch(session, url, os.path.join(model_dir, f), total_bar, retries=retries, backoff=backoff,
                        timeout=timeout, progress=progress)
-    return model_dir
 
 
 def _remote_size(session, url, timeout):
@@ -108,12 +195,6 @@ def _fetch_once(session, url, partial, total_bar, done_before, timeout, progress
                 raise GPT2Error(f"{url} answered HTTP {response.status_code} {response.reason}: "
                                 "check the base URL")
             start, size = _content_range(response, have)
-            whole_md5 = hashlib.md5()
-            if start:
-                with open(partial, "rb") as f:
-                    for chunk in iter(lambda: f.read(CHUNK), b""):
-                        whole_md5.update(chunk)
-            body_md5 = hashlib.md5()
             total_bar.n = done_before + start  # bytes of earlier tries of this file are counted once
             total_bar.refresh()
             with open(partial, "ab" if start else "wb") as f, \
@@ -122,8 +203,6 @@ def _fetch_once(session, url, partial, total_bar, done_before, timeout, progress
                          position=1) as bar:
                 for chunk in response.iter_content(CHUNK):
                     f.write(chunk)
-                    whole_md5.update(chunk)
-                    body_md5.update(chunk)
                     bar.update(len(chunk))
                     total_bar.update(len(chunk))
     except requests.RequestException as e:
@@ -133,9 +212,11 @@ def _fetch_once(session, url, partial, total_bar, done_before, timeout, progress
             raise GPT2Error(f"the disk is full while writing {partial}: free some space and rerun the same "
                             "command to resume") from e
         raise GPT2Error(f"cannot write {partial} ({e.strerror}): check the folder's permissions") from e
+    # What is checked is the file on disk, not the bytes received: the file is what gets renamed into place.
     got = os.path.getsize(partial)
     if size is not None and got != size:
         raise _Retry(f"got {got} of {size} bytes")
+    whole_md5, body_md5 = _md5s_on_disk(partial, start)
     # Content-MD5 is the checksum of this answer's body; x-ms-blob-content-md5, Azure's, of the whole file.
     checks = [(response.headers.get("Content-MD5"), body_md5), (response.headers.get("x-ms-blob-content-md5"),
                                                                whole_md5)]
@@ -143,6 +224,26 @@ def _fetch_once(session, url, partial, total_bar, done_before, timeout, progress
         if expected and base64.b64encode(actual.digest()).decode() != expected:
             os.remove(partial)
             raise _Retry("the content did not match the server's MD5 checksum")
+
+
+def _md5s_on_disk(path, start):
+    """MD5s of the file at `path` as it is on disk: of all of it, and of its bytes from `start` on."""
+    whole_md5, body_md5 = hashlib.md5(), hashlib.md5()
+    try:
+        with open(path, "rb") as f:
+            before = start  # bytes of earlier answers, in the whole file's checksum only
+            while before:
+                chunk = f.read(min(CHUNK, before))
+                if not chunk:
+                    break
+                whole_md5.update(chunk)
+                before -= len(chunk)
+            for chunk in iter(lambda: f.read(CHUNK), b""):
+                whole_md5.update(chunk)
+                body_md5.update(chunk)
+    except OSError as e:
+        raise GPT2Error(f"cannot read back {path} ({e.strerror}): check the disk, then rerun") from e
+    return whole_md5, body_md5
 
 
 def _content_range(response, have):

@@ -13,7 +13,8 @@ from functools import lru_cache
 
 import tiktoken
 
-from .folders import find_model_dir
+from .arguments import check_text, check_tokens
+from .folders import find_model_dir, read_error
 from .errors import GPT2Error
 
 # GPT-2's pre-tokenizer: English contractions, runs of letters, of digits, of other symbols (each
@@ -64,6 +65,10 @@ class Encoder:
         if ids != ranks:
             # GPT-2's ids are exactly these ranks; tiktoken relies on it.
             raise GPT2Error("encoder.json and vocab.bpe do not match each other: download the model again")
+        if encoder[END_OF_TEXT] != len(ranks):
+            # GPT-2's <|endoftext|> is the last id; another would leave an id that no token has.
+            raise GPT2Error(f"encoder.json gives {END_OF_TEXT} the id {encoder[END_OF_TEXT]!r}, not {len(ranks)}: "
+                            "download the model again")
         self.eot_token = encoder[END_OF_TEXT]
         self.n_vocab = len(encoder)
         self._bpe = tiktoken.Encoding("gpt2-bpe", pat_str=PATTERN, mergeable_ranks=ranks,
@@ -71,15 +76,11 @@ class Encoder:
 
     def encode(self, text):
         """Token ids of `text` (a str), exactly as GPT-2's own encoder gives them."""
-        return self._bpe.encode_ordinary(text)
+        return self._bpe.encode_ordinary(check_text("text", text))
 
     def decode_bytes(self, tokens):
         """The bytes that `tokens` stand for; a multi-byte character may be cut at either end."""
-        try:
-            return self._bpe.decode_bytes([int(t) for t in tokens])
-        except KeyError as e:
-            raise GPT2Error(f"token id {e.args[0]} is outside this vocabulary of {self.n_vocab} tokens: "
-                            "the model's hparams.json and encoder.json do not match") from e
+        return self._bpe.decode_bytes(check_tokens(tokens, self.n_vocab))
 
     def decode(self, tokens):
         """The text of `tokens`; bytes that do not form UTF-8 become U+FFFD, as in GPT-2."""
@@ -117,8 +118,8 @@ def read_encoder(model_dir):
             encoder = json.load(f)
         with open(os.path.join(model_dir, "vocab.bpe"), encoding="utf-8") as f:
             lines = f.read().split("\n")
-    except FileNotFoundError as e:
-        raise GPT2Error(f"{e.filename} is missing: download the model again") from e
+    except OSError as e:
+        raise read_error(e.filename, e) from e
     except (ValueError, UnicodeDecodeError) as e:
         raise GPT2Error(f"the vocabulary in {model_dir} is damaged ({e.__class__.__name__}): "
                         "download the model again") from e

@@ -8,9 +8,10 @@ downloading and the commands' start-up need no TensorFlow.
 """
 import json
 import os
+import stat
 from typing import NamedTuple
 
-from .arguments import is_whole
+from .arguments import is_whole, must
 from .errors import GPT2Error
 
 
@@ -48,6 +49,13 @@ def canonical_name(model_name):
     return LEGACY_NAMES.get(str(model_name), str(model_name))
 
 
+def check_model_name(model_name):
+    """`model_name` as a string, checked not to be empty: an empty name is models_dir itself."""
+    if not str(model_name).strip():
+        raise must("model_name", f"one of {', '.join(MODEL_NAMES)} or the name of a model folder", model_name)
+    return str(model_name)
+
+
 def find_model_dir(model_name, models_dir=None):
     """The folder of `model_name` under `models_dir`, checked to hold the files loading needs.
 
@@ -55,7 +63,7 @@ def find_model_dir(model_name, models_dir=None):
     such as a fine-tuned model.
     """
     models_dir = models_dir or default_models_dir()
-    model_name = str(model_name)
+    model_name = check_model_name(model_name)
     path = os.path.join(models_dir, model_name)
     if not os.path.isdir(path):
         path = os.path.join(models_dir, canonical_name(model_name))
@@ -65,11 +73,33 @@ def find_model_dir(model_name, models_dir=None):
                             f"run `python download_model.py {canonical_name(model_name)}` to fetch it")
         raise GPT2Error(f"unknown model {model_name!r}: use one of {', '.join(MODEL_NAMES)} "
                         f"or the name of a model folder in {models_dir}")
-    missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(path, f))]
+    missing = [f for f in REQUIRED_FILES if not is_file(path, f)]
     if missing:
         raise GPT2Error(f"{path} is missing {', '.join(missing)}: download the model again "
                         f"(`python download_model.py {model_name}`)")
     return path
+
+
+def is_file(folder, name):
+    """Whether folder/name is a file; a folder that cannot be searched is an error, not a missing file."""
+    try:
+        return stat.S_ISREG(os.stat(os.path.join(folder, name)).st_mode)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise read_error(folder, e) from e
+
+
+def read_error(path, error):
+    """The GPT2Error for `path` that could not be read (an OSError): what is wrong and what to do.
+
+    Only a missing file calls for a new download; permissions are the user's to fix.
+    """
+    if isinstance(error, FileNotFoundError):
+        return GPT2Error(f"{path} is missing: download the model again")
+    if isinstance(error, PermissionError):
+        return GPT2Error(f"cannot read {path}: permission denied (check its owner and permissions)")
+    return GPT2Error(f"cannot read {path}: {error.strerror or error}")
 
 
 def read_hparams(model_dir):
@@ -79,6 +109,8 @@ def read_hparams(model_dir):
         with open(path, encoding="utf-8") as f:
             values = json.load(f)
         hparams = HParams(**{name: values[name] for name in HParams._fields})
+    except OSError as e:
+        raise read_error(path, e) from e
     except (ValueError, KeyError, TypeError) as e:
         raise GPT2Error(f"{path} is damaged ({e.__class__.__name__}: {e}): download the model again") from e
     for name, value in hparams._asdict().items():

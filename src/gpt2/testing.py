@@ -159,13 +159,15 @@ class ModelMirror:
         "bad_md5"       send the file with a wrong checksum
         "ignore_range"  answer a Range request with the whole file (200)
         "stall"         send half of the body, then nothing for `stall_seconds`
+    `rate` (bytes per second) sends every body that slowly, so that downloads take a while.
     `requests` lists what was asked: (method, file name, first byte asked, status, bytes of body it sends),
     logged before the answer goes out, so a client that has its answer finds its request here.
     """
 
-    def __init__(self, root, host="127.0.0.1", port=0, stall_seconds=5.0):
+    def __init__(self, root, host="127.0.0.1", port=0, stall_seconds=5.0, rate=None):
         self.root = str(root)
         self.stall_seconds = stall_seconds
+        self.rate = rate
         self.requests = []
         self._faults = {}
         self._lock = threading.Lock()
@@ -257,8 +259,12 @@ class _MirrorHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if send_body:
             try:
-                self.wfile.write(body)
-                self.wfile.flush()
+                piece = max(1, int(mirror.rate) // 20) if mirror.rate else len(body)  # a 20th of a second's worth
+                for offset in range(0, len(body), piece or 1):
+                    self.wfile.write(body[offset:offset + piece])
+                    self.wfile.flush()
+                    if mirror.rate:
+                        time.sleep(piece / mirror.rate)
                 if fault == "stall":
                     time.sleep(mirror.stall_seconds)
             except (BrokenPipeError, ConnectionResetError):
