@@ -1,25 +1,28 @@
 #!/usr/bin/env python3
 """Speed of GPT-2 sampling on this machine, on random weights of the real shapes.
 
-    python benchmarks/generate.py                 # 124M and 355M, batch 1 and 8
-    python benchmarks/generate.py --models 1558M  # any of 124M 355M 774M 1558M
+    python benchmarks/generate.py                   # 124M and 355M, batch 1 and 8, each flag set
+    python benchmarks/generate.py --flags top_k=40  # some of greedy, sample, top_k=40, top_p=0.9
+    python benchmarks/generate.py --models 1558M    # any of 124M 355M 774M 1558M
     python benchmarks/generate.py --dtype bfloat16
-    python benchmarks/generate.py --distinct      # each row of a batch with its own prompt
-    python benchmarks/generate.py --tiny          # a tiny model, to check that the script runs
+    python benchmarks/generate.py --distinct        # each row of a batch with its own prompt
+    python benchmarks/generate.py --tiny            # a tiny model, to check that the script runs
 
-For each model it prints: load time, compile time, prefill tokens/s for a 512-token prompt,
-decode tokens/s for 256 new tokens (median of --runs runs after a warm-up, with min and max),
-first-token latency and peak resident memory. The rows of a batch are samples of one prompt, as
-the command-line scripts make them (its tokens are computed and cached once for all rows), or
-with --distinct each row has a prompt of its own. Each model runs in its own process, so that its
-peak memory is its own. The same process measures the machine right before each run, so that
-both see the same machine on these shared hosts: its memory bandwidth (a NumPy float32
-matrix-vector product over as many bytes as the model's weights, at most 2 GiB) before each
-decode run, its float32 GEMM rate before each prefill run. Each decode rate is shown as a
-fraction of the bandwidth ceiling (every weight is read once per step), each prefill rate (prompt
-tokens computed per second) as a fraction of the GEMM rate: medians of the per-run fractions.
-Speed does not depend on the weights' values, so random ones measure it. The model folders are
-made once, in --models_dir.
+For each model, flag set and batch size it prints: compile time, prefill tokens/s for a
+512-token prompt, decode tokens/s for 256 new tokens (median of --runs runs after a warm-up, with
+min and max) and first-token latency; and for each model its load time and peak resident memory.
+The flag sets are those users run: greedy (temperature 0), top_k 40 and top_p 0.9 (temperature
+1), and with --flags also plain sampling from all tokens ("sample"). The rows of a batch are
+samples of one prompt, as the command-line scripts make them (its tokens are computed and cached
+once for all rows), or with --distinct each row has a prompt of its own. Each model runs in its
+own process, so that its peak memory is its own. The same process measures the machine right
+before each run, so that both see the same machine on these shared hosts: its memory bandwidth
+(a NumPy float32 matrix-vector product over as many bytes as the model's weights, at most 2 GiB)
+before each decode run, its float32 GEMM rate before each prefill run. Each decode rate is shown
+as a fraction of the bandwidth ceiling (every weight is read once per step), each prefill rate
+(prompt tokens computed per second) as a fraction of the GEMM rate: medians of the per-run
+fractions. Speed does not depend on the weights' values, so random ones measure it. The model
+folders are made once, in --models_dir.
 """
 import argparse
 import json
@@ -38,9 +41,10 @@ from gpt2.arguments import DTYPES  # noqa: E402
 from machine import forward_flops, machine_bandwidth, machine_gemm, parameter_count  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+FLAG_SETS = {"greedy": dict(temperature=0), "sample": {}, "top_k=40": dict(top_k=40), "top_p=0.9": dict(top_p=0.9)}
 
 
-def worker(model_dir, batches, prompt_len, new_tokens, runs, dtype, distinct):
+def worker(model_dir, flag_sets, batches, prompt_len, new_tokens, runs, dtype, distinct):
     """Measure one model in this process; print a JSON line with the numbers."""
     from gpt2 import GPT2
     from gpt2.decode import sample_chunks, shared_prefix_length
@@ -59,34 +63,35 @@ def worker(model_dir, batches, prompt_len, new_tokens, runs, dtype, distinct):
     gemm_flops = {batch: forward_flops(model.hparams, prompt_len) + (batch - 1) * (
         forward_flops(model.hparams, prompt_len) - forward_flops(model.hparams, n_shared[batch])) for batch in batches}
 
-    def timed(batch, length):
+    def timed(flags, batch, length):
         start, first = time.perf_counter(), None
-        for chunk in sample_chunks(model.params, model.hparams, prompts[batch], length, seed=1):
+        for chunk in sample_chunks(model.params, model.hparams, prompts[batch], length, seed=1, **FLAG_SETS[flags]):
             first = first or time.perf_counter() - start
         return time.perf_counter() - start, first
 
+    cases = [(flags, batch) for flags in flag_sets for batch in batches]
     warm_up = {}
-    for batch in batches:  # compiles the decoding loop and traces the prefill
-        warm_up[batch] = timed(batch, new_tokens)[0]
-        timed(batch, 1)
+    for flags, batch in cases:  # compiles the decoding loop and traces the prefill
+        warm_up[flags, batch] = timed(flags, batch, new_tokens)[0]
+        timed(flags, batch, 1)
     # The weights, caches and compiled code are all in memory now; the bandwidth measurement's
     # matrix, allocated from here on, must not count as the model's memory.
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-    runs_of = {batch: {"full": [], "prefill": [], "bandwidth": [], "gemm": []} for batch in batches}
+    runs_of = {case: {"full": [], "prefill": [], "bandwidth": [], "gemm": []} for case in cases}
     for _ in range(runs):
-        for batch in batches:
-            r = runs_of[batch]
+        for (flags, batch), r in runs_of.items():
             r["bandwidth"].append(machine_bandwidth(weight_bytes))
-            r["full"].append(timed(batch, new_tokens)[0])
+            r["full"].append(timed(flags, batch, new_tokens)[0])
             r["gemm"].append(machine_gemm())
-            r["prefill"].append(timed(batch, 1))
-    results = {"load_s": load_s, "peak_rss_gb": peak_rss_gb, "weight_bytes": weight_bytes, "batches": {}}
-    for batch, r in runs_of.items():
+            r["prefill"].append(timed(flags, batch, 1))
+    results = {"load_s": load_s, "peak_rss_gb": peak_rss_gb, "weight_bytes": weight_bytes, "cases": []}
+    for (flags, batch), r in runs_of.items():
         prefill_s = [p[0] for p in r["prefill"]]
         decode = [batch * (new_tokens - 1) / (f - p) for f, p in zip(r["full"], prefill_s)]
         prefill = [prefill_tokens[batch] / p for p in prefill_s]
-        results["batches"][batch] = {
-            "compile_s": warm_up[batch] - statistics.median(r["full"]),
+        results["cases"].append({
+            "flags": flags, "batch": batch,
+            "compile_s": warm_up[flags, batch] - statistics.median(r["full"]),
             "prefill_tok_s": statistics.median(prefill),
             "of_gemm": statistics.median(gemm_flops[batch] / p / (g * 1e9) for p, g in zip(prefill_s, r["gemm"])),
             "first_token_s": statistics.median(p[1] for p in r["prefill"]),
@@ -96,13 +101,15 @@ def worker(model_dir, batches, prompt_len, new_tokens, runs, dtype, distinct):
                                               for d, bw in zip(decode, r["bandwidth"])),
             "bandwidth_gb_s": statistics.median(r["bandwidth"]),
             "gemm_gflop_s": statistics.median(r["gemm"]),
-        }
+        })
     print(json.dumps(results))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["124M", "355M"])
+    parser.add_argument("--flags", nargs="+", default=["greedy", "top_k=40", "top_p=0.9"], choices=FLAG_SETS,
+                        help="how tokens are chosen")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     parser.add_argument("--new", type=int, default=256, help="new tokens")
@@ -114,7 +121,8 @@ def main():
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.batches, args.prompt, args.new, args.runs, args.dtype, args.distinct)
+        return worker(args.worker, args.flags, args.batches, args.prompt, args.new, args.runs, args.dtype,
+                      args.distinct)
 
     from gpt2.testing import make_model_folder
 
@@ -130,7 +138,8 @@ def main():
             make_model_folder(model_dir, None if name == "tiny" else name)
         out = subprocess.run([sys.executable, __file__, "--worker", model_dir, "--prompt", str(args.prompt),
                               "--new", str(args.new), "--runs", str(args.runs), "--dtype", args.dtype,
-                              "--batches", *map(str, args.batches)] + ["--distinct"] * args.distinct,
+                              "--flags", *args.flags, "--batches", *map(str, args.batches)]
+                             + ["--distinct"] * args.distinct,
                              capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"{name}: the measurement failed:\n{out.stderr}")
@@ -139,15 +148,16 @@ def main():
         print(f"{name}: {weight_bytes / 1e9:.2f} GB of {args.dtype} weights; load {result['load_s']:.1f} s, "
               f"peak memory {result['peak_rss_gb']:.2f} GB ({result['peak_rss_gb'] * 1e9 / weight_bytes:.2f}x "
               f"the weights)")
-        for batch, r in result["batches"].items():
+        for r in result["cases"]:
             median, low, high = r["decode_tok_s"]
-            prompts = "one per row" if args.distinct and int(batch) > 1 else "one"
-            rows.append(f"| {name} | {args.dtype} | {batch} | {prompts} | {r['compile_s']:.1f} | "
+            prompts = "one per row" if args.distinct and r["batch"] > 1 else "one"
+            rows.append(f"| {name} | {args.dtype} | {r['flags']} | {r['batch']} | {prompts} | {r['compile_s']:.1f} | "
                         f"{r['prefill_tok_s']:.0f} ({r['of_gemm']:.0%} of GEMM) | {median:.1f} ({low:.1f}-{high:.1f}) | "
                         f"{r['of_bandwidth']:.0%} | {r['first_token_s']:.2f} | {r['bandwidth_gb_s']:.1f} GB/s, "
                         f"{r['gemm_gflop_s']:.0f} GFLOP/s |")
-    print("\n| model | dtype | batch | prompts | compile s | prefill tokens/s | decode tokens/s | of bandwidth ceiling "
-          "| first token s | machine (median) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| model | dtype | flags | batch | prompts | compile s | prefill tokens/s | decode tokens/s "
+          "| of bandwidth ceiling | first token s | machine (median) |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
 
 

@@ -24,10 +24,12 @@ def test_generate_benchmark_prints_its_table(tmp_path, flags, prompts):
                              "--models_dir", str(tmp_path)] + flags, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert re.search(r"tiny: [\d.]+ GB of float32 weights; load [\d.]+ s, peak memory [\d.]+ GB", result.stdout)
-    for batch, batch_prompts in ((1, "one"), (8, prompts)):
-        row = (rf"\| tiny \| float32 \| {batch} \| {batch_prompts} \| -?[\d.]+ \| \d+ \(\d+% of GEMM\) "
-               rf"\| {RATE} \({RATE}-{RATE}\) \| -?\d+% \| [\d.]+ \| [\d.]+ GB/s, \d+ GFLOP/s \|")
-        assert re.search(row, result.stdout), result.stdout
+    for flag_set in ("greedy", "top_k=40", "top_p=0.9"):
+        for batch, batch_prompts in ((1, "one"), (8, prompts)):
+            row = (rf"\| tiny \| float32 \| {re.escape(flag_set)} \| {batch} \| {batch_prompts} \| -?[\d.]+ "
+                   rf"\| \d+ \(\d+% of GEMM\) \| {RATE} \({RATE}-{RATE}\) \| -?\d+% \| [\d.]+ "
+                   rf"\| [\d.]+ GB/s, \d+ GFLOP/s \|")
+            assert re.search(row, result.stdout), result.stdout
 
 
 @pytest.mark.parametrize("script,row", [

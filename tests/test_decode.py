@@ -5,7 +5,8 @@ import tensorflow as tf
 
 from gpt2 import decode
 from gpt2.decode import bucket, sample, sample_chunks, shared_prefix_length
-from test_sampling import softmax
+from gpt2.sampling import uniform_noise
+from test_sampling import softmax, sorted_top_k_filter, sorted_top_p_filter
 
 PROMPT = [10, 200, 33, 5, 400, 17]
 
@@ -64,6 +65,22 @@ def test_first_token_frequencies_follow_the_distribution(model, full_logits, tem
     observed = counts[likely] / 4000
     # 5 standard errors of a binomial proportion: fails on a wrong distribution, not by chance.
     assert np.all(np.abs(observed - probs[likely]) < 5 * np.sqrt(probs[likely] * (1 - probs[likely]) / 4000))
+
+
+@pytest.mark.parametrize("top_k,top_p", [(40, 1.0), (0, 0.9)])
+def test_a_seed_gives_the_text_that_sorting_filters_gave(model, full_logits, top_k, top_p):
+    """Each token against the draw, with the same noise, through the filters as they were before
+    2026-11 from logits recomputed from scratch: the same seed gives the same text as then."""
+    hparams, params = model
+    [row] = sample(params, hparams, PROMPT, 20, top_k=top_k, top_p=top_p, seed=8)
+    tokens = list(PROMPT)
+    for step, token in enumerate(row):
+        next_logits = tf.constant(full_logits(tokens)[-1:])
+        next_logits = sorted_top_k_filter(next_logits, top_k) if top_k else sorted_top_p_filter(next_logits, top_p)
+        noise = uniform_noise(tf.constant([[8, 0]], tf.int64), tf.constant(step), hparams.n_vocab).numpy()
+        assert token == np.argmax(next_logits.numpy()[0] - np.log(-np.log(noise[0])))
+        tokens.append(token)
+    assert len(row) == 20
 
 
 def test_stops_before_the_stop_token(model):

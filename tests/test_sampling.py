@@ -1,8 +1,9 @@
-"""The token rules without the model: filters against NumPy, the noise against SplitMix64 in plain Python."""
+"""The token rules without the model: filters against NumPy and sorting, the noise against SplitMix64 in Python."""
 import numpy as np
+import pytest
 import tensorflow as tf
 
-from gpt2.sampling import top_k_filter, top_p_filter, uniform_noise
+from gpt2.sampling import Rule, choose, top_k_filter, top_p_filter, uniform_noise
 
 
 def softmax(x):
@@ -36,6 +37,114 @@ def test_top_k_keeps_k():
     assert (kept.sum(axis=1) == 7).all()
     for row_kept, row in zip(kept, rows.numpy()):
         assert set(np.flatnonzero(row_kept)) == set(np.argsort(-row)[:7])
+
+
+def sorted_top_k_filter(logits, k):
+    """top_k_filter as it was before 2026-11 (slow in XLA): the k-th largest logit from a sort."""
+    kth_largest = tf.math.top_k(logits, k=k).values[:, -1:]
+    return tf.where(logits < kth_largest, tf.constant(-np.inf, logits.dtype), logits)
+
+
+def sorted_top_p_filter(logits, p):
+    """top_p_filter as it was before 2026-11 (slow in XLA): the nucleus read off the sorted row."""
+    sorted_logits = tf.sort(logits, direction="DESCENDING")
+    mass_before = tf.cumsum(tf.nn.softmax(sorted_logits), axis=-1, exclusive=True)
+    n_kept = tf.reduce_sum(tf.cast(mass_before < p, tf.int32), axis=-1)
+    least_kept = tf.gather(sorted_logits, n_kept - 1, batch_dims=1)
+    return tf.where(logits < least_kept[:, None], tf.constant(-np.inf, logits.dtype), logits)
+
+
+def hard_rows(n_vocab=50257):
+    """Rows of logits [n, n_vocab] float32 that a filter could get wrong: peaked and nearly flat
+    ones (as random weights give), ties everywhere and at the cut, all equal, -0.0 beside +0.0,
+    subnormal numbers, -inf (as top_k leaves), huge magnitudes, one token with all the mass."""
+    rng = np.random.default_rng(5)
+    rows = [rng.standard_normal(n_vocab) * scale for scale in (0.01, 0.3, 1, 3, 10) for _ in range(4)]
+    rows += [np.round(rng.standard_normal(n_vocab) * 2) for _ in range(4)]  # a few values, each many times
+    rows.append(np.full(n_vocab, 1.5))
+    tied_at_cut = rng.standard_normal(n_vocab)
+    tied_at_cut[rng.choice(n_vocab, 60, replace=False)] = np.sort(tied_at_cut)[-30]  # straddles the 40th
+    rows.append(tied_at_cut)
+    zeros = -np.abs(rng.standard_normal(n_vocab))
+    zeros[:3000:2], zeros[1:3000:2] = -0.0, 0.0
+    rows.append(zeros)
+    rows.append(rng.standard_normal(n_vocab) * 1e-39)  # subnormal
+    with_inf = rng.standard_normal(n_vocab)
+    with_inf[rng.choice(n_vocab, n_vocab - 100, replace=False)] = -np.inf
+    rows.append(with_inf)
+    rows.append(rng.standard_normal(n_vocab) * 1e30)
+    dominant = rng.standard_normal(n_vocab)
+    dominant[7] = 40
+    rows.append(dominant)
+    return np.array(rows, np.float32)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_top_k_keeps_what_sorting_kept(compiled):
+    rows = tf.constant(hard_rows())
+    for k in (1, 40, 1000, 50257):
+        kept = (tf.function(top_k_filter, jit_compile=True) if compiled else top_k_filter)(rows, k)
+        np.testing.assert_array_equal(kept.numpy(), sorted_top_k_filter(rows, k).numpy(), err_msg=f"top_k {k}")
+
+
+def exact_nucleus(probs, p):
+    """Which tokens the nucleus of float32 probabilities [n, n_vocab] keeps, from float64 sums (NumPy)."""
+    kept = []
+    for row in probs.astype(np.float64):
+        descending = np.sort(row)[::-1]
+        n_kept = np.sum(np.cumsum(descending) - descending < np.float32(p))
+        kept.append(row >= descending[n_kept - 1])
+    return np.array(kept)
+
+
+def assert_same_but_near_p(kept, expected, probs, p, tolerance, most):
+    """kept and expected [n, n_vocab] differ in at most `most` tokens a row, each with the likelier
+    tokens' mass within `tolerance` of p: tokens that sums in float32 may put on either side."""
+    for row, differ in zip(probs.astype(np.float64), kept != expected):
+        assert differ.sum() <= most
+        for token in np.flatnonzero(differ):
+            assert abs(row[row > row[token]].sum() - p) < tolerance
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_top_p_keeps_the_nucleus_of_float64_sums(compiled):
+    rows = tf.constant(hard_rows())
+    probs = (tf.function(tf.nn.softmax, jit_compile=True) if compiled else tf.nn.softmax)(rows).numpy()
+    for p in (0.1, 0.5, 0.9, 0.99):
+        kept = np.isfinite((tf.function(top_p_filter, jit_compile=True) if compiled else top_p_filter)(
+            rows, tf.constant(p)).numpy())
+        assert_same_but_near_p(kept, exact_nucleus(probs, p), probs, p, tolerance=1e-6, most=1)
+
+
+def test_top_p_differs_from_sorting_only_where_float32_sums_blurred_p():
+    """The sorting filter summed the sorted probabilities one after another in float32: over tens of
+    thousands of tokens the sum drifted (by up to 1.4e-5 on these rows), which moved its cut by a
+    token or three. (Its TensorFlow and XLA versions disagreed there too.) Elsewhere the two agree."""
+    rows = tf.constant(hard_rows())
+    probs = tf.nn.softmax(rows).numpy()
+    for p in (0.1, 0.5, 0.9, 0.99):
+        kept = np.isfinite(top_p_filter(rows, tf.constant(p)).numpy())
+        kept_by_sorting = np.isfinite(sorted_top_p_filter(rows, p).numpy())
+        assert (kept == kept_by_sorting).all(axis=1).mean() > 0.8
+        assert_same_but_near_p(kept, kept_by_sorting, probs, p, tolerance=1e-4, most=3)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(40, 1.0), (0, 0.9), (40, 0.9)])
+def test_a_seed_draws_the_tokens_it_drew_with_sorting_filters(top_k, top_p):
+    """choose, compiled as in the decoding loop, against the same draw through the sorting filters."""
+    rows = tf.constant(hard_rows())
+    row_seeds = tf.constant([[42, sample] for sample in range(len(rows))], tf.int64)
+    rule = Rule(greedy=False, top_k=top_k, use_top_p=top_p < 1, stop_token=None)
+    compiled_choose = tf.function(choose, jit_compile=True)
+    for step, temperature in ((0, 1.0), (7, 0.7)):
+        tokens = compiled_choose(rows, step, row_seeds, tf.constant(temperature), tf.constant(top_p), rule)
+        expected = rows / temperature
+        if top_k:
+            expected = sorted_top_k_filter(expected, top_k)
+        if top_p < 1:
+            expected = sorted_top_p_filter(expected, top_p)
+        gumbel = -np.log(-np.log(uniform_noise(row_seeds, tf.constant(step), rows.shape[1]).numpy()))
+        np.testing.assert_array_equal(tokens.numpy(), np.argmax(expected.numpy() + gumbel, axis=-1))
 
 
 def mix64(z):
