@@ -3,7 +3,8 @@
 Greedy argmax when temperature is 0; otherwise logits / temperature, cut to the top_k most likely
 tokens and to the top_p nucleus, then a draw with noise from a counter-based random stream keyed by
 (seed, sample number, step), so that the same seed and flags give the same samples, run after run,
-whatever the batch size or the chunks. gpt2.decode runs these rules inside its compiled loop.
+whatever the batch size or the chunks. gpt2.decode runs these rules inside its compiled loop, so
+none of them sorts the row of n_vocab logits: XLA does that slowly on the CPU.
 """
 from typing import NamedTuple, Optional
 
@@ -22,7 +23,7 @@ def top_k_filter(logits, k):
 
 
 def top_p_filter(logits, p):
-    """Logits [batch, n_vocab] cut to the nucleus of Holtzman et al. (2019).
+    """Logits [batch, columns] (a row's tokens, or some of them) cut to the nucleus of Holtzman et al. (2019).
 
     The nucleus is the smallest set of most likely tokens whose probabilities add up to at least p:
     it includes the token whose probability crosses p. (OpenAI's original code stopped just
@@ -59,7 +60,7 @@ class Lanes(NamedTuple):
 
 
 def top_lanes(logits, n):
-    """The n lanes of logits [batch, n_vocab] with the largest maxima (a sort of LANES numbers)."""
+    """The n lanes of logits [batch, n_vocab] with the largest maxima, found by sorting LANES maxima."""
     values = in_lanes(logits, -np.inf)  # [batch, rows, LANES]: token r * LANES + l at [:, r, l]
     lane_max = tf.reduce_max(values, axis=1)  # [batch, LANES]
     lanes = tf.math.top_k(lane_max, n).indices  # [batch, n]
