@@ -131,20 +131,26 @@ def test_top_p_differs_from_sorting_only_where_float32_sums_blurred_p():
 
 @pytest.mark.parametrize("top_k,top_p", [(40, 1.0), (0, 0.9), (40, 0.9)])
 def test_a_seed_draws_the_tokens_it_drew_with_sorting_filters(top_k, top_p):
-    """choose, compiled as in the decoding loop, against the same draw through the sorting filters."""
+    """choose, compiled as in the decoding loop, against the same draw through the sorting filters:
+    all rows at once (ties spread some rows' top_k over many lanes) and each row alone."""
     rows = tf.constant(hard_rows())
     row_seeds = tf.constant([[42, sample] for sample in range(len(rows))], tf.int64)
     rule = Rule(greedy=False, top_k=top_k, use_top_p=top_p < 1, stop_token=None)
     compiled_choose = tf.function(choose, jit_compile=True)
     for step, temperature in ((0, 1.0), (7, 0.7)):
-        tokens = compiled_choose(rows, step, row_seeds, tf.constant(temperature), tf.constant(top_p), rule)
         expected = rows / temperature
         if top_k:
             expected = sorted_top_k_filter(expected, top_k)
         if top_p < 1:
             expected = sorted_top_p_filter(expected, top_p)
         gumbel = -np.log(-np.log(uniform_noise(row_seeds, tf.constant(step), rows.shape[1]).numpy()))
-        np.testing.assert_array_equal(tokens.numpy(), np.argmax(expected.numpy() + gumbel, axis=-1))
+        expected_tokens = np.argmax(expected.numpy() + gumbel, axis=-1)
+        tokens = compiled_choose(rows, step, row_seeds, tf.constant(temperature), tf.constant(top_p), rule)
+        np.testing.assert_array_equal(tokens.numpy(), expected_tokens)
+        for i in range(len(rows)):
+            token = compiled_choose(rows[i:i + 1], step, row_seeds[i:i + 1], tf.constant(temperature),
+                                    tf.constant(top_p), rule)
+            assert token.numpy()[0] == expected_tokens[i], i
 
 
 def mix64(z):
@@ -167,6 +173,14 @@ def test_noise_is_the_splitmix64_stream_of_each_rows_seed():
     for (seed, sample_number), row in zip(row_seeds, noise):
         stream = splitmix64(mix64(mix64(seed) ^ sample_number), 4 * 50)[3 * 50:]
         np.testing.assert_array_equal(row, [((z >> 41) + 0.5) / 2 ** 23 for z in stream])
+
+
+def test_noise_of_some_tokens_is_theirs_in_the_whole_row():
+    row_seeds = tf.constant([[3, 0], [3, 1]], tf.int64)
+    whole = uniform_noise(row_seeds, tf.constant(5), 50257).numpy()
+    tokens = np.array([[0, 7, 50256, 1000], [9, 7, 2, 40000]], np.int32)
+    some = uniform_noise(row_seeds, tf.constant(5), 50257, tf.constant(tokens)).numpy()
+    np.testing.assert_array_equal(some, np.take_along_axis(whole, tokens, axis=1))
 
 
 def test_noise_is_uniform_and_independent_across_rows_and_steps():

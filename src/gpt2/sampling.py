@@ -3,7 +3,8 @@
 Greedy argmax when temperature is 0; otherwise logits / temperature, cut to the top_k most likely
 tokens and to the top_p nucleus, then a draw with noise from a counter-based random stream keyed by
 (seed, sample number, step), so that the same seed and flags give the same samples, run after run,
-whatever the batch size or the chunks. gpt2.decode runs these rules inside its compiled loop.
+whatever the batch size or the chunks. gpt2.decode runs these rules inside its compiled loop, so
+none of them sorts the row of n_vocab logits: XLA does that slowly on the CPU.
 """
 from typing import NamedTuple, Optional
 
@@ -13,20 +14,16 @@ import tensorflow as tf
 
 def top_k_filter(logits, k):
     """Logits [batch, n_vocab] with all but the k largest of each row set to -inf (ties with the k-th kept)."""
-    values = in_lanes(logits, -np.inf)  # [batch, rows, LANES]
-    if k <= LANES // 4:
-        # The k-th largest logit is also the k-th largest in the k lanes with the largest maxima: they
-        # hold k numbers >= the k-th largest maximum m, and every number above m.
-        lane_max = tf.reduce_max(values, axis=1)  # [batch, LANES]
-        lanes = tf.math.top_k(lane_max, k).indices  # [batch, k]: a sort of LANES numbers, not n_vocab
-        values = tf.gather(values, lanes, axis=2, batch_dims=1)  # [batch, rows, k]
+    # The k-th largest logit is also the k-th largest in the k lanes with the largest maxima: they
+    # hold k numbers >= the k-th largest maximum m, and every number above m.
+    candidates = top_lanes(logits, k).logits if k <= LANES // 4 else in_lanes(logits, -np.inf)
     kth_largest = largest_threshold(
-        values, lambda above: tf.reduce_sum(tf.cast(above, tf.int32), axis=[1, 2]) >= k)  # [batch]
+        candidates, lambda above: tf.reduce_sum(tf.cast(above, tf.int32), axis=[1, 2]) >= k)  # [batch]
     return tf.where(logits < kth_largest[:, None], tf.constant(-np.inf, logits.dtype), logits)
 
 
 def top_p_filter(logits, p):
-    """Logits [batch, n_vocab] cut to the nucleus of Holtzman et al. (2019).
+    """Logits [batch, columns] (a row's tokens, or some of them) cut to the nucleus of Holtzman et al. (2019).
 
     The nucleus is the smallest set of most likely tokens whose probabilities add up to at least p:
     it includes the token whose probability crosses p. (OpenAI's original code stopped just
@@ -53,6 +50,23 @@ def in_lanes(x, fill):
     n = x.shape[1]
     rows = -(-n // LANES)
     return tf.reshape(tf.pad(x, [[0, 0], [0, rows * LANES - n]], constant_values=fill), [-1, rows, LANES])
+
+
+class Lanes(NamedTuple):
+    """Some lanes of `in_lanes`: their logits and tokens [batch, rows, lanes]."""
+    logits: tf.Tensor
+    tokens: tf.Tensor
+    complete: tf.Tensor  # whether they hold every logit above -inf of every row
+
+
+def top_lanes(logits, n):
+    """The n lanes of logits [batch, n_vocab] with the largest maxima, found by sorting LANES maxima."""
+    values = in_lanes(logits, -np.inf)  # [batch, rows, LANES]: token r * LANES + l at [:, r, l]
+    lane_max = tf.reduce_max(values, axis=1)  # [batch, LANES]
+    lanes = tf.math.top_k(lane_max, n).indices  # [batch, n]
+    return Lanes(logits=tf.gather(values, lanes, axis=2, batch_dims=1),
+                 tokens=tf.range(values.shape[1])[:, None] * LANES + lanes[:, None, :],
+                 complete=tf.reduce_all(tf.reduce_sum(tf.cast(lane_max > -np.inf, tf.int32), axis=-1) <= n))
 
 
 def largest_threshold(values, reaches):
@@ -106,13 +120,29 @@ def choose(next_logits, step, row_seeds, temperature, top_p, rule):
     if rule.greedy:
         return tf.argmax(next_logits, axis=-1, output_type=tf.int32)
     next_logits = next_logits / temperature
+    n_vocab = next_logits.shape[1]
+
+    def draw(logits, tokens):
+        """The token drawn from logits [batch, m] of tokens [batch or 1, m], the row's others being -inf."""
+        if rule.use_top_p:
+            logits = top_p_filter(logits, top_p)
+        scores = logits - tf.math.log(-tf.math.log(uniform_noise(row_seeds, step, n_vocab, tokens)))
+        best = tf.reduce_max(scores, axis=-1, keepdims=True)
+        return tf.reduce_min(tf.where(scores == best, tokens, n_vocab), axis=-1)  # the first, as tf.argmax's
+
+    all_tokens = tf.range(n_vocab)[None]
     if rule.top_k:
         next_logits = top_k_filter(next_logits, rule.top_k)
-    if rule.use_top_p:
-        next_logits = top_p_filter(next_logits, top_p)
-    noise = uniform_noise(row_seeds, step, next_logits.shape[1])
-    gumbel = -tf.math.log(-tf.math.log(noise))
-    return tf.argmax(next_logits + gumbel, axis=-1, output_type=tf.int32)
+    if not rule.top_k or rule.top_k > LANES // 4:
+        return draw(next_logits, all_tokens)
+    # The k lanes with the largest maxima hold all the tokens kept, unless ties with the k-th largest
+    # spread them over more lanes: then the whole row is drawn from. So most steps make noise for
+    # k * n_vocab / LANES tokens (1000 of 50257 for top_k 40), not all of them.
+    lanes = top_lanes(next_logits, rule.top_k)
+    columns = np.prod(lanes.logits.shape[1:])
+    return tf.cond(lanes.complete, lambda: draw(tf.reshape(lanes.logits, [-1, columns]),
+                                                tf.reshape(lanes.tokens, [-1, columns])),
+                   lambda: draw(next_logits, all_tokens))
 
 
 def _mix64(z):
@@ -124,17 +154,20 @@ def _mix64(z):
 
 
 @tf.function(jit_compile=True)  # compiled even from the prefill graph: TensorFlow's own kernels lack uint64 ops
-def uniform_noise(row_seeds, step, n):
-    """Uniform numbers in (0, 1), [batch, n]: row b's are draws step * n + 1 ... step * n + n of the
-    SplitMix64 stream keyed by row_seeds[b] = (seed, sample number).
+def uniform_noise(row_seeds, step, n, tokens=None):
+    """Uniform numbers in (0, 1), [batch, columns]: row b's are draws step * n + token + 1 of the
+    SplitMix64 stream keyed by row_seeds[b] = (seed, sample number), for the tokens [batch or 1,
+    columns] (None: 0 ... n - 1).
 
-    A counter-based generator: every number is a function of (seed, sample, step, index) alone, so
-    all rows and tokens are computed at once, with no state and no loop over rows.
+    A counter-based generator: every number is a function of (seed, sample, step, token) alone, so
+    all rows and tokens are computed at once, with no state and no loop over rows, and a token's
+    number does not depend on which others are drawn with it.
     """
+    tokens = tf.range(n)[None] if tokens is None else tokens
     seeds = tf.cast(row_seeds, tf.uint64)
     key = _mix64(tf.bitwise.bitwise_xor(_mix64(seeds[:, 0]), seeds[:, 1]))  # [batch]
-    counter = tf.cast(step, tf.uint64) * n + tf.cast(tf.range(1, n + 1, dtype=tf.int64), tf.uint64)  # [n]
-    bits = _mix64(key[:, None] + counter[None, :] * tf.constant(0x9E3779B97F4A7C15, tf.uint64))
+    counter = tf.cast(step, tf.uint64) * n + tf.cast(tf.cast(tokens, tf.int64) + 1, tf.uint64)  # [batch or 1, columns]
+    bits = _mix64(key[:, None] + counter * tf.constant(0x9E3779B97F4A7C15, tf.uint64))
     # The top 23 bits, centred in their interval: exact in float32, never 0 or 1 (both would make log infinite).
     return (tf.cast(tf.bitwise.right_shift(bits, tf.constant(41, tf.uint64)), tf.float32) + 0.5) * 2.0 ** -23
 

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""This project's sampling speed against Hugging Face transformers on PyTorch, in one run.
+
+    python benchmarks/against_transformers.py --torch_python /tmp/torchvenv/bin/python
+
+PyTorch and transformers are not this project's requirements: install them in a virtual
+environment of their own and name its Python with --torch_python. Both engines make `--new`
+tokens from one <|endoftext|> token, on random weights of 124M's shapes (speed does not depend on
+the values), for each flag set (greedy, top_k 40, top_p 0.9) and batch size: one untimed call,
+then the median of --runs timed calls, tokens/s counting every row's tokens. Ours goes through
+gpt2's Python API (`generate(..., ignore_eot=True)`), transformers through `generate` of a
+GPT2LMHeadModel with the same flags and no end-of-text stop. Each engine runs in its own process,
+the engines take turns for --rounds rounds, and before each turn the machine's memory bandwidth
+and GEMM rate are measured (see machine.py).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "src"))
+
+from machine import machine_bandwidth, machine_gemm  # noqa: E402
+
+FLAG_SETS = {"greedy": dict(temperature=0), "top_k=40": dict(top_k=40), "top_p=0.9": dict(top_p=0.9)}
+END_OF_TEXT = 50256
+
+
+def median_rate(generate, batch, new_tokens, runs):
+    """tokens/s of `generate()`: one untimed call, then the median of `runs` timed ones."""
+    generate()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        generate()
+        times.append(time.perf_counter() - start)
+    return batch * new_tokens / statistics.median(times)
+
+
+def ours(model_dir, flag_sets, batches, new_tokens, runs):
+    from gpt2 import GPT2
+
+    model = GPT2.from_folder(model_dir)
+    return {f"{flags} {batch}": median_rate(
+        lambda: model.generate("", new_tokens, nsamples=batch, batch_size=batch, seed=1, ignore_eot=True,
+                               **FLAG_SETS[flags]), batch, new_tokens, runs)
+        for flags in flag_sets for batch in batches}
+
+
+def transformers(model_dir, flag_sets, batches, new_tokens, runs):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with open(os.path.join(model_dir, "hparams.json")) as f:
+        hparams = json.load(f)
+    config = GPT2Config(vocab_size=hparams["n_vocab"], n_positions=hparams["n_ctx"], n_embd=hparams["n_embd"],
+                        n_layer=hparams["n_layer"], n_head=hparams["n_head"])
+    model = GPT2LMHeadModel(config).eval()
+    model.generation_config.eos_token_id = None  # as ignore_eot: always `new_tokens` tokens
+    model.generation_config.pad_token_id = END_OF_TEXT
+    their_flags = {"greedy": dict(do_sample=False), "top_k=40": dict(do_sample=True, top_k=40),
+                   "top_p=0.9": dict(do_sample=True, top_k=0, top_p=0.9)}
+
+    def generate(flags, batch):
+        with torch.inference_mode():
+            model.generate(torch.full((batch, 1), END_OF_TEXT), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           **their_flags[flags])
+
+    return {f"{flags} {batch}": median_rate(lambda: generate(flags, batch), batch, new_tokens, runs)
+            for flags in flag_sets for batch in batches}
+
+
+ENGINES = {"ours": ours, "transformers": transformers}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--torch_python", required=True, help="a Python with torch and transformers installed")
+    parser.add_argument("--models_dir", default=os.path.join(HERE, "models"))
+    parser.add_argument("--flags", nargs="+", default=list(FLAG_SETS), choices=FLAG_SETS)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--new", type=int, default=256, help="new tokens")
+    parser.add_argument("--runs", type=int, default=2, help="timed calls per engine, flag set and batch, each round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    model_dir = os.path.join(args.models_dir, "124M")
+    if args.worker:
+        print(json.dumps(ENGINES[args.worker](model_dir, args.flags, args.batches, args.new, args.runs)))
+        return
+
+    if not os.path.isfile(os.path.join(model_dir, "vocab.bpe")):
+        from gpt2.testing import make_model_folder
+        print(f"making {model_dir} (once) ...", flush=True)
+        make_model_folder(model_dir, "124M")
+    rates = {engine: {} for engine in ENGINES}  # engine -> "flags batch" -> [tokens/s per round]
+    machine = []
+    for round_number in range(args.rounds):
+        for engine in ENGINES:
+            machine.append((machine_bandwidth(500 << 20), machine_gemm()))
+            python = args.torch_python if engine == "transformers" else sys.executable
+            out = subprocess.run([python, __file__, "--worker", engine, "--torch_python", args.torch_python,
+                                  "--models_dir", args.models_dir, "--flags", *args.flags, "--batches",
+                                  *map(str, args.batches), "--new", str(args.new), "--runs", str(args.runs)],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{engine}: the measurement failed:\n{out.stderr}")
+            for case, rate in json.loads(out.stdout.strip().splitlines()[-1]).items():
+                rates[engine].setdefault(case, []).append(rate)
+            print(f"round {round_number + 1}, {engine}: " + ", ".join(
+                f"{case} {r[-1]:.1f}" for case, r in rates[engine].items()), flush=True)
+    print(f"\n124M, random weights, {args.new} new tokens from <|endoftext|>, tokens/s: median over {args.rounds} "
+          f"rounds of each round's median of {args.runs} calls; machine: "
+          f"{statistics.median(b for b, _ in machine):.1f} GB/s, {statistics.median(g for _, g in machine):.0f} "
+          "GFLOP/s (median)\n")
+    print("| flags | batch | ours | transformers | ours / transformers |\n| --- | --- | --- | --- | --- |")
+    for case in rates["ours"]:
+        flags, batch = case.split()
+        mine, theirs = statistics.median(rates["ours"][case]), statistics.median(rates["transformers"][case])
+        print(f"| {flags} | {batch} | {mine:.1f} | {theirs:.1f} | {mine / theirs:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
