@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""This project's sampling speed against Hugging Face transformers on PyTorch, in one run.
+"""This project's sampling speed and start-up against Hugging Face transformers on PyTorch, in one run.
 
     python benchmarks/against_transformers.py --torch_python /tmp/torchvenv/bin/python
+    python benchmarks/against_transformers.py --torch_python ... --parts startup   # or: speed
 
 PyTorch and transformers are not this project's requirements: install them in a virtual
 environment of their own and name its Python with --torch_python. Both engines make `--new`
@@ -12,6 +13,14 @@ gpt2's Python API (`generate(..., ignore_eot=True)`), transformers through `gene
 GPT2LMHeadModel with the same flags and no end-of-text stop. Each engine runs in its own process,
 the engines take turns for --rounds rounds, and before each turn the machine's memory bandwidth
 and GEMM rate are measured (see machine.py).
+
+Start-up: the time from a command's start to its complete answer of --answer tokens (124M,
+top_k 40, one prompt piped in), process start to exit, as a user waits for it. Ours is
+generate_interactive.py; transformers' is a script that imports torch and transformers, loads
+the same weights (converted once into a transformers folder, safetensors) and its tokenizer, and
+writes the answer. Ours runs first with an empty XLA compilation cache (its first run on a
+machine, and after each TensorFlow upgrade), then twice with the cache that run left
+(GPT2_XLA_CACHE); the engines alternate, --rounds times.
 """
 import argparse
 import json
@@ -19,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,6 +85,106 @@ def transformers(model_dir, flag_sets, batches, new_tokens, runs):
 
 
 ENGINES = {"ours": ours, "transformers": transformers}
+PROMPT = "The meaning of life is"
+
+
+def transformers_answer(folder, answer_tokens):
+    """What the start-up measurement runs with PyTorch: import, load, continue stdin's prompt, print."""
+    import torch
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = torch.tensor([tokenizer.encode(sys.stdin.read())])
+    torch.manual_seed(1)
+    with torch.inference_mode():
+        out = model.generate(prompt, max_new_tokens=answer_tokens, min_new_tokens=answer_tokens, do_sample=True,
+                             top_k=40, pad_token_id=END_OF_TEXT)
+    print(tokenizer.decode(out[0, prompt.shape[1]:]))
+
+
+def make_transformers_folder(model_dir, folder, torch_python):
+    """The checkpoint of model_dir as a transformers folder (weights, config, tokenizer files), once."""
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return
+    import numpy as np
+    import tensorflow as tf
+
+    # OpenAI's names (model/h0/attn/c_attn/w, [1, n_in, n_out]) as transformers' (transformer.h.0.attn.c_attn.weight)
+    checkpoint = os.path.join(model_dir, "model.ckpt")
+    weights = {}
+    for name, _ in tf.train.list_variables(checkpoint):
+        parts = name.split("/")[1:]
+        if parts[0].startswith("h"):
+            parts[:1] = ["h", parts[0][1:]]
+        parts[-1] = {"g": "weight", "b": "bias", "w": "weight"}.get(parts[-1], parts[-1])
+        if parts[-1] in ("wte", "wpe"):
+            parts.append("weight")
+        value = tf.train.load_variable(checkpoint, name)
+        weights[".".join(["transformer"] + parts)] = value[0] if name.endswith("/w") else value  # w: [1, n_in, n_out]
+    os.makedirs(folder, exist_ok=True)
+    np.savez(os.path.join(folder, "weights.npz"), **weights)
+    subprocess.run([torch_python, __file__, "--worker", "convert", "--torch_python", torch_python,
+                    "--models_dir", os.path.dirname(model_dir)], check=True)
+
+
+def convert(model_dir, folder):
+    """In the PyTorch Python: weights.npz (see make_transformers_folder) into a transformers folder."""
+    import shutil
+
+    import numpy as np
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with open(os.path.join(model_dir, "hparams.json")) as f:
+        hparams = json.load(f)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=hparams["n_vocab"], n_positions=hparams["n_ctx"],
+                                       n_embd=hparams["n_embd"], n_layer=hparams["n_layer"], n_head=hparams["n_head"]))
+    weights = {name: torch.tensor(value) for name, value in np.load(os.path.join(folder, "weights.npz")).items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is wte (tied)
+        sys.exit(f"the conversion missed {missing} and left {unexpected}")
+    model.save_pretrained(folder)
+    os.remove(os.path.join(folder, "weights.npz"))
+    shutil.copy(os.path.join(model_dir, "encoder.json"), os.path.join(folder, "vocab.json"))
+    shutil.copy(os.path.join(model_dir, "vocab.bpe"), os.path.join(folder, "merges.txt"))
+
+
+def seconds_to_answer(command, env=None):
+    """Wall seconds of `command` from its start to its exit, PROMPT piped in; its output must be text."""
+    start = time.perf_counter()
+    out = subprocess.run(command, input=PROMPT, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    seconds = time.perf_counter() - start
+    if out.returncode or not out.stdout.strip():
+        sys.exit(f"{command[1]} failed:\n{out.stderr}")
+    return seconds
+
+
+def startup(args, model_dir):
+    """Start-up seconds per round: ours with an empty cache, then warm; transformers each time."""
+    folder = os.path.join(args.models_dir, "124M-transformers")
+    make_transformers_folder(model_dir, folder, args.torch_python)
+    ours = [sys.executable, os.path.join(HERE, "..", "generate_interactive.py"), "--model_name", "124M",
+            "--models_dir", args.models_dir, "--length", str(args.answer), "--top_k", "40", "--seed", "1"]
+    theirs = [args.torch_python, __file__, "--worker", "answer", "--torch_python", args.torch_python,
+              "--models_dir", args.models_dir, "--answer", str(args.answer)]
+    times = {"ours, first run": [], "ours, later runs": [], "transformers": []}
+    for round_number in range(args.rounds):
+        with tempfile.TemporaryDirectory() as cache:
+            env = {"GPT2_XLA_CACHE": cache}
+            times["ours, first run"].append(seconds_to_answer(ours, env))
+            times["transformers"].append(seconds_to_answer(theirs))
+            times["ours, later runs"].append(seconds_to_answer(ours, env))
+            times["transformers"].append(seconds_to_answer(theirs))
+            times["ours, later runs"].append(seconds_to_answer(ours, env))
+        print(f"round {round_number + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
+    theirs_s = statistics.median(times["transformers"])
+    print(f"\nFrom the command's start to a complete {args.answer}-token answer (124M, top_k 40, prompt piped in), "
+          f"seconds, median of {args.rounds} rounds:\n")
+    print("| run | ours | transformers | ours / transformers |\n| --- | --- | --- | --- |")
+    for case in ("ours, first run", "ours, later runs"):
+        mine = statistics.median(times[case])
+        print(f"| {case.split(', ')[1]} | {mine:.1f} | {theirs_s:.1f} | {mine / theirs_s:.2f}x |")
 
 
 def main():
@@ -86,9 +196,15 @@ def main():
     parser.add_argument("--new", type=int, default=256, help="new tokens")
     parser.add_argument("--runs", type=int, default=2, help="timed calls per engine, flag set and batch, each round")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--answer", type=int, default=40, help="tokens of the start-up measurement's answer")
+    parser.add_argument("--parts", nargs="+", default=["speed", "startup"], choices=["speed", "startup"])
+    parser.add_argument("--worker", choices=[*ENGINES, "answer", "convert"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     model_dir = os.path.join(args.models_dir, "124M")
+    if args.worker == "answer":
+        return transformers_answer(os.path.join(args.models_dir, "124M-transformers"), args.answer)
+    if args.worker == "convert":
+        return convert(model_dir, os.path.join(args.models_dir, "124M-transformers"))
     if args.worker:
         print(json.dumps(ENGINES[args.worker](model_dir, args.flags, args.batches, args.new, args.runs)))
         return
@@ -97,6 +213,10 @@ def main():
         from gpt2.testing import make_model_folder
         print(f"making {model_dir} (once) ...", flush=True)
         make_model_folder(model_dir, "124M")
+    if "startup" in args.parts:
+        startup(args, model_dir)
+    if "speed" not in args.parts:
+        return
     rates = {engine: {} for engine in ENGINES}  # engine -> "flags batch" -> [tokens/s per round]
     machine = []
     for round_number in range(args.rounds):

@@ -1,10 +1,20 @@
-import pytest
-import tensorflow as tf
+import atexit
+import os
+import shutil
+import tempfile
 
-from gpt2.checkpoint import load_params
-from gpt2.folders import read_hparams
-from gpt2.model import forward, logits
-from gpt2.testing import make_model_folder
+# XLA programs compiled by the tests (and the scripts they run) go to a folder of this session,
+# not to the user's cache; set before gpt2 starts TensorFlow.
+os.environ.setdefault("GPT2_XLA_CACHE", tempfile.mkdtemp(prefix="gpt2-xla-"))
+atexit.register(shutil.rmtree, os.environ["GPT2_XLA_CACHE"], ignore_errors=True)
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from gpt2.checkpoint import load_params  # noqa: E402
+from gpt2.folders import read_hparams  # noqa: E402
+from gpt2.model import forward, logits  # noqa: E402
+from gpt2.testing import make_model_folder  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from . import tensorflow_quietly  # noqa: F401  (first: TensorFlow starts without its C++ start-up lines)
+from . import tensorflow_start  # noqa: F401  (first: TensorFlow starts quietly, with its compilation cache)
 from .arguments import (ArgumentError, check_dtype, check_first_sample, check_path, check_sampling, check_seed,
                         check_stop, check_text, new_seed, whole)
 from .checkpoint import load_params, save_model

@@ -77,7 +77,7 @@ def finetune(dataset=None, model_name="124M", run_name="run1", models_dir=None, 
     """
     settings = Settings(**{name: value for name, value in locals().items() if name in Settings._fields})
     check(settings)
-    from . import tensorflow_quietly  # noqa: F401  (TensorFlow starts here, without its C++ start-up lines)
+    from . import tensorflow_start  # noqa: F401  (TensorFlow starts here, quietly, with its compilation cache)
     from .train import run
 
     return run(settings)

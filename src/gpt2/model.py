@@ -59,7 +59,7 @@ def linear(x, p):
     A bias added after the product is fused into it by XLA on a CPU, which then runs a slower
     matrix-vector kernel: one row per step decodes about 10% faster this way.
     """
-    return tf.matmul(tf.concat([x, tf.ones_like(x[..., :1])], axis=-1), p["w"])
+    return tf.matmul(tf.pad(x, [[0, 0]] * (len(x.shape) - 1) + [[0, 1]], constant_values=1), p["w"])
 
 
 def mlp(x, p):
@@ -69,16 +69,14 @@ def mlp(x, p):
 
 def split_heads(x, n_head):
     # [batch, seq, n_embd] -> [batch, n_head, seq, head_dim]
-    batch, seq = tf.shape(x)[0], tf.shape(x)[1]
-    x = tf.reshape(x, [batch, seq, n_head, x.shape[-1] // n_head])
+    x = tf.reshape(x, tf.concat([tf.shape(x)[:2], [n_head, x.shape[-1] // n_head]], axis=0))
     return tf.transpose(x, [0, 2, 1, 3])
 
 
 def merge_heads(x):
     # [batch, n_head, seq, head_dim] -> [batch, seq, n_embd]
-    batch, seq = tf.shape(x)[0], tf.shape(x)[2]
     x = tf.transpose(x, [0, 2, 1, 3])
-    return tf.reshape(x, [batch, seq, x.shape[2] * x.shape[3]])
+    return tf.reshape(x, tf.concat([tf.shape(x)[:2], [x.shape[2] * x.shape[3]]], axis=0))
 
 
 def attention_weights(scores, visible, dtype):
@@ -94,28 +92,38 @@ def causal_attention(q, k, v):
     return tf.matmul(attention_weights(scores, visible, v.dtype), v)
 
 
-def write_cache(cache, new, pos):
-    """cache [batch, n_head, cache_len, head_dim] with row b's slots pos[b].. set to new [batch, n_head, seq, ..]."""
-    batch, n_head, seq = tf.shape(new)[0], tf.shape(new)[1], tf.shape(new)[2]
-    b, h, t = tf.meshgrid(tf.range(batch), tf.range(n_head), tf.range(seq), indexing="ij")
-    index = tf.stack([b, h, tf.gather(pos, b) + t], axis=-1)  # [batch, n_head, seq, 3]
-    # A scatter, not a rebuilt tensor: compiled with XLA inside a loop, it writes in place.
-    return tf.tensor_scatter_nd_update(cache, index, new)
+class Slots(NamedTuple):
+    """Where tokens that continue a cache go, and what each of them sees: the same in every block."""
+    index: tf.Tensor  # [batch, n_head, seq, 3] the cache element (row, head, slot) of each new key and value
+    visible: tf.Tensor  # [batch, 1, seq, cache_len] whether query i of row b sees slot s of its row's cache
 
 
-def cached_attention(q, k, v, past, pos, shared=None):
-    """Attention of tokens that continue a cache: q, k, v [batch, n_head, seq, head_dim] -> the same
-    shape, and `past` (a LayerCache) with k and v written into row b's slots pos[b]...
+def cache_slots(pos, seq, n_head, cache_len):
+    """The Slots of seq tokens per row going into slots pos[b].. of a cache of cache_len slots, pos [batch].
 
     Query i of row b (in slot pos[b] + i) sees the slots up to its own; later slots are empty or
-    hold padding. `shared` is this block's LayerCache of the n_shared positions before every
-    row's own ones, and n_shared, or None.
+    hold padding.
     """
-    present = LayerCache(write_cache(past.keys, k, pos), write_cache(past.values, v, pos))
+    batch = tf.shape(pos)[0]
+    b, h, t = tf.meshgrid(tf.range(batch), tf.range(n_head), tf.range(seq), indexing="ij")
+    index = tf.stack([b, h, tf.gather(pos, b) + t], axis=-1)
+    query_slot = pos[:, None] + tf.range(seq)[None, :]  # [batch, seq]
+    visible = tf.range(cache_len)[None, None, :] <= query_slot[:, :, None]  # [batch, seq, cache_len]
+    return Slots(index, visible[:, None])
+
+
+def cached_attention(q, k, v, past, slots, shared=None):
+    """Attention of tokens that continue a cache: q, k, v [batch, n_head, seq, head_dim] -> the same
+    shape, and `past` (a LayerCache) with k and v written into their `slots` (see `cache_slots`).
+
+    `shared` is this block's LayerCache of the n_shared positions before every row's own ones,
+    and n_shared, or None.
+    """
+    # Scatters, not rebuilt tensors: compiled with XLA inside a loop, they write in place.
+    present = LayerCache(tf.tensor_scatter_nd_update(past.keys, slots.index, k),
+                         tf.tensor_scatter_nd_update(past.values, slots.index, v))
     scores = tf.matmul(q, present.keys, transpose_b=True)  # [batch, n_head, seq, cache_len]
-    query_slot = pos[:, None] + tf.range(tf.shape(q)[2])[None, :]  # [batch, seq]
-    visible = tf.range(tf.shape(present.keys)[2])[None, None, :] <= query_slot[:, :, None]  # [batch, seq, cache_len]
-    visible = tf.broadcast_to(visible[:, None], tf.shape(scores))
+    visible = tf.broadcast_to(slots.visible, tf.shape(scores))
     if shared is not None:
         shared_cache, n_shared = shared
         # One product for all rows: the shared keys are read once, not once per row.
@@ -170,10 +178,11 @@ def forward_cached(params, hparams, tokens, past, pos, shared=None):
     if shared is not None:
         positions += tf.cast(shared.length, tf.int32)
     x = embed(params, tokens, positions)
+    slots = cache_slots(pos, tf.shape(tokens)[1], hparams.n_head, past[0].keys.shape[2])
     presents = []
     for i, (p, layer_past) in enumerate(zip(params["h"], past)):
         layer_shared = None if shared is None else (shared.layers[i], shared.length)
-        x, present = block(x, p, hparams.n_head, lambda q, k, v: cached_attention(q, k, v, layer_past, pos, layer_shared))
+        x, present = block(x, p, hparams.n_head, lambda q, k, v: cached_attention(q, k, v, layer_past, slots, layer_shared))
         presents.append(present)
     return layer_norm(x, params["ln_f"]), presents
 

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from . import tensorflow_quietly  # noqa: F401  (before TensorFlow's first use: no C++ start-up lines)
+from . import tensorflow_start  # noqa: F401  (before TensorFlow's first use: quiet, with its compilation cache)
 from .arguments import ArgumentError
 from .errors import GPT2Error, Interrupted
 from .model import forward, logits
@@ -228,7 +228,7 @@ class Trainer:
                       for v in self.variables]
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.schedule = (learning_rate, warmup_steps, decay_steps)
-        self._train = tf.function(self._train_step, jit_compile=True)
+        self._train = tf.function(self._train_step, jit_compile=True, autograph=False)
 
     def _train_step(self, batches):
         """batches [accumulate, batch, seq + 1]: one optimizer step on the mean of their gradients.

@@ -1,0 +1,126 @@
+"""Importing this module starts TensorFlow as gpt2 wants it: quietly, and keeping compiled XLA
+programs on disk from one run to the next.
+
+TensorFlow's C++ start-up lines (CUDA probing on a machine without a GPU, CPU features) are noise
+to someone generating text. gpt2.api, gpt2.train and gpt2.finetuning import this first.
+
+Compiling the decoding loop with XLA takes most of a command's first answer (124M on 2 CPU
+cores: about 8 of 13 s). TensorFlow's persistent compilation cache keeps each compiled program in
+a folder and loads it in later runs instead of compiling again; it is on unless GPT2_XLA_CACHE is
+"off" (GPT2_XLA_CACHE=<folder> puts it elsewhere). Three things about it shape this module:
+- A program compiled for one processor may use instructions another lacks, and one TensorFlow
+  version cannot read another's programs: each TensorFlow installation and processor gets a
+  folder of its own.
+- TensorFlow fails the compiled call, instead of compiling again, when an entry cannot be read or
+  written: a cut-off entry is deleted here before TensorFlow starts, and the cache is left off
+  where its folder cannot be written or its disk is nearly full.
+- TensorFlow first tries to read each entry as text and logs an error line before reading it as
+  the binary it is: with the cache on, TensorFlow's C++ errors are not shown (its errors still
+  reach Python as exceptions, with their messages).
+"""
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import time
+
+MIN_FREE_BYTES = 256 << 20  # an entry is a few MB; below this the cache stays off
+
+
+def machine_key():
+    """A short name for this TensorFlow installation on this processor (its instruction set)."""
+    import importlib.util
+
+    tensorflow_init = importlib.util.find_spec("tensorflow").origin  # found without importing it
+    processor = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            processor += "".join(sorted({line for line in f if line.startswith(("flags", "model name"))}))
+    except OSError:
+        pass
+    identity = f"{tensorflow_init} {os.stat(tensorflow_init).st_mtime_ns} {processor}"
+    return f"{platform.machine()}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+
+
+def xla_cache_folder():
+    """The folder of compiled programs to use, or None: turned off, unwritable or a nearly full disk."""
+    setting = os.environ.get("GPT2_XLA_CACHE", "")
+    if setting.lower() in ("off", "0", "false", "no"):
+        return None
+    base = setting or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2", "xla")
+    try:
+        folder = os.path.join(base, machine_key())
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK) or shutil.disk_usage(folder).free < MIN_FREE_BYTES:
+            return None
+        remove_broken_entries(folder)
+    except OSError:
+        return None
+    return folder
+
+
+def remove_broken_entries(folder):
+    """Delete entries cut off by a crash or a full disk, and temporary files more than an hour old."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.endswith(".pb") and not is_whole_protobuf(path) or (
+                name.endswith(".tmp") and os.stat(path).st_mtime < time.time() - 3600):
+            os.remove(path)
+
+
+def is_whole_protobuf(path):
+    """Whether the file is a sequence of complete protobuf fields, its last one ending at the file's end.
+
+    Reads only the fields' keys and lengths, a few bytes per field.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        while f.tell() < size:
+            key = read_varint(f)
+            if key is None:
+                return False
+            wire_type = key & 7
+            if wire_type == 0:
+                if read_varint(f) is None:
+                    return False
+            elif wire_type in (1, 5):
+                f.seek(8 if wire_type == 1 else 4, os.SEEK_CUR)
+            elif wire_type == 2:
+                length = read_varint(f)
+                if length is None:
+                    return False
+                f.seek(length, os.SEEK_CUR)
+            else:
+                return False
+        return f.tell() == size
+
+
+def read_varint(f):
+    """A protobuf varint read from f, or None where the file ends inside it."""
+    value, shift = 0, 0
+    while True:
+        byte = f.read(1)
+        if not byte:
+            return None
+        value |= (byte[0] & 0x7F) << shift
+        shift += 7
+        if byte[0] < 0x80:
+            return value
+
+
+_folder = xla_cache_folder()
+if _folder:
+    os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_persistent_cache_directory={_folder}"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if _folder else "2")
+sys.stderr.flush()
+_saved, _devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+os.dup2(_devnull, 2)
+try:
+    import tensorflow as tf
+
+    tf.config.list_physical_devices()
+finally:
+    os.dup2(_saved, 2)
+    os.close(_saved)
+    os.close(_devnull)

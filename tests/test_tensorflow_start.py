@@ -1,0 +1,77 @@
+"""TensorFlow's start: quiet, and XLA programs kept in a cache folder from one run to the next."""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from gpt2 import tensorflow_start
+from gpt2.tensorflow_start import is_whole_protobuf, xla_cache_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def answer(models_dir, cache):
+    """generate_unconditional.py's first sample of seed 1 with the tiny model, and its stderr."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "generate_unconditional.py"), "--model_name", "tiny",
+                             "--models_dir", str(models_dir), "--length", "12", "--seed", "1", "--top_k", "40", "--nsamples", "1"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "GPT2_XLA_CACHE": cache})
+    assert result.returncode == 0, result.stderr
+    return result.stdout, result.stderr
+
+
+def test_a_second_run_loads_the_programs_the_first_compiled(tiny_model, tmp_path):
+    cache = str(tmp_path / "xla")
+    first, _ = answer(tiny_model.parent, cache)
+    entries = glob.glob(os.path.join(cache, "*", "*.pb"))
+    assert entries  # the decoding loop and the noise, at least
+    written = {path: os.stat(path).st_mtime_ns for path in entries}
+    second, stderr = answer(tiny_model.parent, cache)
+    assert second == first
+    assert {path: os.stat(path).st_mtime_ns for path in glob.glob(os.path.join(cache, "*", "*.pb"))} == written
+    assert stderr == ""  # TensorFlow's line about reading each entry as text first is not shown
+
+
+def test_an_entry_cut_off_is_compiled_again_instead_of_failing(tiny_model, tmp_path):
+    cache = str(tmp_path / "xla")
+    first, _ = answer(tiny_model.parent, cache)
+    entries = sorted(glob.glob(os.path.join(cache, "*", "*.pb")), key=os.path.getsize)
+    with open(entries[-1], "r+b") as f:  # as a crash or a full disk could leave it
+        f.truncate(os.path.getsize(entries[-1]) // 2)
+    assert not is_whole_protobuf(entries[-1])
+    # TensorFlow alone would fail the call: "Read less bytes than requested".
+    assert answer(tiny_model.parent, cache)[0] == first
+    assert is_whole_protobuf(entries[-1])
+
+
+def test_whole_and_cut_protobufs(tmp_path):
+    message = bytes([0x0A, 3]) + b"abc" + bytes([0x10, 0x96, 0x01]) + bytes([0x1D]) + b"\0\0\0\0"  # fields 1, 2, 3
+    for length, whole in [(len(message), True), (0, True), (4, False), (7, False), (9, False), (11, False)]:
+        path = tmp_path / f"{length}.pb"
+        path.write_bytes(message[:length])
+        assert is_whole_protobuf(path) is whole, length
+
+
+def test_the_cache_folder_and_when_it_stays_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path / "xla"))
+    folder = xla_cache_folder()
+    assert os.path.dirname(folder) == str(tmp_path / "xla") and os.path.isdir(folder)
+    assert os.path.basename(folder) == tensorflow_start.machine_key()  # one per TensorFlow and processor
+
+    old_tmp, new_tmp = os.path.join(folder, "a.pb.tmp"), os.path.join(folder, "b.pb.tmp")
+    for path in (old_tmp, new_tmp):
+        open(path, "w").close()
+    os.utime(old_tmp, (time.time() - 7200,) * 2)
+    assert xla_cache_folder() == folder
+    assert not os.path.exists(old_tmp) and os.path.exists(new_tmp)  # the other may be a write under way
+
+    monkeypatch.setenv("GPT2_XLA_CACHE", "off")
+    assert xla_cache_folder() is None
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path / "a_file" / "xla"))
+    assert xla_cache_folder() is None  # cannot be made
+    monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path / "xla"))
+    full = shutil.disk_usage(tmp_path)._replace(free=1 << 20)
+    monkeypatch.setattr(tensorflow_start.shutil, "disk_usage", lambda path: full)
+    assert xla_cache_folder() is None  # TensorFlow would fail the call that cannot write its program
