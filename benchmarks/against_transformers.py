@@ -198,6 +198,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--answer", type=int, default=40, help="tokens of the start-up measurement's answer")
     parser.add_argument("--parts", nargs="+", default=["speed", "startup"], choices=["speed", "startup"])
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES,
+                        help="the speed part's engines (ours alone: run from another checkout, before and after)")
     parser.add_argument("--worker", choices=[*ENGINES, "answer", "convert"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     model_dir = os.path.join(args.models_dir, "124M")
@@ -217,10 +219,10 @@ def main():
         startup(args, model_dir)
     if "speed" not in args.parts:
         return
-    rates = {engine: {} for engine in ENGINES}  # engine -> "flags batch" -> [tokens/s per round]
+    rates = {engine: {} for engine in args.engines}  # engine -> "flags batch" -> [tokens/s per round]
     machine = []
     for round_number in range(args.rounds):
-        for engine in ENGINES:
+        for engine in args.engines:
             machine.append((machine_bandwidth(500 << 20), machine_gemm()))
             python = args.torch_python if engine == "transformers" else sys.executable
             out = subprocess.run([python, __file__, "--worker", engine, "--torch_python", args.torch_python,
@@ -237,12 +239,14 @@ def main():
           f"rounds of each round's median of {args.runs} calls; machine: "
           f"{statistics.median(b for b, _ in machine):.1f} GB/s, {statistics.median(g for _, g in machine):.0f} "
           "GFLOP/s (median)\n")
-    print("| flags | batch | ours | transformers | ours / transformers |\n| --- | --- | --- | --- | --- |")
-    for case in rates["ours"]:
+    both = len(args.engines) == 2
+    print(f"| flags | batch | {' | '.join(args.engines)} |" + (" ours / transformers |" if both else "")
+          + "\n|" + " --- |" * (2 + len(args.engines) + both))
+    for case in rates[args.engines[0]]:
         flags, batch = case.split()
-        mine, theirs = statistics.median(rates["ours"][case]), statistics.median(rates["transformers"][case])
-        print(f"| {flags} | {batch} | {mine:.1f} | {theirs:.1f} | {mine / theirs:.2f}x |")
-
+        rate = {engine: statistics.median(rates[engine][case]) for engine in args.engines}
+        print(f"| {flags} | {batch} | " + " | ".join(f"{rate[engine]:.1f}" for engine in args.engines) + " |"
+              + (f" {rate['ours'] / rate['transformers']:.2f}x |" if both else ""))
 
 if __name__ == "__main__":
     main()

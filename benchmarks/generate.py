@@ -140,7 +140,8 @@ def main():
                               "--new", str(args.new), "--runs", str(args.runs), "--dtype", args.dtype,
                               "--flags", *args.flags, "--batches", *map(str, args.batches)]
                              + ["--distinct"] * args.distinct,
-                             capture_output=True, text=True)
+                             capture_output=True, text=True,
+                             env={**os.environ, "GPT2_XLA_CACHE": "off"})  # compile s: compiled, not read from disk
         if out.returncode:
             sys.exit(f"{name}: the measurement failed:\n{out.stderr}")
         result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -36,6 +36,20 @@ def test_stream_pieces_join_to_generate(model):
     assert "".join(pieces) == model.generate("The river", length=30, seed=8)[0]
 
 
+def test_a_stream_starts_once_the_decoding_loop_runs(model, monkeypatch):
+    """The first token (from the prompt's pass) is not shown alone while the loop compiles."""
+    from gpt2 import decode
+
+    loop_calls = []
+    advance = decode._advance
+    monkeypatch.setattr(decode, "_advance", lambda *args, **kwargs: loop_calls.append(1) or advance(*args, **kwargs))
+    stream = model.stream("The river", length=30, seed=8, ignore_eot=True)
+    first = next(stream)
+    assert loop_calls and first
+    assert first + "".join(stream) == model.generate("The river", length=30, seed=8, ignore_eot=True)[0]
+    assert "".join(model.stream("The river", length=1, seed=8)) == model.generate("The river", length=1, seed=8)[0]
+
+
 def test_batch_of_prompts(model):
     prompts = ["The river", "In the town there was a market on Saturdays."]
     results = model.generate(prompts, length=10, temperature=0, nsamples=2, batch_size=3)

@@ -10,6 +10,7 @@
 The command-line scripts are thin callers of this module.
 """
 import collections
+import itertools
 import os
 import sys
 
@@ -161,7 +162,12 @@ class GPT2:
         length = self.sample_length(length, prompt)
         context = self.context(prompt, length, truncate_prompt)
         text_stream = TextStream(self.encoder, flags["stop"], self._stop_token(ignore_eot))
-        for chunk in self._chunks([context], length, flags, first_sample, ignore_eot, STREAM_CHUNK):
+        chunks = iter(self._chunks([context], length, flags, first_sample, ignore_eot, STREAM_CHUNK))
+        # The first token comes from the prompt's pass, before the loop that makes the others is
+        # compiled (or read from the compilation cache): shown alone, it would stand there for that
+        # time. It waits for the loop's first step, and the text then flows without a pause.
+        first = next(chunks)
+        for chunk in itertools.chain([np.concatenate([first, next(chunks, first[:, :0])], axis=1)], chunks):
             piece = text_stream.feed(chunk[0])
             if piece:
                 yield piece
