@@ -41,14 +41,16 @@ END_OF_TEXT = 50256
 
 
 def median_rate(generate, batch, new_tokens, runs):
-    """tokens/s of `generate()`: one untimed call, then the median of `runs` timed ones."""
+    """tokens/s of `generate()` (the median of `runs` timed calls) and the seconds of its first call."""
+    start = time.perf_counter()
     generate()
+    first_s = time.perf_counter() - start
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         generate()
         times.append(time.perf_counter() - start)
-    return batch * new_tokens / statistics.median(times)
+    return batch * new_tokens / statistics.median(times), first_s
 
 
 def ours(model_dir, flag_sets, batches, new_tokens, runs):
@@ -220,6 +222,7 @@ def main():
     if "speed" not in args.parts:
         return
     rates = {engine: {} for engine in args.engines}  # engine -> "flags batch" -> [tokens/s per round]
+    first_calls = {engine: {} for engine in args.engines}  # the same, seconds of each round's first call
     machine = []
     for round_number in range(args.rounds):
         for engine in args.engines:
@@ -228,11 +231,13 @@ def main():
             out = subprocess.run([python, __file__, "--worker", engine, "--torch_python", args.torch_python,
                                   "--models_dir", args.models_dir, "--flags", *args.flags, "--batches",
                                   *map(str, args.batches), "--new", str(args.new), "--runs", str(args.runs)],
-                                 capture_output=True, text=True)
+                                 capture_output=True, text=True,
+                                 env={**os.environ, "GPT2_XLA_CACHE": "off"})  # first calls compile
             if out.returncode:
                 sys.exit(f"{engine}: the measurement failed:\n{out.stderr}")
-            for case, rate in json.loads(out.stdout.strip().splitlines()[-1]).items():
+            for case, (rate, first_s) in json.loads(out.stdout.strip().splitlines()[-1]).items():
                 rates[engine].setdefault(case, []).append(rate)
+                first_calls[engine].setdefault(case, []).append(first_s)
             print(f"round {round_number + 1}, {engine}: " + ", ".join(
                 f"{case} {r[-1]:.1f}" for case, r in rates[engine].items()), flush=True)
     print(f"\n124M, random weights, {args.new} new tokens from <|endoftext|>, tokens/s: median over {args.rounds} "
@@ -240,13 +245,15 @@ def main():
           f"{statistics.median(b for b, _ in machine):.1f} GB/s, {statistics.median(g for _, g in machine):.0f} "
           "GFLOP/s (median)\n")
     both = len(args.engines) == 2
-    print(f"| flags | batch | {' | '.join(args.engines)} |" + (" ours / transformers |" if both else "")
-          + "\n|" + " --- |" * (2 + len(args.engines) + both))
+    columns = [f"{engine} (first call s)" for engine in args.engines] + ["ours / transformers"] * both
+    print("| flags | batch | " + " | ".join(columns) + " |\n|" + " --- |" * (2 + len(columns)))
     for case in rates[args.engines[0]]:
         flags, batch = case.split()
         rate = {engine: statistics.median(rates[engine][case]) for engine in args.engines}
-        print(f"| {flags} | {batch} | " + " | ".join(f"{rate[engine]:.1f}" for engine in args.engines) + " |"
-              + (f" {rate['ours'] / rate['transformers']:.2f}x |" if both else ""))
+        print(f"| {flags} | {batch} | " + " | ".join(
+            f"{rate[engine]:.1f} ({statistics.median(first_calls[engine][case]):.1f})" for engine in args.engines)
+              + " |" + (f" {rate['ours'] / rate['transformers']:.2f}x |" if both else ""))
+
 
 if __name__ == "__main__":
     main()

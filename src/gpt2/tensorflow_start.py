@@ -8,9 +8,9 @@ Compiling the decoding loop with XLA takes most of a command's first answer (124
 cores: about 8 of 13 s). TensorFlow's persistent compilation cache keeps each compiled program in
 a folder and loads it in later runs instead of compiling again; it is on unless GPT2_XLA_CACHE is
 "off" (GPT2_XLA_CACHE=<folder> puts it elsewhere). Three things about it shape this module:
-- A program compiled for one processor may use instructions another lacks, and one TensorFlow
-  version cannot read another's programs: each TensorFlow installation and processor gets a
-  folder of its own.
+- A program compiled for one processor (or GPU) may use instructions another lacks, and one
+  TensorFlow version cannot read another's programs: each TensorFlow installation and machine
+  gets a folder of its own.
 - TensorFlow fails the compiled call, instead of compiling again, when an entry cannot be read or
   written: a cut-off entry is deleted here before TensorFlow starts, and the cache is left off
   where its folder cannot be written or its disk is nearly full.
@@ -18,6 +18,7 @@ a folder and loads it in later runs instead of compiling again; it is on unless 
   the binary it is: with the cache on, TensorFlow's C++ errors are not shown (its errors still
   reach Python as exceptions, with their messages).
 """
+import glob
 import hashlib
 import os
 import platform
@@ -29,7 +30,7 @@ MIN_FREE_BYTES = 256 << 20  # an entry is a few MB; below this the cache stays o
 
 
 def machine_key():
-    """A short name for this TensorFlow installation on this processor (its instruction set)."""
+    """A short name for this TensorFlow installation on this processor (its instruction set) and GPUs."""
     import importlib.util
 
     tensorflow_init = importlib.util.find_spec("tensorflow").origin  # found without importing it
@@ -39,6 +40,9 @@ def machine_key():
             processor += "".join(sorted({line for line in f if line.startswith(("flags", "model name"))}))
     except OSError:
         pass
+    for gpu in sorted(glob.glob("/proc/driver/nvidia/gpus/*/information")):  # a GPU's programs are its model's
+        with open(gpu) as f:
+            processor += "".join(line for line in f if line.startswith("Model"))
     identity = f"{tensorflow_init} {os.stat(tensorflow_init).st_mtime_ns} {processor}"
     return f"{platform.machine()}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
 
