@@ -54,12 +54,12 @@ def xla_cache_folder():
         return None
     base = setting or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2", "xla")
     try:
-        folder = os.path.join(base, machine_key())
+        folder = os.path.join(base, machine_key())  # AttributeError: no TensorFlow, whose import then says so
         os.makedirs(folder, exist_ok=True)
         if not os.access(folder, os.W_OK | os.X_OK) or shutil.disk_usage(folder).free < MIN_FREE_BYTES:
             return None
         remove_broken_entries(folder)
-    except OSError:
+    except (OSError, AttributeError):
         return None
     return folder
 
