@@ -17,6 +17,7 @@ from gpt2.checkpoint import load_params
 from gpt2.errors import GPT2Error
 from gpt2.folders import MODEL_FILES, read_hparams
 from gpt2.testing import SAMPLE_TEXT
+from gpt2.model import forward, logits
 from test_model import reference_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,3 +198,83 @@ def test_validation_keeps_the_best_run_and_fresh_starts_again(models_dir):
                   restore_from="fresh", **flags)
     assert saved_step(models_dir / "run") == 3
     assert len((models_dir / "run" / "training" / "metrics.csv").read_text().splitlines()) == 1 + 3
+
+
+# The memory ladder: recompute, mixed precision, frozen embeddings, low-rank adapters.
+
+def trainer_after(params, hparams, memory, optimizer="sgd", steps=1):
+    """The trainer after `steps` steps on a fixed batch, and the losses of those steps."""
+    trainer = train.Trainer(params, hparams, train.Hyper(optimizer, clip_norm=0), 1e-2, memory=memory)
+    batch = np.random.default_rng(3).integers(0, hparams.n_vocab, (1, 2, 33)).astype(np.int32)
+    return trainer, [trainer.train_step(batch)[0] for _ in range(steps)]
+
+
+def flat(params):
+    """{"h/0/attn/c_attn/w": array, ...} of a params tree (of variables or tensors)."""
+    return {"/".join(path): np.asarray(v) for path, v in train.leaves(params)}
+
+
+def test_recomputed_gradients_equal_kept_ones(model):
+    """One SGD step's change of every weight is its gradient: with recompute, the same ones."""
+    hparams, params = model
+    (kept, kept_loss), (recomputed, recomputed_loss) = (trainer_after(params, hparams, train.Memory(recompute=r))
+                                                        for r in (False, True))
+    assert recomputed_loss == kept_loss
+    changed = 0
+    for name, value in flat(kept.params).items():
+        np.testing.assert_allclose(flat(recomputed.params)[name], value, rtol=1e-6, atol=1e-8, err_msg=name)
+        changed += not np.array_equal(value, flat(params)[name])
+    assert changed == len(flat(kept.params))  # every weight moved: every gradient was compared
+
+
+def test_mixed_precision_loss_is_the_float32_loss_to_its_precision(model):
+    hparams, params = model
+    tokens = tf.constant(np.random.default_rng(4).integers(0, hparams.n_vocab, size=(2, 40)))
+    exact = float(train.loss(params, hparams, tokens))
+    # Relative precision: bfloat16 keeps 8 bits of each number, float16 11.
+    for dtype, tolerance in (("bfloat16", 2 ** -8), ("float16", 2 ** -11)):
+        approximate = float(train.loss(params, hparams, tokens, dtype))
+        assert approximate != exact and approximate == pytest.approx(exact, rel=tolerance), dtype
+
+
+def test_float16_steps_that_overflow_are_skipped_and_halve_the_loss_scale(model):
+    hparams, params = model
+    trainer, losses = trainer_after(params, hparams, train.Memory(dtype="float16"))
+    assert float(trainer.loss_scale) == train.INITIAL_LOSS_SCALE and np.isfinite(losses[0])
+    before = flat(trainer.params)
+    trainer.loss_scale.assign(1e38)  # the scaled gradients overflow float16
+    batch = np.random.default_rng(5).integers(0, hparams.n_vocab, (1, 2, 33)).astype(np.int32)
+    _, norm = trainer.train_step(batch)
+    assert not np.isfinite(norm) and float(trainer.loss_scale) == np.float32(1e38) / 2
+    tf.nest.map_structure(np.testing.assert_array_equal, flat(trainer.params), before)
+
+
+def test_only_transformer_layers_leaves_the_embeddings_and_final_norm_as_they_were(model):
+    hparams, params = model
+    trainer, _ = trainer_after(params, hparams, train.Memory(only_train_transformer_layers=True), "adamw", steps=2)
+    start = flat(params)
+    for name, value in flat(trainer.params).items():
+        frozen = not name.startswith("h/")
+        assert np.array_equal(value, start[name]) == frozen, name
+    assert {"/".join(path) for path in trainer.paths} == {name for name in start if name.startswith("h/")}
+
+
+def test_lora_starts_as_the_base_model_and_merges_into_the_same_logits(model):
+    hparams, params = model
+    tokens = tf.constant(np.random.default_rng(6).integers(0, hparams.n_vocab, size=(2, 40)))
+    base = logits(params, forward(params, hparams, tokens)).numpy()
+    adapted = train.add_adapters(params, rank=3)
+    np.testing.assert_array_equal(logits(adapted, forward(adapted, hparams, tokens)).numpy(), base)  # lora_b is 0
+    trainer, _ = trainer_after(params, hparams, train.Memory(lora_rank=3), "adamw", steps=3)
+    assert {path[-1] for path in trainer.paths} == {"lora_a", "lora_b"} and len(trainer.paths) == 8 * hparams.n_layer
+    tuned = logits(trainer.params, forward(trainer.params, hparams, tokens)).numpy()
+    merged = train.merge_adapters(trainer.params)
+    assert not np.allclose(tuned, base, atol=1e-3)  # the adapters learned something
+    np.testing.assert_allclose(logits(merged, forward(merged, hparams, tokens)).numpy(), tuned, atol=2e-5)
+    start = flat(params)
+    for name, value in flat(merged).items():
+        if name.endswith(("c_attn/w", "c_proj/w", "c_fc/w")):
+            assert np.array_equal(value[-1], start[name][-1]) and not np.array_equal(value, start[name])
+        else:  # the bias rows above and every other weight: as they were
+            np.testing.assert_array_equal(value, start[name])
+    assert set(flat(merged)) == set(start)
