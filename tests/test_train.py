@@ -164,6 +164,12 @@ def test_a_stopped_run_resumes_to_the_same_weights(models_dir, stop):
     (dict(dataset="/nonexistent/*.txt"), "no text found at dataset /nonexistent"),
     (dict(optimizer="lion"), "optimizer must be one of adamw, adam, sgd, adafactor"),
     (dict(steps=0), "steps must be a whole number of at least 1"),
+    (dict(lora_rank=0), "lora_rank must be a whole number of at least 1, not 0"),
+    (dict(lora_rank=2.5), "lora_rank must be a whole number of at least 1, not 2.5"),
+    (dict(lora_rank=200), "lora_rank 200 is more than the model's width of 32"),
+    (dict(lora_rank=4, only_train_transformer_layers=True), "lora_rank trains the adapters alone: leave out "),
+    (dict(dtype="float8"), "dtype must be one of float32, float16, bfloat16, not 'float8'"),
+    (dict(recompute="yes"), "recompute must be True or False, not 'yes'"),
 ])
 def test_bad_settings_are_one_line_errors(models_dir, flags, message):
     (models_dir.parent / "text.txt").write_text(TEXT, encoding="utf-8")
@@ -171,6 +177,15 @@ def test_bad_settings_are_one_line_errors(models_dir, flags, message):
                         models_dir=str(models_dir), steps=2, progress=False), **flags}
     with pytest.raises(GPT2Error, match=message):
         gpt2.finetune(**arguments)
+
+
+def test_memory_flags_are_checked_before_tensorflow_starts():
+    code = ("import sys; from gpt2.cli import finetune_main\n"
+            "try: finetune_main(['--dataset', 'x.txt', '--lora_rank', '0'])\n"
+            "except SystemExit as e: print(e.code, '|', 'tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")})
+    assert result.stdout.strip() == "error: --lora_rank must be a whole number of at least 1, not 0 | False"
 
 
 def test_empty_and_tiny_datasets(models_dir):
@@ -278,3 +293,27 @@ def test_lora_starts_as_the_base_model_and_merges_into_the_same_logits(model):
         else:  # the bias rows above and every other weight: as they were
             np.testing.assert_array_equal(value, start[name])
     assert set(flat(merged)) == set(start)
+
+
+@pytest.mark.slow
+def test_a_lora_run_saves_a_plain_folder_and_resumes_to_the_same_weights(models_dir, tiny_model):
+    """Stopped after 4 steps and resumed for 4 more, it ends where 8 steps in one go end: the saved
+    folder holds the adapters merged, state.npz the adapters themselves, taken out again on resume."""
+    (models_dir.parent / "text.txt").write_text(SAMPLE_TEXT, encoding="utf-8")
+    flags = dict(sequence_length=32, learning_rate=1e-2, save_every=0, progress=False, lora_rank=2, seed=3)
+    dataset = str(models_dir.parent / "text.txt")
+    gpt2.finetune(dataset, "tiny", "whole", str(models_dir), steps=8, **flags)
+    gpt2.finetune(dataset, "tiny", "halves", str(models_dir), steps=4, **flags)
+    with np.load(models_dir / "halves" / "training" / "state.npz") as state:
+        assert {"h/0/attn/c_attn/lora_a", "h/1/mlp/c_proj/lora_b"} <= set(state) and int(state["step"]) == 4
+    written = tf.train.load_checkpoint(str(models_dir / "halves" / "model.ckpt")).get_variable_to_shape_map()
+    assert written == tf.train.load_checkpoint(str(tiny_model / "model.ckpt")).get_variable_to_shape_map()
+    with pytest.raises(GPT2Error, match="was trained with lora_rank 2, not 3: give the same"):
+        gpt2.finetune(dataset, "tiny", "halves", str(models_dir), steps=4, **{**flags, "lora_rank": 3})
+    gpt2.finetune(dataset, "tiny", "halves", str(models_dir), steps=4, **flags)
+    hparams = read_hparams(models_dir / "whole")
+    whole, halves, base = (load_params(models_dir / name, hparams) for name in ("whole", "halves", "tiny"))
+    # The subtraction that takes the adapters out of the saved weights rounds: equal to float32 precision.
+    tf.nest.map_structure(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), halves, whole)
+    assert not np.allclose(whole["h"][0]["attn"]["c_attn"]["w"], base["h"][0]["attn"]["c_attn"]["w"], atol=1e-4)
+    np.testing.assert_array_equal(whole["wte"], base["wte"])  # only the adapted layers change
