@@ -170,6 +170,8 @@ def test_a_stopped_run_resumes_to_the_same_weights(models_dir, stop):
     (dict(lora_rank=4, only_train_transformer_layers=True), "lora_rank trains the adapters alone: leave out "),
     (dict(dtype="float8"), "dtype must be one of float32, float16, bfloat16, not 'float8'"),
     (dict(recompute="yes"), "recompute must be True or False, not 'yes'"),
+    (dict(strategy="gpus"), "strategy must be one of auto, one, mirrored, multiworker, tpu .or, from Python, a "),
+    (dict(strategy=2), "strategy must be one of auto, one, mirrored, multiworker, tpu or a tf.distribute.Strategy"),
 ])
 def test_bad_settings_are_one_line_errors(models_dir, flags, message):
     (models_dir.parent / "text.txt").write_text(TEXT, encoding="utf-8")
@@ -317,3 +319,44 @@ def test_a_lora_run_saves_a_plain_folder_and_resumes_to_the_same_weights(models_
     tf.nest.map_structure(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), halves, whole)
     assert not np.allclose(whole["h"][0]["attn"]["c_attn"]["w"], base["h"][0]["attn"]["c_attn"]["w"], atol=1e-4)
     np.testing.assert_array_equal(whole["wte"], base["wte"])  # only the adapted layers change
+
+
+TWO_CPUS = """
+import sys
+import tensorflow as tf
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                           [tf.config.LogicalDeviceConfiguration()] * 2)
+import gpt2
+from gpt2.errors import GPT2Error
+dataset, models_dir = sys.argv[1:]
+two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+flags = dict(sequence_length=32, learning_rate=0.1, optimizer="sgd", batch_size=4, accumulate_gradients=2,
+             save_every=0, progress=False, seed=3)
+gpt2.finetune(dataset, "tiny", "one", models_dir, steps=4, strategy="one", **flags)
+gpt2.finetune(dataset, "tiny", "two", models_dir, steps=2, strategy=two, **flags)
+gpt2.finetune(dataset, "tiny", "two", models_dir, steps=2, strategy="one", **flags)  # resumed on one device
+try:
+    gpt2.finetune(dataset, "tiny", "odd", models_dir, steps=1, strategy=two, **{**flags, "batch_size": 3})
+except GPT2Error as e:
+    print(e)
+"""
+
+
+@pytest.mark.slow
+def test_two_replicas_train_as_one_device_and_resume_on_one(models_dir, tiny_model):
+    """Two logical CPUs, each with half of each batch, make the steps one device makes with the whole
+    batch; a run begun on two resumes on one. SGD: the weights move by the gradients themselves
+    (Adam would magnify the rounding of gradients near zero)."""
+    (models_dir.parent / "text.txt").write_text(SAMPLE_TEXT, encoding="utf-8")
+    result = subprocess.run([sys.executable, "-c", TWO_CPUS, str(models_dir.parent / "text.txt"), str(models_dir)],
+                            capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "a batch of 3 does not split evenly across 2 replicas: make batch_size a multiple of 2"
+    hparams = read_hparams(models_dir / "one")
+    one, two, base = (load_params(models_dir / name, hparams) for name in ("one", "two", "tiny"))
+    tf.nest.map_structure(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), two, one)
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(tf.nest.flatten(one), tf.nest.flatten(base)))
+    assert moved > 1e-2
+    losses = [(models_dir / name / "training" / "metrics.csv").read_text().splitlines() for name in ("one", "two")]
+    assert [row.split(",")[:2] for row in losses[0]] == [row.split(",")[:2] for row in losses[1]]

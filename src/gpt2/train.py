@@ -26,7 +26,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from . import tensorflow_quietly  # noqa: F401  (before TensorFlow's first use: no C++ start-up lines)
-from .arguments import ArgumentError
+from .arguments import ArgumentError, must
 from .errors import GPT2Error, Interrupted
 from .model import forward, logits
 from .score import score_tokens, text_pieces
@@ -128,7 +128,12 @@ def random_windows(tokens, rng, batch_size, length):
 # The loss and the optimizers.
 
 def loss(params, hparams, tokens, dtype="float32", recompute=False):
-    """Mean cross-entropy, nats per token, of predicting tokens [batch, seq] from the ones before each.
+    """Mean cross-entropy, nats per token, of predicting tokens [batch, seq] from the ones before each."""
+    return tf.reduce_mean(token_losses(params, hparams, tokens, dtype, recompute))
+
+
+def token_losses(params, hparams, tokens, dtype="float32", recompute=False):
+    """Cross-entropy [batch, seq - 1], nats, of predicting each token of tokens [batch, seq] from the ones before it.
 
     dtype: mixed precision. The weights are cast to bfloat16 or float16 where they are used, so the
     products and the activations kept for the backward pass take half the memory; gpt2.model keeps
@@ -138,7 +143,7 @@ def loss(params, hparams, tokens, dtype="float32", recompute=False):
     params = tf.nest.map_structure(lambda w: tf.cast(w, dtype), params)
     h = forward(params, hparams, tokens[:, :-1], recompute)
     token_logits = logits(params, h)  # [batch, seq - 1, n_vocab] float32
-    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(tokens[:, 1:], token_logits))
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(tokens[:, 1:], token_logits)
 
 
 class Hyper(NamedTuple):
@@ -283,42 +288,69 @@ class Trainer:
 
     `params` holds every weight as a float32 variable (with `memory.lora_rank`, the adapters too);
     `paths` and `variables` are the trained ones, each with its optimizer `slots`.
+
+    With a tf.distribute.Strategy of several replicas, each variable has a copy on every replica
+    and each replica takes an equal share of the batch; the gradients are summed across replicas
+    (the loss is averaged over the whole batch), so every replica makes the same update. One
+    replica's copy is taken when a variable is read outside the step (saving, sampling).
     """
 
     def __init__(self, params, hparams, hyper, learning_rate, warmup_steps=0, decay_steps=0, memory=Memory(),
-                 seed=0):
+                 seed=0, strategy=None):
         self.hparams, self.hyper, self.memory = hparams, hyper, memory
+        default = tf.distribute.get_strategy()  # no distribution: the step compiles whole with XLA
+        self.strategy = strategy or default
         if memory.lora_rank:
             params = add_adapters(params, memory.lora_rank, seed)
-        # tf.nest orders a dict's keys as `leaves` does: sorted.
-        self.params = tf.nest.pack_sequence_as(params, [tf.Variable(w, trainable=trains(path, memory))
-                                                        for path, w in leaves(params)])
-        self.paths, self.variables = zip(*((path, v) for path, v in leaves(self.params) if v.trainable))
-        self.slots = [{name: tf.Variable(tf.zeros(shape, tf.float32), trainable=False)
-                       for name, shape in slot_shapes(v.shape.as_list(), hyper.optimizer).items()}
-                      for v in self.variables]
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        with self.strategy.scope():
+            def variable(value, trainable=False, dtype=None):
+                # Each replica computes the same update: the first replica's is the one kept.
+                return tf.Variable(value, trainable=trainable, dtype=dtype,
+                                   aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            # tf.nest orders a dict's keys as `leaves` does: sorted.
+            self.params = tf.nest.pack_sequence_as(params, [variable(w, trains(path, memory))
+                                                            for path, w in leaves(params)])
+            self.paths, self.variables = zip(*((path, v) for path, v in leaves(self.params) if v.trainable))
+            self.slots = [{name: variable(tf.zeros(shape, tf.float32))
+                           for name, shape in slot_shapes(v.shape.as_list(), hyper.optimizer).items()}
+                          for v in self.variables]
+            self.step = variable(0, dtype=tf.int64)
+            # float16 keeps numbers above 6e-5 only (bfloat16 has float32's range): the loss is scaled up
+            # before the backward pass so that small gradients do not vanish, and the gradients scaled back.
+            self.loss_scale = variable(INITIAL_LOSS_SCALE if memory.dtype == "float16" else 1.0)
+            self.good_steps = variable(0, dtype=tf.int64)
         self.schedule = (learning_rate, warmup_steps, decay_steps)
-        # float16 keeps numbers above 6e-5 only (bfloat16 has float32's range): the loss is scaled up
-        # before the backward pass so that small gradients do not vanish, and the gradients scaled back.
-        self.loss_scale = tf.Variable(INITIAL_LOSS_SCALE if memory.dtype == "float16" else 1.0, trainable=False)
-        self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self._train = tf.function(self._train_step, jit_compile=True)
+        self._gradients = tf.function(self._replica_gradients, jit_compile=True)
+        self._train = tf.function(self._train_step, jit_compile=self.strategy is default)
+
+    def _replica_gradients(self, batch, global_tokens):
+        """(this replica's part of the loss, its gradients of the trained variables) for one batch
+        [replica's batch, seq + 1], the loss being the mean over `global_tokens` tokens of all replicas."""
+        with tf.GradientTape() as tape:
+            losses = token_losses(self.params, self.hparams, batch, self.memory.dtype, self.memory.recompute)
+            # tf.nn.compute_average_loss, without its check of global_tokens (an assertion XLA warns it ignores)
+            batch_loss = tf.reduce_sum(losses) / global_tokens
+            scaled_loss = batch_loss * self.loss_scale
+        return batch_loss, tape.gradient(scaled_loss, self.variables)
 
     def _train_step(self, batches):
-        """batches [accumulate, batch, seq + 1]: one optimizer step on the mean of their gradients.
+        """One optimizer step on the mean gradients of batches [accumulate, global batch, seq + 1]
+        (each replica's share of them, from `distribute`). Returns the mean loss and the gradients'
+        global norm before clipping."""
+        losses, norms = self.strategy.run(self._replica_step, args=(batches,))
+        first = self.strategy.experimental_local_results
+        return first(losses)[0], first(norms)[0]
 
-        Returns the mean loss and the gradients' global norm before clipping.
-        """
-        accumulate = batches.shape[0]
+    def _replica_step(self, batches):
+        accumulate, replicas = batches.shape[0], self.strategy.num_replicas_in_sync
+        global_tokens = replicas * batches.shape[1] * (batches.shape[2] - 1)
         total_loss, total = 0.0, [tf.zeros_like(v) for v in self.variables]
         for i in range(accumulate):  # a few at most: unrolled, so XLA sees one program
-            with tf.GradientTape() as tape:
-                batch_loss = loss(self.params, self.hparams, batches[i], self.memory.dtype, self.memory.recompute)
-                scaled_loss = batch_loss * self.loss_scale
-            gradients = tape.gradient(scaled_loss, self.variables)
+            batch_loss, gradients = self._gradients(batches[i], global_tokens)
             total = [t + g for t, g in zip(total, gradients)]
             total_loss += batch_loss
+        # Summed across replicas: the gradients of the loss averaged over the global batch.
+        total_loss, total = tf.distribute.get_replica_context().all_reduce("sum", (total_loss, total))
         gradients = [t / (accumulate * self.loss_scale) for t in total]
         norm = tf.linalg.global_norm(gradients)
         self.step.assign_add(1)
@@ -348,8 +380,22 @@ class Trainer:
 
     def train_step(self, batches):
         """(loss, gradient norm) of one step on int32 batches [accumulate, batch, seq + 1]."""
-        batch_loss, norm = self._train(tf.constant(batches))
+        batch_loss, norm = self._train(self.distribute(batches))
         return float(batch_loss), float(norm)
+
+    def distribute(self, batches):
+        """Each replica's share of batches [accumulate, global batch, seq + 1]: its own rows of the
+        global batch (every worker of several machines draws the same batches and takes its share)."""
+        replicas = self.strategy.num_replicas_in_sync
+        if batches.shape[1] % replicas:
+            raise ArgumentError(f"a batch of {batches.shape[1]} does not split evenly across {replicas} replicas: "
+                                f"make {{batch_size}} a multiple of {replicas}", "batch_size")
+        share = batches.shape[1] // replicas
+
+        def replica_share(context):
+            first = context.replica_id_in_sync_group * share
+            return tf.constant(batches[:, first:first + share])
+        return self.strategy.experimental_distribute_values_from_function(replica_share)
 
     def state(self):
         """What resuming needs beyond the model folder, as {name: array}: the step, the optimizer's
@@ -433,7 +479,10 @@ def run(settings):
         check_same_state(s, run_dir)
     hyper = Hyper(s.optimizer, weight_decay=s.weight_decay, clip_norm=s.clip_norm)
     memory = Memory(s.recompute, s.dtype, s.only_train_transformer_layers, s.lora_rank or 0)
-    trainer = Trainer(model.params, hparams, hyper, s.learning_rate, s.warmup_steps, s.decay_steps, memory, s.seed)
+    strategy = distribution(s.strategy)
+    trainer = Trainer(model.params, hparams, hyper, s.learning_rate, s.warmup_steps, s.decay_steps, memory, s.seed,
+                      strategy)
+    chief = is_chief(strategy)
     del model.params  # the trainer's variables hold the weights now
     rng = np.random.default_rng(s.seed)
     metrics = []
@@ -448,16 +497,19 @@ def run(settings):
     prompt = s.sample_prompt or first_line(encoder.decode(np.asarray((val if val is not None else tokens)[:200])))
 
     def save(path=run_dir):
+        if not chief:  # the other workers hold the same weights: one writes them
+            return
         def write_training(folder):
             os.makedirs(os.path.join(folder, TRAINING))
             np.savez(os.path.join(folder, TRAINING, "state.npz"), data_rng=json.dumps(rng.bit_generator.state),
                      **trainer.state())
             write_metrics(os.path.join(folder, TRAINING, "metrics.csv"), metrics)
             with open(os.path.join(folder, TRAINING, "settings.json"), "w", encoding="utf-8") as f:
-                json.dump(s._asdict(), f, indent=2)
+                json.dump({**s._asdict(), "strategy": strategy_name}, f, indent=2)
         # With adapters, the folder holds them merged into the weights: a plain model for every script.
         return GPT2(hparams, merge_adapters(trainer.params), encoder, vocab_dir).save(path, write_more=write_training)
 
+    strategy_name = s.strategy if isinstance(s.strategy, str) else type(s.strategy).__name__
     stop = StopRequest()
     first_step = int(trainer.step.numpy())
     window = s.accumulate_gradients * s.batch_size
@@ -501,6 +553,46 @@ def run(settings):
         raise Interrupted(f"interrupted at step {int(trainer.step.numpy())}: saved to {run_dir}; rerun the same "
                           "command to go on")
     return run_dir
+
+
+def distribution(strategy):
+    """The tf.distribute.Strategy that `strategy` names, or `strategy` itself if it is one.
+
+    auto: a TPU where one is found (TPU_NAME or COLAB_TPU_ADDR set, or TPU devices listed), else
+    the machines that TF_CONFIG lists, else this machine's GPUs if it has several, else one device.
+    """
+    from .finetuning import STRATEGIES
+
+    if isinstance(strategy, tf.distribute.Strategy):
+        return strategy
+    if strategy not in STRATEGIES:
+        raise must("strategy", f"one of {', '.join(STRATEGIES)} or a tf.distribute.Strategy", strategy)
+    if strategy == "auto":
+        tpu = os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR") or tf.config.list_logical_devices("TPU")
+        strategy = ("tpu" if tpu else "multiworker" if os.environ.get("TF_CONFIG")
+                    else "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "one")
+    if strategy == "one":
+        return tf.distribute.get_strategy()
+    if strategy == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if strategy == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, tf.errors.OpError) as e:
+        raise GPT2Error(f"no TPU found ({str(e).splitlines()[0]}): in Colab, choose a TPU runtime first") from e
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def is_chief(strategy):
+    """Whether this process writes the run: the only one, or the chief (worker 0 if none is named chief)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type or isinstance(strategy, tf.distribute.TPUStrategy):
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
+                                             and "chief" not in resolver.cluster_spec().as_dict())
 
 
 # The settings that shape what state.npz holds: a run resumes with the ones it started with.
