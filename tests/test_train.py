@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -360,3 +361,45 @@ def test_two_replicas_train_as_one_device_and_resume_on_one(models_dir, tiny_mod
     assert moved > 1e-2
     losses = [(models_dir / name / "training" / "metrics.csv").read_text().splitlines() for name in ("one", "two")]
     assert [row.split(",")[:2] for row in losses[0]] == [row.split(",")[:2] for row in losses[1]]
+
+
+MULTI_WORKER = """
+import json, os, sys
+index, ports, dataset, models_dir = sys.argv[1:]
+os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports.split(",")]},
+                                      "task": {"type": "worker", "index": int(index)}})
+import gpt2
+gpt2.finetune(dataset, "tiny", "multi", models_dir, steps=2, strategy="multiworker", sequence_length=32,
+              learning_rate=0.1, optimizer="sgd", batch_size=2, save_every=0, progress=False, seed=3)
+"""
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_two_worker_processes_train_as_one_device(models_dir):
+    """MultiWorkerMirroredStrategy, two processes on 127.0.0.1 configured by TF_CONFIG, one CPU each:
+    the weights of one device with the same global batch; worker 0 alone writes the run."""
+    dataset = str(models_dir.parent / "text.txt")
+    (models_dir.parent / "text.txt").write_text(SAMPLE_TEXT, encoding="utf-8")
+    ports = ",".join(map(str, free_ports(2)))
+    workers = [subprocess.Popen([sys.executable, "-c", MULTI_WORKER, str(i), ports, dataset, str(models_dir)],
+                                stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")})
+               for i in range(2)]
+    for worker in workers:
+        assert worker.wait(timeout=600) == 0, worker.stderr.read()
+    gpt2.finetune(dataset, "tiny", "one", str(models_dir), steps=2, strategy="one", sequence_length=32,
+                  learning_rate=0.1, optimizer="sgd", batch_size=2, save_every=0, progress=False, seed=3)
+    hparams = read_hparams(models_dir / "one")
+    one, multi = (load_params(models_dir / name, hparams) for name in ("one", "multi"))
+    tf.nest.map_structure(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), multi, one)
+    assert not np.allclose(one["wte"], load_params(models_dir / "tiny", hparams)["wte"], atol=1e-3)

@@ -436,6 +436,7 @@ def run(settings):
     from .folders import LEGACY_NAMES, MODEL_NAMES, default_models_dir, find_model_dir
 
     s = settings
+    strategy = distribution(s.strategy)  # first: the multi-worker strategy must come before TensorFlow computes
     models_dir = s.models_dir or default_models_dir()
     run_dir = os.path.join(models_dir, str(s.run_name))
     state_file = os.path.join(run_dir, TRAINING, "state.npz")
@@ -479,7 +480,6 @@ def run(settings):
         check_same_state(s, run_dir)
     hyper = Hyper(s.optimizer, weight_decay=s.weight_decay, clip_norm=s.clip_norm)
     memory = Memory(s.recompute, s.dtype, s.only_train_transformer_layers, s.lora_rank or 0)
-    strategy = distribution(s.strategy)
     trainer = Trainer(model.params, hparams, hyper, s.learning_rate, s.warmup_steps, s.decay_steps, memory, s.seed,
                       strategy)
     chief = is_chief(strategy)
@@ -576,7 +576,11 @@ def distribution(strategy):
     if strategy == "mirrored":
         return tf.distribute.MirroredStrategy()
     if strategy == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        except RuntimeError as e:  # "Collective ops must be configured at program startup"
+            raise GPT2Error("the multiworker strategy must be made before TensorFlow computes anything in the "
+                            "process: call gpt2.finetune first, or run finetune.py") from e
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
         tf.config.experimental_connect_to_cluster(resolver)
