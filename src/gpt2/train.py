@@ -320,7 +320,8 @@ class Trainer:
             self.loss_scale = variable(INITIAL_LOSS_SCALE if memory.dtype == "float16" else 1.0)
             self.good_steps = variable(0, dtype=tf.int64)
         self.schedule = (learning_rate, warmup_steps, decay_steps)
-        self._gradients = tf.function(self._replica_gradients, jit_compile=True)
+        # Several replicas sum their gradients, which XLA does not compile here: a plain graph then
+        # (TPUStrategy compiles it with XLA, as it compiles everything).
         self._train = tf.function(self._train_step, jit_compile=self.strategy is default)
 
     def _replica_gradients(self, batch, global_tokens):
@@ -346,7 +347,7 @@ class Trainer:
         global_tokens = replicas * batches.shape[1] * (batches.shape[2] - 1)
         total_loss, total = 0.0, [tf.zeros_like(v) for v in self.variables]
         for i in range(accumulate):  # a few at most: unrolled, so XLA sees one program
-            batch_loss, gradients = self._gradients(batches[i], global_tokens)
+            batch_loss, gradients = self._replica_gradients(batches[i], global_tokens)
             total = [t + g for t, g in zip(total, gradients)]
             total_loss += batch_loss
         # Summed across replicas: the gradients of the loss averaged over the global batch.
