@@ -123,8 +123,9 @@ def make_parser():
 
 def ladder_flags(args):
     """The memory ladder's flags that give `args`' settings."""
-    return (["--optimizer", args.optimizer, "--dtype", args.dtype, "--lora_rank", str(args.lora_rank)]
-            + ["--recompute"] * args.recompute + ["--only_train_transformer_layers"] * args.only_train_transformer_layers)
+    flags = ["--optimizer", args.optimizer, "--dtype", args.dtype, "--lora_rank", str(args.lora_rank)]
+    frozen = ["--only_train_transformer_layers"] * args.only_train_transformer_layers
+    return flags + ["--recompute"] * args.recompute + frozen
 
 
 def main():
@@ -168,8 +169,8 @@ def memory_table(args):
     length = args.lengths[0]
     print(f"batch size {args.batch_size}, sequence {length}, one step (it compiles, then runs); random weights of "
           f"the real shapes; {available_memory() / 1e9:.1f} GB available at the start\n")
-    print("| model | options | weights, gradients, optimizer state (computed) | peak memory | GPU peak | first step s (compiles) |\n"
-          "| --- | --- | --- | --- | --- | --- |")
+    print("| model | options | weights, gradients, optimizer state (computed) | peak memory | GPU peak "
+          "| first step s (compiles) |\n| --- | --- | --- | --- | --- | --- |")
     for name in args.models:
         hparams = OPENAI_HPARAMS.get(name) or read_hparams(model_folder(args.models_dir, name))
         for option in args.options:

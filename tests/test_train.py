@@ -353,7 +353,8 @@ def test_two_replicas_train_as_one_device_and_resume_on_one(models_dir, tiny_mod
                             capture_output=True, text=True, timeout=900,
                             env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "a batch of 3 does not split evenly across 2 replicas: make batch_size a multiple of 2"
+    assert result.stdout.strip() == ("a batch of 3 does not split evenly across 2 replicas: "
+                                     "make batch_size a multiple of 2")
     hparams = read_hparams(models_dir / "one")
     one, two, base = (load_params(models_dir / name, hparams) for name in ("one", "two", "tiny"))
     tf.nest.map_structure(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), two, one)

@@ -251,8 +251,8 @@ def add_adapters(params, rank, seed=0):
         for part, name in ADAPTED:
             n_in, n_out = p[part][name]["w"].shape[0] - 1, p[part][name]["w"].shape[1]
             # x @ lora_a keeps x's scale; lora_b's Adam steps then move the output at the learning rate.
-            p[part][name] = {"w": p[part][name]["w"],
-                             "lora_a": tf.constant(rng.standard_normal((n_in, rank), np.float32) / np.float32(np.sqrt(n_in))),
+            lora_a = rng.standard_normal((n_in, rank), np.float32) / np.float32(np.sqrt(n_in))
+            p[part][name] = {"w": p[part][name]["w"], "lora_a": tf.constant(lora_a),
                              "lora_b": tf.zeros((rank, n_out), tf.float32)}
     return params
 
@@ -411,7 +411,7 @@ class Trainer:
         return state
 
     def restore(self, state):
-        """Take up a saved state (of a run with the same Memory and optimizer), after the folder's weights were loaded."""
+        """Take up a saved state (of a run with the same Memory and optimizer) after the folder's weights are loaded."""
         self.step.assign(int(state["step"]))
         for path, variable, slots in zip(self.paths, self.variables, self.slots):
             for name, slot in slots.items():
