@@ -343,6 +343,7 @@ class Trainer:
         return first(losses)[0], first(norms)[0]
 
     def _replica_step(self, batches):
+        """_train_step on one replica, with its share of the batches."""
         accumulate, replicas = batches.shape[0], self.strategy.num_replicas_in_sync
         global_tokens = replicas * batches.shape[1] * (batches.shape[2] - 1)
         total_loss, total = 0.0, [tf.zeros_like(v) for v in self.variables]
@@ -497,6 +498,8 @@ def run(settings):
     best = min((m["val_loss"] for m in metrics if m.get("val_loss") is not None), default=math.inf)
     prompt = s.sample_prompt or first_line(encoder.decode(np.asarray((val if val is not None else tokens)[:200])))
 
+    strategy_name = s.strategy if isinstance(s.strategy, str) else type(s.strategy).__name__
+
     def save(path=run_dir):
         if not chief:  # the other workers hold the same weights: one writes them
             return
@@ -510,7 +513,6 @@ def run(settings):
         # With adapters, the folder holds them merged into the weights: a plain model for every script.
         return GPT2(hparams, merge_adapters(trainer.params), encoder, vocab_dir).save(path, write_more=write_training)
 
-    strategy_name = s.strategy if isinstance(s.strategy, str) else type(s.strategy).__name__
     stop = StopRequest()
     first_step = int(trainer.step.numpy())
     window = s.accumulate_gradients * s.batch_size
