@@ -46,6 +46,7 @@ MEMORY_OPTIONS = {
     "lora_rank 8": ["--lora_rank", "8"],
     "recompute, bfloat16, adafactor": ["--recompute", "--dtype", "bfloat16", "--optimizer", "adafactor"],
     "recompute, bfloat16, lora_rank 8": ["--recompute", "--dtype", "bfloat16", "--lora_rank", "8"],
+    "recompute, lora_rank 8": ["--recompute", "--lora_rank", "8"],  # on CPUs, where bfloat16 takes more memory
 }
 
 
