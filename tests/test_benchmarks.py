@@ -41,3 +41,13 @@ def test_score_and_train_benchmarks_print_their_tables(tmp_path, script, row):
                              str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert re.search(row, result.stdout), result.stdout
+
+
+def test_train_benchmark_prints_its_memory_table(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train.py"), "--tiny", "--memory",
+                             "--options", "adamw", "recompute, bfloat16, lora_rank 8", "--models_dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    for option in ("adamw", "recompute, bfloat16, lora_rank 8"):
+        row = rf"\| tiny \| {re.escape(option)} \| [\d.]+ GB \| [\d.]+ GB \| (no GPU|[\d.]+ GB) \| \d+ \|"
+        assert re.search(row, result.stdout), result.stdout

@@ -253,6 +253,23 @@ def test_jsonl_records_reproduce_their_samples(models_dir, tmp_path):
     assert again == [r["text"]]
 
 
+def test_shards_write_the_samples_of_one_run_between_them(models_dir, tmp_path):
+    """Three processes with --shard K/3 write the samples (numbers and texts) one process writes."""
+    flags = ["--length", "6", "--seed", "5", "--nsamples", "8", "--batch_size", "2"]
+    cli.unconditional_main(["--model_name", "tiny", "--models_dir", str(models_dir), *flags,
+                            "--output", str(tmp_path / "all.jsonl")])
+    for k in range(3):
+        cli.unconditional_main(["--model_name", "tiny", "--models_dir", str(models_dir), *flags,
+                                "--shard", f"{k}/3", "--output", str(tmp_path / f"shard{k}.jsonl")])
+    shards = [(tmp_path / f"shard{k}.jsonl").read_text(encoding="utf-8").splitlines() for k in range(3)]
+    assert [[json.loads(line)["number"] for line in lines] for lines in shards] == [[1, 2, 7, 8], [3, 4], [5, 6]]
+    merged = sorted((line for lines in shards for line in lines), key=lambda line: json.loads(line)["number"])
+    assert merged == (tmp_path / "all.jsonl").read_text(encoding="utf-8").splitlines()
+    with pytest.raises(SystemExit, match=r"^error: --shard must be K/N, this process's number K from 0 to N - 1 and "
+                                         r"the number of processes N \(such as 0/4\), not '3/3'$"):
+        cli.unconditional_main(["--model_name", "tiny", "--models_dir", str(models_dir), "--shard", "3/3"])
+
+
 def wait_for_lines(path, n, process):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:

@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from gpt2.checkpoint import load_params
 from gpt2.errors import GPT2Error
 from gpt2.folders import MODEL_FILES, read_hparams
 from gpt2.testing import SAMPLE_TEXT
+from gpt2.model import forward, logits
 from test_model import reference_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,6 +165,14 @@ def test_a_stopped_run_resumes_to_the_same_weights(models_dir, stop):
     (dict(dataset="/nonexistent/*.txt"), "no text found at dataset /nonexistent"),
     (dict(optimizer="lion"), "optimizer must be one of adamw, adam, sgd, adafactor"),
     (dict(steps=0), "steps must be a whole number of at least 1"),
+    (dict(lora_rank=0), "lora_rank must be a whole number of at least 1, not 0"),
+    (dict(lora_rank=2.5), "lora_rank must be a whole number of at least 1, not 2.5"),
+    (dict(lora_rank=200), "lora_rank 200 is more than the model's width of 32"),
+    (dict(lora_rank=4, only_train_transformer_layers=True), "lora_rank trains the adapters alone: leave out "),
+    (dict(dtype="float8"), "dtype must be one of float32, float16, bfloat16, not 'float8'"),
+    (dict(recompute="yes"), "recompute must be True or False, not 'yes'"),
+    (dict(strategy="gpus"), "strategy must be one of auto, one, mirrored, multiworker, tpu .or, from Python, a "),
+    (dict(strategy=2), "strategy must be one of auto, one, mirrored, multiworker, tpu or a tf.distribute.Strategy"),
 ])
 def test_bad_settings_are_one_line_errors(models_dir, flags, message):
     (models_dir.parent / "text.txt").write_text(TEXT, encoding="utf-8")
@@ -170,6 +180,15 @@ def test_bad_settings_are_one_line_errors(models_dir, flags, message):
                         models_dir=str(models_dir), steps=2, progress=False), **flags}
     with pytest.raises(GPT2Error, match=message):
         gpt2.finetune(**arguments)
+
+
+def test_memory_flags_are_checked_before_tensorflow_starts():
+    code = ("import sys; from gpt2.cli import finetune_main\n"
+            "try: finetune_main(['--dataset', 'x.txt', '--lora_rank', '0'])\n"
+            "except SystemExit as e: print(e.code, '|', 'tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")})
+    assert result.stdout.strip() == "error: --lora_rank must be a whole number of at least 1, not 0 | False"
 
 
 def test_empty_and_tiny_datasets(models_dir):
@@ -197,3 +216,192 @@ def test_validation_keeps_the_best_run_and_fresh_starts_again(models_dir):
                   restore_from="fresh", **flags)
     assert saved_step(models_dir / "run") == 3
     assert len((models_dir / "run" / "training" / "metrics.csv").read_text().splitlines()) == 1 + 3
+
+
+# The memory ladder: recompute, mixed precision, frozen embeddings, low-rank adapters.
+
+def trainer_after(params, hparams, memory, optimizer="sgd", steps=1):
+    """The trainer after `steps` steps on a fixed batch, and the losses of those steps."""
+    trainer = train.Trainer(params, hparams, train.Hyper(optimizer, clip_norm=0), 1e-2, memory=memory)
+    batch = np.random.default_rng(3).integers(0, hparams.n_vocab, (1, 2, 33)).astype(np.int32)
+    return trainer, [trainer.train_step(batch)[0] for _ in range(steps)]
+
+
+def flat(params):
+    """{"h/0/attn/c_attn/w": array, ...} of a params tree (of variables or tensors)."""
+    return {"/".join(path): np.asarray(v) for path, v in train.leaves(params)}
+
+
+def test_recomputed_gradients_equal_kept_ones(model):
+    """One SGD step's change of every weight is its gradient: with recompute, the same ones."""
+    hparams, params = model
+    (kept, kept_loss), (recomputed, recomputed_loss) = (trainer_after(params, hparams, train.Memory(recompute=r))
+                                                        for r in (False, True))
+    assert recomputed_loss == kept_loss
+    changed = 0
+    for name, value in flat(kept.params).items():
+        np.testing.assert_allclose(flat(recomputed.params)[name], value, rtol=1e-6, atol=1e-8, err_msg=name)
+        changed += not np.array_equal(value, flat(params)[name])
+    assert changed == len(flat(kept.params))  # every weight moved: every gradient was compared
+
+
+def test_mixed_precision_loss_is_the_float32_loss_to_its_precision(model):
+    hparams, params = model
+    tokens = tf.constant(np.random.default_rng(4).integers(0, hparams.n_vocab, size=(2, 40)))
+    exact = float(train.loss(params, hparams, tokens))
+    # Relative precision: bfloat16 keeps 8 bits of each number, float16 11.
+    for dtype, tolerance in (("bfloat16", 2 ** -8), ("float16", 2 ** -11)):
+        approximate = float(train.loss(params, hparams, tokens, dtype))
+        assert approximate != exact and approximate == pytest.approx(exact, rel=tolerance), dtype
+
+
+def test_float16_steps_that_overflow_are_skipped_and_halve_the_loss_scale(model):
+    hparams, params = model
+    trainer, losses = trainer_after(params, hparams, train.Memory(dtype="float16"))
+    assert float(trainer.loss_scale) == train.INITIAL_LOSS_SCALE and np.isfinite(losses[0])
+    before = flat(trainer.params)
+    trainer.loss_scale.assign(1e38)  # the scaled gradients overflow float16
+    batch = np.random.default_rng(5).integers(0, hparams.n_vocab, (1, 2, 33)).astype(np.int32)
+    _, norm = trainer.train_step(batch)
+    assert not np.isfinite(norm) and float(trainer.loss_scale) == np.float32(1e38) / 2
+    tf.nest.map_structure(np.testing.assert_array_equal, flat(trainer.params), before)
+
+
+def test_only_transformer_layers_leaves_the_embeddings_and_final_norm_as_they_were(model):
+    hparams, params = model
+    trainer, _ = trainer_after(params, hparams, train.Memory(only_train_transformer_layers=True), "adamw", steps=2)
+    start = flat(params)
+    for name, value in flat(trainer.params).items():
+        frozen = not name.startswith("h/")
+        assert np.array_equal(value, start[name]) == frozen, name
+    assert {"/".join(path) for path in trainer.paths} == {name for name in start if name.startswith("h/")}
+
+
+def test_lora_starts_as_the_base_model_and_merges_into_the_same_logits(model):
+    hparams, params = model
+    tokens = tf.constant(np.random.default_rng(6).integers(0, hparams.n_vocab, size=(2, 40)))
+    base = logits(params, forward(params, hparams, tokens)).numpy()
+    adapted = train.add_adapters(params, rank=3)
+    np.testing.assert_array_equal(logits(adapted, forward(adapted, hparams, tokens)).numpy(), base)  # lora_b is 0
+    trainer, _ = trainer_after(params, hparams, train.Memory(lora_rank=3), "adamw", steps=3)
+    assert {path[-1] for path in trainer.paths} == {"lora_a", "lora_b"} and len(trainer.paths) == 8 * hparams.n_layer
+    tuned = logits(trainer.params, forward(trainer.params, hparams, tokens)).numpy()
+    merged = train.merge_adapters(trainer.params)
+    assert not np.allclose(tuned, base, atol=1e-3)  # the adapters learned something
+    np.testing.assert_allclose(logits(merged, forward(merged, hparams, tokens)).numpy(), tuned, atol=2e-5)
+    start = flat(params)
+    for name, value in flat(merged).items():
+        if name.endswith(("c_attn/w", "c_proj/w", "c_fc/w")):
+            assert np.array_equal(value[-1], start[name][-1]) and not np.array_equal(value, start[name])
+        else:  # the bias rows above and every other weight: as they were
+            np.testing.assert_array_equal(value, start[name])
+    assert set(flat(merged)) == set(start)
+
+
+@pytest.mark.slow
+def test_a_lora_run_saves_a_plain_folder_and_resumes_to_the_same_weights(models_dir, tiny_model):
+    """Stopped after 4 steps and resumed for 4 more, it ends where 8 steps in one go end: the saved
+    folder holds the adapters merged, state.npz the adapters themselves, taken out again on resume."""
+    (models_dir.parent / "text.txt").write_text(SAMPLE_TEXT, encoding="utf-8")
+    flags = dict(sequence_length=32, learning_rate=1e-2, save_every=0, progress=False, lora_rank=2, seed=3)
+    dataset = str(models_dir.parent / "text.txt")
+    gpt2.finetune(dataset, "tiny", "whole", str(models_dir), steps=8, **flags)
+    gpt2.finetune(dataset, "tiny", "halves", str(models_dir), steps=4, **flags)
+    with np.load(models_dir / "halves" / "training" / "state.npz") as state:
+        assert {"h/0/attn/c_attn/lora_a", "h/1/mlp/c_proj/lora_b"} <= set(state) and int(state["step"]) == 4
+    written = tf.train.load_checkpoint(str(models_dir / "halves" / "model.ckpt")).get_variable_to_shape_map()
+    assert written == tf.train.load_checkpoint(str(tiny_model / "model.ckpt")).get_variable_to_shape_map()
+    with pytest.raises(GPT2Error, match="was trained with lora_rank 2, not 3: give the same"):
+        gpt2.finetune(dataset, "tiny", "halves", str(models_dir), steps=4, **{**flags, "lora_rank": 3})
+    gpt2.finetune(dataset, "tiny", "halves", str(models_dir), steps=4, **flags)
+    hparams = read_hparams(models_dir / "whole")
+    whole, halves, base = (load_params(models_dir / name, hparams) for name in ("whole", "halves", "tiny"))
+    # The subtraction that takes the adapters out of the saved weights rounds: equal to float32 precision.
+    tf.nest.map_structure(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), halves, whole)
+    assert not np.allclose(whole["h"][0]["attn"]["c_attn"]["w"], base["h"][0]["attn"]["c_attn"]["w"], atol=1e-4)
+    np.testing.assert_array_equal(whole["wte"], base["wte"])  # only the adapted layers change
+
+
+TWO_CPUS = """
+import sys
+import tensorflow as tf
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                           [tf.config.LogicalDeviceConfiguration()] * 2)
+import gpt2
+from gpt2.errors import GPT2Error
+dataset, models_dir = sys.argv[1:]
+two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+flags = dict(sequence_length=32, learning_rate=0.1, optimizer="sgd", batch_size=4, accumulate_gradients=2,
+             save_every=0, progress=False, seed=3)
+gpt2.finetune(dataset, "tiny", "one", models_dir, steps=4, strategy="one", **flags)
+gpt2.finetune(dataset, "tiny", "two", models_dir, steps=2, strategy=two, **flags)
+gpt2.finetune(dataset, "tiny", "two", models_dir, steps=2, strategy="one", **flags)  # resumed on one device
+try:
+    gpt2.finetune(dataset, "tiny", "odd", models_dir, steps=1, strategy=two, **{**flags, "batch_size": 3})
+except GPT2Error as e:
+    print(e)
+"""
+
+
+@pytest.mark.slow
+def test_two_replicas_train_as_one_device_and_resume_on_one(models_dir, tiny_model):
+    """Two logical CPUs, each with half of each batch, make the steps one device makes with the whole
+    batch; a run begun on two resumes on one. SGD: the weights move by the gradients themselves
+    (Adam would magnify the rounding of gradients near zero)."""
+    (models_dir.parent / "text.txt").write_text(SAMPLE_TEXT, encoding="utf-8")
+    result = subprocess.run([sys.executable, "-c", TWO_CPUS, str(models_dir.parent / "text.txt"), str(models_dir)],
+                            capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("a batch of 3 does not split evenly across 2 replicas: "
+                                     "make batch_size a multiple of 2")
+    hparams = read_hparams(models_dir / "one")
+    one, two, base = (load_params(models_dir / name, hparams) for name in ("one", "two", "tiny"))
+    tf.nest.map_structure(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), two, one)
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(tf.nest.flatten(one), tf.nest.flatten(base)))
+    assert moved > 1e-2
+    one_losses, two_losses = ([float(row.split(",")[1]) for row in (models_dir / name / "training" / "metrics.csv")
+                               .read_text().splitlines()[1:]] for name in ("one", "two"))
+    assert len(two_losses) == 4 and two_losses == pytest.approx(one_losses, rel=1e-6)  # summed in another order
+
+
+MULTI_WORKER = """
+import json, os, sys
+index, ports, dataset, models_dir = sys.argv[1:]
+os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports.split(",")]},
+                                      "task": {"type": "worker", "index": int(index)}})
+import gpt2
+gpt2.finetune(dataset, "tiny", "multi", models_dir, steps=2, strategy="multiworker", sequence_length=32,
+              learning_rate=0.1, optimizer="sgd", batch_size=2, save_every=0, progress=False, seed=3)
+"""
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_two_worker_processes_train_as_one_device(models_dir):
+    """MultiWorkerMirroredStrategy, two processes on 127.0.0.1 configured by TF_CONFIG, one CPU each:
+    the weights of one device with the same global batch; worker 0 alone writes the run."""
+    dataset = str(models_dir.parent / "text.txt")
+    (models_dir.parent / "text.txt").write_text(SAMPLE_TEXT, encoding="utf-8")
+    ports = ",".join(map(str, free_ports(2)))
+    workers = [subprocess.Popen([sys.executable, "-c", MULTI_WORKER, str(i), ports, dataset, str(models_dir)],
+                                stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")})
+               for i in range(2)]
+    for worker in workers:
+        assert worker.wait(timeout=600) == 0, worker.stderr.read()
+    gpt2.finetune(dataset, "tiny", "one", str(models_dir), steps=2, strategy="one", sequence_length=32,
+                  learning_rate=0.1, optimizer="sgd", batch_size=2, save_every=0, progress=False, seed=3)
+    hparams = read_hparams(models_dir / "one")
+    one, multi = (load_params(models_dir / name, hparams) for name in ("one", "multi"))
+    tf.nest.map_structure(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), multi, one)
+    assert not np.allclose(one["wte"], load_params(models_dir / "tiny", hparams)["wte"], atol=1e-3)

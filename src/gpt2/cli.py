@@ -54,6 +54,17 @@ def check_flags(model_name, nsamples, batch_size, seed, length, temperature, top
     return new_seed() if seed is None else seed
 
 
+def check_shard(shard):
+    """(K, N) of --shard K/N (0 <= K < N); (0, 1) for None."""
+    if shard is None:
+        return 0, 1
+    parts = str(shard).split("/")
+    if len(parts) == 2 and all(p.strip().isdigit() for p in parts) and int(parts[0]) < int(parts[1]):
+        return int(parts[0]), int(parts[1])
+    raise ArgumentError(f"{{shard}} must be K/N, this process's number K from 0 to N - 1 and the number of "
+                        f"processes N (such as 0/4), not {shard!r}", "shard")
+
+
 def load_model(model_name, models_dir, dtype):
     from .api import load  # starts TensorFlow: only once the flags are known to be right
     return load(model_name, models_dir, dtype=dtype)
@@ -156,7 +167,7 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
 
 
 def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=None, temperature=1, top_k=0,
-                 top_p=1, models_dir=None, output=None, ignore_eot=False, stop=None, dtype="float32"):
+                 top_p=1, models_dir=None, output=None, ignore_eot=False, stop=None, dtype="float32", shard=None):
     """Write unconditional samples (text that starts from <|endoftext|>) to stdout.
 
     nsamples: how many samples; 0 goes on until Ctrl-C. length: new tokens per sample;
@@ -165,31 +176,38 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
     sample: its text, number, seed and sampling flags; `gpt2.load(...).generate("", seed=seed,
     first_sample=sample_index, ...)` gives it again). The other flags are as for
     generate_interactive.py.
+    shard: K/N, to share the samples among N processes or machines: this one makes batches K,
+    K + N, K + 2N, ... (from 0) of the batches one process would make, with the same numbers and
+    texts. With the same --seed for all, give each its own --output (.jsonl) and merge them in
+    order (README.md).
     """
     seed = check_flags(model_name, nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype,
                        unconditional=True)
+    shard_index, shards = check_shard(shard)
     model = load_model(model_name, models_dir, dtype)
     length = model.sample_length(length, prompt="")
     flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eot=ignore_eot)
     out_file = OutputFile(output) if output else None
     as_jsonl = str(output).endswith(".jsonl")
-    progress = tqdm(total=nsamples or None, unit="sample", disable=out_file is None, file=sys.stderr)
-    generated = 0
+    batches = range(shard_index, nsamples // batch_size if nsamples else sys.maxsize, shards)  # this shard's
+    progress = tqdm(total=len(batches) * batch_size if nsamples else None, unit="sample", disable=out_file is None,
+                    file=sys.stderr)
+    generated = 0  # by this process
     try:
-        while nsamples == 0 or generated < nsamples:
-            texts = model.generate("", length, nsamples=batch_size, batch_size=batch_size, first_sample=generated,
+        for first in (b * batch_size for b in batches):
+            texts = model.generate("", length, nsamples=batch_size, batch_size=batch_size, first_sample=first,
                                    **flags)
-            for text in texts:
-                generated += 1
-                shown = banner(generated) + "\n" + text + "\n"
-                with writing(f"{generated - 1} complete samples"):
+            for number, text in enumerate(texts, first + 1):
+                shown = banner(number) + "\n" + text + "\n"
+                with writing(f"{generated} complete samples"):
                     print(shown, end="", flush=True)
                     if out_file:
-                        record = json.dumps({"number": generated, "text": text, "sample_index": generated - 1,
+                        record = json.dumps({"number": number, "text": text, "sample_index": number - 1,
                                              "model_name": str(model_name), "dtype": dtype, "length": length,
                                              **flags},
                                             ensure_ascii=False) + "\n" if as_jsonl else shown
                         out_file.write(record.encode("utf-8"))
+                generated += 1
                 progress.update(1)
     except KeyboardInterrupt as e:
         raise Interrupted(f"interrupted after {generated} complete samples") from e

@@ -7,9 +7,10 @@ import math
 import os
 from typing import NamedTuple, Optional
 
-from .arguments import check_seed, is_real, must, whole
+from .arguments import ArgumentError, check_dtype, check_seed, is_real, must, whole
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
+STRATEGIES = ("auto", "one", "mirrored", "multiworker", "tpu")
 
 
 class Settings(NamedTuple):
@@ -43,13 +44,19 @@ class Settings(NamedTuple):
     csv_column: str
     base_url: Optional[str]
     progress: bool
+    recompute: bool
+    dtype: str
+    only_train_transformer_layers: bool
+    lora_rank: Optional[int]
+    strategy: object  # one of STRATEGIES, or a tf.distribute.Strategy
 
 
 def finetune(dataset=None, model_name="124M", run_name="run1", models_dir=None, steps=1000, batch_size=1,
              sequence_length=None, accumulate_gradients=1, learning_rate=1e-4, warmup_steps=10, decay_steps=0,
              optimizer="adamw", weight_decay=0.01, clip_norm=1.0, seed=0, save_every=500, sample_every=0,
              sample_prompt=None, sample_length=64, val_dataset=None, val_fraction=0.0, val_every=0, val_tokens=8192,
-             keep_best=False, restore_from="latest", overwrite=False, csv_column="text", base_url=None, progress=True):
+             keep_best=False, restore_from="latest", overwrite=False, csv_column="text", base_url=None, progress=True,
+             recompute=False, dtype="float32", only_train_transformer_layers=False, lora_rank=None, strategy="auto"):
     """Fine-tune GPT-2 on your own text into the model folder models_dir/run_name; returns its path.
 
     dataset: a .txt, .csv or .jsonl file, a folder or glob of them, or a .tokens file written by an
@@ -74,6 +81,23 @@ def finetune(dataset=None, model_name="124M", run_name="run1", models_dir=None, 
     keep_best: also save the best run so far as models_dir/<run_name>_best.
     overwrite: allow run_name to replace a model folder that is not a fine-tuning run.
     csv_column: the text column of .csv datasets. base_url: where to fetch model_name from.
+
+    Less memory (README's table says what each saves): recompute (each block's activations are
+    computed again in the backward pass instead of kept: a third more computation); dtype
+    bfloat16 or float16 (computed in it from float32 weights; float16 with dynamic loss scaling);
+    optimizer sgd or adafactor (less optimizer state than Adam's two numbers per weight);
+    only_train_transformer_layers (wte, wpe and ln_f frozen); lora_rank R (low-rank adapters of
+    rank R on every block's linear layers train alone; the saved folder holds them merged into
+    the weights). A run resumes with the optimizer, lora_rank and only_train_transformer_layers
+    it started with.
+
+    strategy: the devices that train (tf.distribute): auto (a TPU if one is found, else the
+    machines listed by TF_CONFIG, else all of this machine's GPUs if it has several, else one
+    device), one, mirrored (this machine's GPUs), multiworker (the machines of TF_CONFIG), tpu, or
+    any tf.distribute.Strategy. Each step's batch_size windows are split evenly across the
+    replicas (batch_size must be a multiple of their number) and the loss is their mean over the
+    whole batch, so a step gives the weights that one device would; a run may resume on another
+    number of devices. With several machines, worker 0 (or the chief) writes the run.
     """
     settings = Settings(**{name: value for name, value in locals().items() if name in Settings._fields})
     check(settings)
@@ -102,5 +126,17 @@ def check(settings):
         raise must("val_fraction", "a number in [0, 1)", settings.val_fraction)
     if settings.optimizer not in OPTIMIZERS:
         raise must("optimizer", f"one of {', '.join(OPTIMIZERS)}", settings.optimizer)
+    for name in ("recompute", "only_train_transformer_layers"):
+        if not isinstance(getattr(settings, name), bool):
+            raise must(name, "True or False", getattr(settings, name))
+    check_dtype(settings.dtype)
+    if settings.lora_rank is not None:
+        whole("lora_rank", settings.lora_rank, 1)
+        if settings.only_train_transformer_layers:
+            raise ArgumentError("{lora_rank} trains the adapters alone: leave out {only_train_transformer_layers}",
+                                "lora_rank", "only_train_transformer_layers")
+    if isinstance(settings.strategy, str) and settings.strategy not in STRATEGIES:
+        raise must("strategy", f"one of {', '.join(STRATEGIES)} (or, from Python, a tf.distribute.Strategy)",
+                   settings.strategy)
     if settings.restore_from not in ("latest", "fresh") and not os.path.isdir(str(settings.restore_from)):
         raise must("restore_from", "latest, fresh, or a model folder", settings.restore_from)

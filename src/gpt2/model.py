@@ -6,7 +6,9 @@
     params["ln_f"] the final layer norm
 
 Each linear layer is {"w": [n_in + 1, n_out]}: the checkpoint's w [n_in, n_out] with its bias b
-appended as the last row (see `linear`). Each layer norm is {"g": [n], "b": [n]}.
+appended as the last row (see `linear`). Each layer norm is {"g": [n], "b": [n]}. A linear layer
+being fine-tuned with low-rank adapters (gpt2.train's lora_rank) also has "lora_a" [n_in, rank]
+and "lora_b" [rank, n_out]: it computes x @ (w + lora_a @ lora_b), as the saved folder's merged w will.
 The weights may be float32 (as stored), float16 or bfloat16: the computation runs in their dtype,
 except layer norm statistics, attention softmax and the logits, which stay in float32.
 
@@ -59,7 +61,10 @@ def linear(x, p):
     A bias added after the product is fused into it by XLA on a CPU, which then runs a slower
     matrix-vector kernel: one row per step decodes about 10% faster this way.
     """
-    return tf.matmul(tf.pad(x, [[0, 0]] * (len(x.shape) - 1) + [[0, 1]], constant_values=1), p["w"])
+    out = tf.matmul(tf.pad(x, [[0, 0]] * (len(x.shape) - 1) + [[0, 1]], constant_values=1), p["w"])
+    if "lora_a" in p:  # through the rank-r bottleneck: no [n_in, n_out] product is formed
+        out += tf.matmul(tf.matmul(x, p["lora_a"]), p["lora_b"])
+    return out
 
 
 def mlp(x, p):
@@ -157,11 +162,23 @@ def embed(params, tokens, positions):
     return tf.gather(params["wte"], tokens) + tf.gather(params["wpe"], positions)
 
 
-def forward(params, hparams, tokens):
-    """Hidden states [batch, seq, n_embd] (after ln_f) of tokens [batch, seq] at positions 0..seq-1."""
+def forward(params, hparams, tokens, recompute=False):
+    """Hidden states [batch, seq, n_embd] (after ln_f) of tokens [batch, seq] at positions 0..seq-1.
+
+    recompute (training): keep only each block's input for the backward pass, which computes the
+    block again to get its gradients (tf.recompute_grad): one block's activations held at a time
+    instead of n_layer blocks', for a third more computation.
+    """
+    def causal_block(x, *weights):
+        # The weights come in as arguments (tensors, not variables) so that the recomputation gives their gradients.
+        p = tf.nest.pack_sequence_as(params["h"][0], weights)  # every block has the same structure
+        return block(x, p, hparams.n_head, lambda q, k, v: (causal_attention(q, k, v), None))[0]
+
+    if recompute:
+        causal_block = tf.recompute_grad(causal_block)
     x = embed(params, tokens, tf.range(tf.shape(tokens)[1])[None, :])
     for p in params["h"]:
-        x, _ = block(x, p, hparams.n_head, lambda q, k, v: (causal_attention(q, k, v), None))
+        x = causal_block(x, *map(tf.convert_to_tensor, tf.nest.flatten(p)))
     return layer_norm(x, params["ln_f"])
 
 

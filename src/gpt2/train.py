@@ -26,7 +26,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from . import tensorflow_start  # noqa: F401  (before TensorFlow's first use: quiet, with its compilation cache)
-from .arguments import ArgumentError
+from .arguments import ArgumentError, must
 from .errors import GPT2Error, Interrupted
 from .model import forward, logits
 from .score import score_tokens, text_pieces
@@ -127,11 +127,23 @@ def random_windows(tokens, rng, batch_size, length):
 
 # The loss and the optimizers.
 
-def loss(params, hparams, tokens):
+def loss(params, hparams, tokens, dtype="float32", recompute=False):
     """Mean cross-entropy, nats per token, of predicting tokens [batch, seq] from the ones before each."""
-    h = forward(params, hparams, tokens[:, :-1])
+    return tf.reduce_mean(token_losses(params, hparams, tokens, dtype, recompute))
+
+
+def token_losses(params, hparams, tokens, dtype="float32", recompute=False):
+    """Cross-entropy [batch, seq - 1], nats, of predicting each token of tokens [batch, seq] from the ones before it.
+
+    dtype: mixed precision. The weights are cast to bfloat16 or float16 where they are used, so the
+    products and the activations kept for the backward pass take half the memory; gpt2.model keeps
+    layer norm statistics, the softmax and the logits in float32, and the gradients of float32
+    weights come back in float32. recompute: see gpt2.model.forward.
+    """
+    params = tf.nest.map_structure(lambda w: tf.cast(w, dtype), params)
+    h = forward(params, hparams, tokens[:, :-1], recompute)
     token_logits = logits(params, h)  # [batch, seq - 1, n_vocab] float32
-    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(tokens[:, 1:], token_logits))
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(tokens[:, 1:], token_logits)
 
 
 class Hyper(NamedTuple):
@@ -216,61 +228,203 @@ def leaves(tree, path=()):
         yield path, tree
 
 
-class Trainer:
-    """The variables of a model being trained, its optimizer state, and the compiled step."""
+class Memory(NamedTuple):
+    """What a Trainer does to need less memory: the ladder of README's fine-tuning section."""
+    recompute: bool = False  # each block's activations computed again in the backward pass
+    dtype: str = "float32"  # bfloat16 or float16: computed in it, from float32 weights
+    only_train_transformer_layers: bool = False  # wte, wpe and ln_f frozen, as nshepperd's flag
+    lora_rank: int = 0  # R >= 1: rank-R adapters on the blocks' linear layers train alone
 
-    def __init__(self, params, hparams, hyper, learning_rate, warmup_steps=0, decay_steps=0):
-        self.hparams, self.hyper = hparams, hyper
-        self.params = tf.nest.map_structure(tf.Variable, params)
-        self.paths, self.variables = zip(*leaves(self.params))
-        self.slots = [{name: tf.Variable(tf.zeros(shape, tf.float32), trainable=False)
-                       for name, shape in slot_shapes(v.shape.as_list(), hyper.optimizer).items()}
-                      for v in self.variables]
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+# The linear layers of a block that get low-rank adapters: all four, as LoRA's authors found best.
+ADAPTED = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
+INITIAL_LOSS_SCALE = 2.0 ** 15
+LOSS_SCALE_GROWTH = 2000  # float16: the loss scale doubles after this many steps in a row without overflow
+
+
+def add_adapters(params, rank, seed=0):
+    """params with LoRA's low-rank adapters (Hu et al., 2021) on each block's linear layers: lora_a
+    [n_in, rank] random, lora_b [rank, n_out] zero, so the adapted model starts as the model itself."""
+    rng = np.random.default_rng(seed)
+    params = {**params, "h": [{**p, **{part: dict(p[part]) for part in ("attn", "mlp")}} for p in params["h"]]}
+    for p in params["h"]:
+        for part, name in ADAPTED:
+            n_in, n_out = p[part][name]["w"].shape[0] - 1, p[part][name]["w"].shape[1]
+            # x @ lora_a keeps x's scale; lora_b's Adam steps then move the output at the learning rate.
+            lora_a = rng.standard_normal((n_in, rank), np.float32) / np.float32(np.sqrt(n_in))
+            p[part][name] = {"w": p[part][name]["w"], "lora_a": tf.constant(lora_a),
+                             "lora_b": tf.zeros((rank, n_out), tf.float32)}
+    return params
+
+
+def merge_adapters(params):
+    """params with each adapter folded into its w (w[:n_in] += lora_a @ lora_b, the bias row unchanged):
+    a plain model that computes what the adapted one does, as OpenAI's folder stores it."""
+    if isinstance(params, list):
+        return [merge_adapters(p) for p in params]
+    if not isinstance(params, dict):
+        return params
+    if "lora_a" in params:
+        return {"w": params["w"] + adapter_product(params)}
+    return {key: merge_adapters(node) for key, node in params.items()}
+
+
+def adapter_product(layer):
+    # [n_in + 1, n_out]: lora_a @ lora_b with a zero row for the bias
+    return tf.pad(tf.matmul(layer["lora_a"], layer["lora_b"]), [[0, 1], [0, 0]])
+
+
+def trains(path, memory):
+    """Whether the weight at `path` ("h", "0", "attn", "c_attn", "w") is trained; the others are frozen."""
+    if memory.lora_rank:
+        return path[-1] in ("lora_a", "lora_b")
+    if memory.only_train_transformer_layers:
+        return path[0] == "h"
+    return True
+
+
+class Trainer:
+    """The variables of a model being trained, its optimizer state, and the compiled step.
+
+    `params` holds every weight as a float32 variable (with `memory.lora_rank`, the adapters too);
+    `paths` and `variables` are the trained ones, each with its optimizer `slots`.
+
+    With a tf.distribute.Strategy of several replicas, each variable has a copy on every replica
+    and each replica takes an equal share of the batch; the gradients are summed across replicas
+    (the loss is averaged over the whole batch), so every replica makes the same update. One
+    replica's copy is taken when a variable is read outside the step (saving, sampling).
+    """
+
+    def __init__(self, params, hparams, hyper, learning_rate, warmup_steps=0, decay_steps=0, memory=Memory(),
+                 seed=0, strategy=None):
+        self.hparams, self.hyper, self.memory = hparams, hyper, memory
+        default = tf.distribute.get_strategy()  # no distribution: the step compiles whole with XLA
+        self.strategy = strategy or default
+        if memory.lora_rank:
+            params = add_adapters(params, memory.lora_rank, seed)
+        with self.strategy.scope():
+            def variable(value, trainable=False, dtype=None):
+                # Each replica computes the same update: the first replica's is the one kept.
+                return tf.Variable(value, trainable=trainable, dtype=dtype,
+                                   aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            # tf.nest orders a dict's keys as `leaves` does: sorted.
+            self.params = tf.nest.pack_sequence_as(params, [variable(w, trains(path, memory))
+                                                            for path, w in leaves(params)])
+            self.paths, self.variables = zip(*((path, v) for path, v in leaves(self.params) if v.trainable))
+            self.slots = [{name: variable(tf.zeros(shape, tf.float32))
+                           for name, shape in slot_shapes(v.shape.as_list(), hyper.optimizer).items()}
+                          for v in self.variables]
+            self.step = variable(0, dtype=tf.int64)
+            # float16 keeps numbers above 6e-5 only (bfloat16 has float32's range): the loss is scaled up
+            # before the backward pass so that small gradients do not vanish, and the gradients scaled back.
+            self.loss_scale = variable(INITIAL_LOSS_SCALE if memory.dtype == "float16" else 1.0)
+            self.good_steps = variable(0, dtype=tf.int64)
         self.schedule = (learning_rate, warmup_steps, decay_steps)
-        self._train = tf.function(self._train_step, jit_compile=True, autograph=False)
+        # Several replicas sum their gradients, which XLA does not compile here: a plain graph then
+        # (TPUStrategy compiles it with XLA, as it compiles everything).
+        self._train = tf.function(self._train_step, jit_compile=self.strategy is default, autograph=False)
+
+    def _replica_gradients(self, batch, global_tokens):
+        """(this replica's part of the loss, its gradients of the trained variables) for one batch
+        [replica's batch, seq + 1], the loss being the mean over `global_tokens` tokens of all replicas."""
+        with tf.GradientTape() as tape:
+            losses = token_losses(self.params, self.hparams, batch, self.memory.dtype, self.memory.recompute)
+            # tf.nn.compute_average_loss, without its check of global_tokens (an assertion XLA warns it ignores)
+            batch_loss = tf.reduce_sum(losses) / global_tokens
+            scaled_loss = batch_loss * self.loss_scale
+        return batch_loss, tape.gradient(scaled_loss, self.variables)
 
     def _train_step(self, batches):
-        """batches [accumulate, batch, seq + 1]: one optimizer step on the mean of their gradients.
+        """One optimizer step on the mean gradients of batches [accumulate, global batch, seq + 1]
+        (each replica's share of them, from `distribute`). Returns the mean loss and the gradients'
+        global norm before clipping."""
+        losses, norms = self.strategy.run(self._replica_step, args=(batches,))
+        first = self.strategy.experimental_local_results
+        return first(losses)[0], first(norms)[0]
 
-        Returns the mean loss and the gradients' global norm before clipping.
-        """
-        accumulate = batches.shape[0]
-        total_loss, total = 0.0, [tf.zeros_like(v, tf.float32) for v in self.variables]
+    def _replica_step(self, batches):
+        """_train_step on one replica, with its share of the batches."""
+        accumulate, replicas = batches.shape[0], self.strategy.num_replicas_in_sync
+        global_tokens = replicas * batches.shape[1] * (batches.shape[2] - 1)
+        total_loss, total = 0.0, [tf.zeros_like(v) for v in self.variables]
         for i in range(accumulate):  # a few at most: unrolled, so XLA sees one program
-            with tf.GradientTape() as tape:
-                batch_loss = loss(self.params, self.hparams, batches[i])
-            gradients = tape.gradient(batch_loss, self.variables)
-            total = [t + tf.cast(g, tf.float32) for t, g in zip(total, gradients)]
+            batch_loss, gradients = self._replica_gradients(batches[i], global_tokens)
+            total = [t + g for t, g in zip(total, gradients)]
             total_loss += batch_loss
-        gradients = [t / accumulate for t in total]
+        # Summed across replicas: the gradients of the loss averaged over the global batch.
+        total_loss, total = tf.distribute.get_replica_context().all_reduce("sum", (total_loss, total))
+        gradients = [t / (accumulate * self.loss_scale) for t in total]
         norm = tf.linalg.global_norm(gradients)
+        self.step.assign_add(1)
+        if self.memory.dtype == "float16":
+            finite = tf.math.is_finite(norm)
+            tf.cond(finite, lambda: self._update(gradients, norm), tf.no_op)  # an overflow skips the step
+            self._adjust_loss_scale(finite)
+        else:
+            self._update(gradients, norm)
+        return total_loss / accumulate, norm
+
+    def _update(self, gradients, norm):
         if self.hyper.clip_norm:
             gradients, _ = tf.clip_by_global_norm(gradients, self.hyper.clip_norm, use_norm=norm)
-        self.step.assign_add(1)
         step = tf.cast(self.step, tf.float32)
         rate = learning_rate_at(step, *self.schedule)
         for variable, gradient, slots, path in zip(self.variables, gradients, self.slots, self.paths):
             update(variable, gradient, slots, step, rate, self.hyper, path)
-        return total_loss / accumulate, norm
+        return tf.no_op()
+
+    def _adjust_loss_scale(self, finite):
+        """Dynamic loss scaling: halve the scale after an overflow, double it after LOSS_SCALE_GROWTH good steps."""
+        good_steps = tf.where(finite, self.good_steps + 1, 0)
+        grow = good_steps >= LOSS_SCALE_GROWTH
+        self.loss_scale.assign(tf.where(finite, tf.where(grow, 2.0, 1.0), 0.5) * self.loss_scale)
+        self.good_steps.assign(tf.where(grow, tf.constant(0, tf.int64), good_steps))
 
     def train_step(self, batches):
         """(loss, gradient norm) of one step on int32 batches [accumulate, batch, seq + 1]."""
-        batch_loss, norm = self._train(tf.constant(batches))
+        batch_loss, norm = self._train(self.distribute(batches))
         return float(batch_loss), float(norm)
 
+    def distribute(self, batches):
+        """Each replica's share of batches [accumulate, global batch, seq + 1]: its own rows of the
+        global batch (every worker of several machines draws the same batches and takes its share)."""
+        replicas = self.strategy.num_replicas_in_sync
+        if batches.shape[1] % replicas:
+            raise ArgumentError(f"a batch of {batches.shape[1]} does not split evenly across {replicas} replicas: "
+                                f"make {{batch_size}} a multiple of {replicas}", "batch_size")
+        share = batches.shape[1] // replicas
+
+        def replica_share(context):
+            first = context.replica_id_in_sync_group * share
+            return tf.constant(batches[:, first:first + share])
+        return self.strategy.experimental_distribute_values_from_function(replica_share)
+
     def state(self):
-        """The optimizer's state and step as {name: array}, for saving."""
+        """What resuming needs beyond the model folder, as {name: array}: the step, the optimizer's
+        state, the adapters (the folder holds them merged into the weights) and the loss scale."""
         state = {"step": self.step.numpy()}
-        for path, slots in zip(self.paths, self.slots):
+        if self.memory.dtype == "float16":
+            state.update(loss_scale=self.loss_scale.numpy(), good_steps=self.good_steps.numpy())
+        for path, variable, slots in zip(self.paths, self.variables, self.slots):
             state.update({"/".join(path) + ":" + name: slot.numpy() for name, slot in slots.items()})
+            if self.memory.lora_rank:
+                state["/".join(path)] = variable.numpy()
         return state
 
     def restore(self, state):
+        """Take up a saved state (of a run with the same Memory and optimizer) after the folder's weights are loaded."""
         self.step.assign(int(state["step"]))
-        for path, slots in zip(self.paths, self.slots):
+        for path, variable, slots in zip(self.paths, self.variables, self.slots):
             for name, slot in slots.items():
                 slot.assign(state["/".join(path) + ":" + name])
+            if self.memory.lora_rank:
+                variable.assign(state["/".join(path)])
+        for p in self.params["h"] if self.memory.lora_rank else []:
+            for part, name in ADAPTED:  # the folder's weights are merged: take the adapters out again
+                p[part][name]["w"].assign_sub(adapter_product(p[part][name]))
+        if "loss_scale" in state and self.memory.dtype == "float16":  # a run may change its dtype
+            self.loss_scale.assign(float(state["loss_scale"]))
+            self.good_steps.assign(int(state["good_steps"]))
 
 
 # Runs.
@@ -284,6 +438,7 @@ def run(settings):
     from .folders import LEGACY_NAMES, MODEL_NAMES, default_models_dir, find_model_dir
 
     s = settings
+    strategy = distribution(s.strategy)  # first: the multi-worker strategy must come before TensorFlow computes
     models_dir = s.models_dir or default_models_dir()
     run_dir = os.path.join(models_dir, str(s.run_name))
     state_file = os.path.join(run_dir, TRAINING, "state.npz")
@@ -320,35 +475,43 @@ def run(settings):
     if len(tokens) < sequence_length + 1:  # a text shorter than the context trains on all of it at once
         sequence_length = len(tokens) - 1
 
+    if s.lora_rank and s.lora_rank > hparams.n_embd:
+        raise ArgumentError(f"{{lora_rank}} {s.lora_rank} is more than the model's width of {hparams.n_embd}: "
+                            "a rank that high adapts nothing more, give a smaller one", "lora_rank")
+    if is_run:
+        check_same_state(s, run_dir)
     hyper = Hyper(s.optimizer, weight_decay=s.weight_decay, clip_norm=s.clip_norm)
-    trainer = Trainer(model.params, hparams, hyper, s.learning_rate, s.warmup_steps, s.decay_steps)
+    memory = Memory(s.recompute, s.dtype, s.only_train_transformer_layers, s.lora_rank or 0)
+    trainer = Trainer(model.params, hparams, hyper, s.learning_rate, s.warmup_steps, s.decay_steps, memory, s.seed,
+                      strategy)
+    chief = is_chief(strategy)
     del model.params  # the trainer's variables hold the weights now
     rng = np.random.default_rng(s.seed)
     metrics = []
     if is_run:
         with np.load(state_file, allow_pickle=False) as saved:
-            saved = dict(saved)
-        try:
-            trainer.restore(saved)
-        except KeyError as e:
-            raise ArgumentError(f"{run_dir} was trained with another {{optimizer}} than {s.optimizer}: give the same "
-                                "one, or set {restore_from} to fresh to start again", "optimizer", "restore_from") from e
-        rng.bit_generator.state = json.loads(str(saved["data_rng"]))
+            trainer.restore(dict(saved))
+            rng.bit_generator.state = json.loads(str(saved["data_rng"]))
         metrics = read_metrics(os.path.join(run_dir, TRAINING, "metrics.csv"))
     vocab_dir = model.model_dir
     trained = GPT2(hparams, trainer.params, encoder, vocab_dir)
     best = min((m["val_loss"] for m in metrics if m.get("val_loss") is not None), default=math.inf)
     prompt = s.sample_prompt or first_line(encoder.decode(np.asarray((val if val is not None else tokens)[:200])))
 
+    strategy_name = s.strategy if isinstance(s.strategy, str) else type(s.strategy).__name__
+
     def save(path=run_dir):
+        if not chief:  # the other workers hold the same weights: one writes them
+            return
         def write_training(folder):
             os.makedirs(os.path.join(folder, TRAINING))
             np.savez(os.path.join(folder, TRAINING, "state.npz"), data_rng=json.dumps(rng.bit_generator.state),
                      **trainer.state())
             write_metrics(os.path.join(folder, TRAINING, "metrics.csv"), metrics)
             with open(os.path.join(folder, TRAINING, "settings.json"), "w", encoding="utf-8") as f:
-                json.dump(s._asdict(), f, indent=2)
-        return trained.save(path, write_more=write_training)
+                json.dump({**s._asdict(), "strategy": strategy_name}, f, indent=2)
+        # With adapters, the folder holds them merged into the weights: a plain model for every script.
+        return GPT2(hparams, merge_adapters(trainer.params), encoder, vocab_dir).save(path, write_more=write_training)
 
     stop = StopRequest()
     first_step = int(trainer.step.numpy())
@@ -393,6 +556,65 @@ def run(settings):
         raise Interrupted(f"interrupted at step {int(trainer.step.numpy())}: saved to {run_dir}; rerun the same "
                           "command to go on")
     return run_dir
+
+
+def distribution(strategy):
+    """The tf.distribute.Strategy that `strategy` names, or `strategy` itself if it is one.
+
+    auto: a TPU where one is found (TPU_NAME or COLAB_TPU_ADDR set, or TPU devices listed), else
+    the machines that TF_CONFIG lists, else this machine's GPUs if it has several, else one device.
+    """
+    from .finetuning import STRATEGIES
+
+    if isinstance(strategy, tf.distribute.Strategy):
+        return strategy
+    if strategy not in STRATEGIES:
+        raise must("strategy", f"one of {', '.join(STRATEGIES)} or a tf.distribute.Strategy", strategy)
+    if strategy == "auto":
+        tpu = os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR") or tf.config.list_logical_devices("TPU")
+        strategy = ("tpu" if tpu else "multiworker" if os.environ.get("TF_CONFIG")
+                    else "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "one")
+    if strategy == "one":
+        return tf.distribute.get_strategy()
+    if strategy == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if strategy == "multiworker":
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        except RuntimeError as e:  # "Collective ops must be configured at program startup"
+            raise GPT2Error("the multiworker strategy must be made before TensorFlow computes anything in the "
+                            "process: call gpt2.finetune first, or run finetune.py") from e
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, tf.errors.OpError) as e:
+        raise GPT2Error(f"no TPU found ({str(e).splitlines()[0]}): in Colab, choose a TPU runtime first") from e
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def is_chief(strategy):
+    """Whether this process writes the run: the only one, or the chief (worker 0 if none is named chief)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type or isinstance(strategy, tf.distribute.TPUStrategy):
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
+                                             and "chief" not in resolver.cluster_spec().as_dict())
+
+
+# The settings that shape what state.npz holds: a run resumes with the ones it started with.
+STATE_SETTINGS = {"optimizer": "adamw", "lora_rank": None, "only_train_transformer_layers": False}
+
+
+def check_same_state(settings, run_dir):
+    """An ArgumentError if the run in run_dir was started with other STATE_SETTINGS than `settings`."""
+    with open(os.path.join(run_dir, TRAINING, "settings.json"), encoding="utf-8") as f:
+        started = json.load(f)
+    for name, default in STATE_SETTINGS.items():
+        before, now = started.get(name, default), getattr(settings, name)
+        if before != now:
+            raise ArgumentError(f"{run_dir} was trained with {{{name}}} {before}, not {now}: give the same, or set "
+                                "{restore_from} to fresh to start again", name, "restore_from")
 
 
 class StopRequest:
