@@ -7,21 +7,42 @@ Every flag is checked before TensorFlow starts (gpt2.api, which imports it, is i
 model is loaded), and Ctrl-C at any moment, start-up included, ends a command with one line and
 exit status 130.
 """
-import contextlib
-import difflib
-import errno
-import inspect
-import json
-import math
 import os
-import re
+import signal
 import sys
+import threading
 
-from tqdm import tqdm
 
-from .arguments import ArgumentError, check_dtype, check_sampling, check_seed, check_stop, new_seed, whole
-from .errors import GPT2Error, Interrupted
-from .folders import check_model_name
+def _interrupted_while_importing(signum, frame):
+    sys.stderr.write("interrupted\n")
+    os._exit(130)
+
+
+# Ctrl-C while the imports below run (tqdm takes a while on a busy machine) would end in a
+# traceback: run() is not there yet to catch it. Until they are done, it ends the command as
+# Ctrl-C at any other moment does.
+_previous_handler = None
+if threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    _previous_handler = signal.signal(signal.SIGINT, _interrupted_while_importing)
+
+import contextlib  # noqa: E402
+import difflib  # noqa: E402
+import errno  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+
+from tqdm import tqdm  # noqa: E402
+
+from .arguments import (ArgumentError, check_dtype, check_sampling, check_seed, check_stop, new_seed,  # noqa: E402
+                        whole)
+from .errors import GPT2Error, Interrupted  # noqa: E402
+from .folders import check_model_name  # noqa: E402
+
+if _previous_handler is not None:
+    signal.signal(signal.SIGINT, _previous_handler)
 
 PROMPT = "Model prompt >>> "
 MORE = "... "
