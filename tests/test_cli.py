@@ -454,9 +454,10 @@ def test_console_commands_point_at_the_cli():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("delay", [0.3, 0.8, 1.5, 3.0, 6.0])
+@pytest.mark.parametrize("delay", [0.5, 0.8, 1.5, 3.0, 6.0])
 def test_ctrl_c_at_any_moment_is_one_line_and_status_130(models_dir, delay):
-    """SIGINT while Python starts, fire and TensorFlow import, the model loads, the loop compiles or samples run."""
+    """SIGINT while the command's modules, fire and TensorFlow import, the model loads, the loop compiles or
+    samples run. (Earlier, during the interpreter's own start, what happens is Python's.)"""
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "generate_unconditional.py"), "--model_name",
                                 "long", "--models_dir", str(models_dir), "--length", "300", "--ignore_eot"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -18,9 +18,10 @@ def _interrupted_while_importing(signum, frame):
     os._exit(130)
 
 
-# Ctrl-C while the imports below run (tqdm takes a while on a busy machine) would end in a
-# traceback: run() is not there yet to catch it. Until they are done, it ends the command as
-# Ctrl-C at any other moment does.
+# Ctrl-C while the imports below and fire's run (tqdm and fire take a while on a busy machine)
+# would end in a traceback, run() not being there yet to catch it, or be lost: a KeyboardInterrupt
+# that lands in the import machinery's callbacks is printed and ignored. Until run() calls fire, it
+# ends the command at once, as Ctrl-C at any other moment does.
 _previous_handler = None
 if threading.current_thread() is threading.main_thread() and \
         signal.getsignal(signal.SIGINT) is signal.default_int_handler:
@@ -41,8 +42,6 @@ from .arguments import (ArgumentError, check_dtype, check_sampling, check_seed, 
 from .errors import GPT2Error, Interrupted  # noqa: E402
 from .folders import check_model_name  # noqa: E402
 
-if _previous_handler is not None:
-    signal.signal(signal.SIGINT, _previous_handler)
 
 PROMPT = "Model prompt >>> "
 MORE = "... "
@@ -491,6 +490,8 @@ def run(command, argv=None):
                 stream.reconfigure(errors="replace")
         import fire
 
+        if _previous_handler is not None and signal.getsignal(signal.SIGINT) is _interrupted_while_importing:
+            signal.signal(signal.SIGINT, _previous_handler)
         fire.Fire(command, command=without_fire_separator(argv), name=os.path.basename(sys.argv[0]))
         sys.stdout.flush()  # what print left in the buffer goes out now, where a failure is still reported
     except Interrupted as e:
