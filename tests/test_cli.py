@@ -199,14 +199,21 @@ def test_known_flags_in_every_spelling_are_accepted(models_dir, tmp_path, capsys
     assert output.read_text(encoding="utf-8") == capsys.readouterr().out
 
 
-def test_flags_are_checked_before_tensorflow_starts():
-    """And downloading needs no TensorFlow: download_model.py starts in a fraction of a second."""
-    code = ("import sys; import gpt2.download; from gpt2.cli import unconditional_main\n"
-            "try: unconditional_main(['--top_k', '-1'])\n"
+def exit_without_tensorflow(main, argv, imports=""):
+    """What gpt2.cli's `main`(argv) exits with, in a fresh Python, and whether TensorFlow was imported:
+    "<exit code> | <True or False>"."""
+    code = (f"import sys; {imports}from gpt2.cli import {main}\n"
+            f"try: {main}({argv!r})\n"
             "except SystemExit as e: print(e.code, '|', 'tensorflow' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")})
-    assert result.stdout.strip() == "error: --top_k must be a whole number >= 0 (0 turns it off), not -1 | False"
+    return result.stdout.strip()
+
+
+def test_flags_are_checked_before_tensorflow_starts():
+    """And downloading needs no TensorFlow: download_model.py starts in a fraction of a second."""
+    assert exit_without_tensorflow("unconditional_main", ["--top_k", "-1"], imports="import gpt2.download; ") == \
+        "error: --top_k must be a whole number >= 0 (0 turns it off), not -1 | False"
 
 
 def test_prompt_too_long_is_reported_and_the_loop_goes_on(models_dir):

@@ -19,6 +19,7 @@ from gpt2.errors import GPT2Error
 from gpt2.folders import MODEL_FILES, read_hparams
 from gpt2.testing import SAMPLE_TEXT
 from gpt2.model import forward, logits
+from test_cli import exit_without_tensorflow
 from test_model import reference_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,12 +184,8 @@ def test_bad_settings_are_one_line_errors(models_dir, flags, message):
 
 
 def test_memory_flags_are_checked_before_tensorflow_starts():
-    code = ("import sys; from gpt2.cli import finetune_main\n"
-            "try: finetune_main(['--dataset', 'x.txt', '--lora_rank', '0'])\n"
-            "except SystemExit as e: print(e.code, '|', 'tensorflow' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")})
-    assert result.stdout.strip() == "error: --lora_rank must be a whole number of at least 1, not 0 | False"
+    assert exit_without_tensorflow("finetune_main", ["--dataset", "x.txt", "--lora_rank", "0"]) == \
+        "error: --lora_rank must be a whole number of at least 1, not 0 | False"
 
 
 def test_empty_and_tiny_datasets(models_dir):

@@ -165,7 +165,8 @@ def _mix64(z):
     return tf.bitwise.bitwise_xor(z, shift(z, 31))
 
 
-@tf.function(jit_compile=True, autograph=False)  # compiled even from the prefill graph: TensorFlow's own kernels lack uint64 ops
+# Compiled even from the prefill graph: TensorFlow's own kernels lack uint64 ops.
+@tf.function(jit_compile=True, autograph=False)
 def uniform_noise(row_seeds, step, n, tokens=None):
     """Uniform numbers in (0, 1), [batch, columns]: row b's are draws step * n + token + 1 of the
     SplitMix64 stream keyed by row_seeds[b] = (seed, sample number), for the tokens [batch or 1,
