@@ -4,6 +4,7 @@
     python benchmarks/train.py                                # 124M, sequence 1024 and 256
     python benchmarks/train.py --models 355M --lengths 1024 --optimizer sgd
     python benchmarks/train.py --no_xla                       # the step as a plain TensorFlow graph
+    python benchmarks/train.py --strategy mirrored            # through tf.distribute's MirroredStrategy
     python benchmarks/train.py --tiny                         # a tiny model, to check that the script runs
     python benchmarks/train.py --memory --models 124M 355M    # peak memory of one step under each option
 
@@ -74,8 +75,10 @@ def worker(model_dir, args):
     length, batch_size, steps, xla = args.lengths[0], args.batch_size, args.steps, not args.no_xla
     hparams = read_hparams(model_dir)
     memory = Memory(args.recompute, args.dtype, args.only_train_transformer_layers, args.lora_rank)
+    # MirroredStrategy over this machine's devices (one CPU here): what the strategy's path costs a step.
+    strategy = tf.distribute.MirroredStrategy() if args.strategy == "mirrored" else None
     trainer = Trainer(load_params(model_dir, hparams), hparams, Hyper(args.optimizer), learning_rate=1e-4,
-                      memory=memory)
+                      memory=memory, strategy=strategy)
     if not xla:
         trainer._train = tf.function(trainer._train_step)
     batch = np.random.default_rng(0).integers(0, hparams.n_vocab, (1, batch_size, length + 1)).astype(np.int32)
@@ -107,6 +110,9 @@ def make_parser():
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no_xla", action="store_true", help="compile the step as a plain graph instead of XLA")
+    parser.add_argument("--strategy", choices=["one", "mirrored"], default="one",
+                        help="mirrored: the step through tf.distribute.MirroredStrategy (a plain graph, as with "
+                             "several replicas), on all of this machine's devices")
     parser.add_argument("--models_dir", default=os.path.join(HERE, "models"))
     parser.add_argument("--tiny", action="store_true", help="a tiny model and short steps: checks the script")
     parser.add_argument("--memory", action="store_true", help="peak memory of one step under each option")
@@ -138,6 +144,7 @@ def main():
     if args.memory:
         return memory_table(args)
     print(f"batch size {args.batch_size}, {' '.join(ladder_flags(args))}, {'plain graph' if args.no_xla else 'XLA'}, "
+          f"strategy {args.strategy}, "
           f"median of {args.steps} steps after the first; random weights of the real shapes\n")
     print("| model | sequence | tokens/s | of GEMM (3x forward) | first step s | peak memory | machine GEMM |\n"
           "| --- | --- | --- | --- | --- | --- | --- |")
@@ -145,8 +152,9 @@ def main():
         model_dir = model_folder(args.models_dir, name)
         for length in args.lengths:
             out = subprocess.run([sys.executable, __file__, "--worker", model_dir, "--lengths", str(length),
-                                  "--batch_size", str(args.batch_size), "--steps", str(args.steps), *ladder_flags(args)]
-                                 + ["--no_xla"] * args.no_xla, capture_output=True, text=True)
+                                  "--batch_size", str(args.batch_size), "--steps", str(args.steps), *ladder_flags(args),
+                                  "--strategy", args.strategy] + ["--no_xla"] * args.no_xla,
+                                 capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"{name}: the measurement failed:\n{out.stderr}")
             r = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,4 +1,8 @@
-"""The decoding loop against step-by-step recomputation: greedy, seeds, distributions, batches, chunks."""
+"""The decoding loop against step-by-step recomputation: greedy, seeds, distributions, batches, chunks, replicas."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -9,6 +13,7 @@ from gpt2.sampling import uniform_noise
 from test_sampling import softmax, sorted_top_k_filter, sorted_top_p_filter
 
 PROMPT = [10, 200, 33, 5, 400, 17]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_greedy_follows_argmax_of_recomputed_logits(model, full_logits):
@@ -173,3 +178,50 @@ def test_a_prompt_of_another_length_in_the_same_cache_bucket_compiles_nothing_ne
     sample(params, hparams, PROMPT + [4], 6, top_k=3, seed=3)
     assert advance.experimental_get_tracing_count() == loops
     assert start.experimental_get_tracing_count() == prompts
+
+
+TWO_CPUS = """
+import sys
+import numpy as np
+import tensorflow as tf
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                           [tf.config.LogicalDeviceConfiguration()] * 2)
+import gpt2
+from gpt2.decode import replicated, sample_chunks
+two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+one = gpt2.GPT2.from_folder(sys.argv[1])
+spread = gpt2.GPT2.from_folder(sys.argv[1], strategy=two)
+copies = two.experimental_local_results(spread._replica_params)  # the weights, on each replica's device
+assert [c["wte"].device[-5:] for c in copies] == ["CPU:0", "CPU:1"], [c["wte"].device for c in copies]
+# 5 samples in batches of 3 (the second replica's share of the first batch is one row and a copy) and 2.
+flags = dict(length=20, nsamples=5, batch_size=3, top_k=5, seed=7, ignore_eot=True)
+texts = one.generate("", **flags)
+assert spread.generate("", **flags) == texts and len(set(texts)) == 5, texts
+nucleus = {**flags, "top_k": 0, "top_p": 0.9}
+assert spread.generate(["A prompt", "B"], **nucleus) == one.generate(["A prompt", "B"], **nucleus)
+# Greedy rows: 0 and 1 (the first replica's) continue [5, 6], 2 and 3 continue [5, 9]. The stop
+# token is the first that the first pair makes and the second pair not until later: the first
+# replica's loop stops early, and its rows repeat the stop token while the second's go on.
+contexts = [[5, 6], [5, 6], [5, 9], [5, 9]]
+hparams = one.hparams
+def tokens(params, stop_token, strategy=None):
+    return np.concatenate(list(sample_chunks(params, hparams, contexts, 24, temperature=0, stop_token=stop_token,
+                                             chunk_size=5, strategy=strategy)), axis=1)
+free = tokens(one.params, None)
+step = next(j for j in range(1, 20) if free[0, j] not in free[2, :j + 4])
+stop = int(free[0, step])
+alone = tokens(one.params, stop)
+assert (alone[:2, step:] == stop).all() and (alone[2:, step:step + 4] != stop).all(), alone
+np.testing.assert_array_equal(tokens(replicated(one.params, two), stop, two), alone)
+print("same")
+"""
+
+
+@pytest.mark.slow
+def test_two_replicas_generate_what_one_device_generates(tiny_model):
+    """A batch spread over two logical CPUs (each runs the decoding loop on its share of the rows)
+    gives sample i of a seed as one device gives it; a replica whose rows all stopped waits for the other."""
+    result = subprocess.run([sys.executable, "-c", TWO_CPUS, str(tiny_model)], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "same"

@@ -17,15 +17,16 @@ import sys
 import numpy as np
 
 from . import tensorflow_start  # noqa: F401  (first: TensorFlow starts quietly, with its compilation cache)
-from .arguments import (ArgumentError, check_dtype, check_first_sample, check_path, check_sampling, check_seed,
-                        check_stop, check_text, new_seed, whole)
+from .arguments import (GENERATION_STRATEGIES, ArgumentError, check_dtype, check_first_sample, check_path,
+                        check_sampling, check_seed, check_stop, check_strategy, check_text, new_seed, whole)
 from .checkpoint import load_params, save_model
-from .decode import decoding_memory, sample_chunks
+from .decode import decoding_memory, replicated, sample_chunks
 from .download import download_model
 from .encoder import read_encoder
 from .errors import GPT2Error
 from .folders import MODEL_NAMES, canonical_name, default_models_dir, find_model_dir, read_hparams
 from .score import Score, score_tokens
+from .strategies import distribution
 
 # Tokens per compiled call while streaming: small enough that text and Ctrl-C feel immediate.
 STREAM_CHUNK = 1
@@ -33,14 +34,18 @@ STREAM_CHUNK = 1
 BATCH_CHUNK = 32
 
 
-def load(model_name="124M", models_dir=None, *, dtype="float32", base_url=None, download=True):
+def load(model_name="124M", models_dir=None, *, dtype="float32", base_url=None, download=True, strategy="one"):
     """The model `model_name` (124M, 355M, 774M, 1558M, or a folder name in models_dir).
 
     One of OpenAI's models that is not in models_dir yet is downloaded first, with a progress bar
     (unless download=False). models_dir defaults to $GPT2_MODELS_DIR, else ./models. dtype:
     "float32" (as stored), or "float16" / "bfloat16" for half the memory (faster on GPUs).
+    strategy: the devices that `generate` spreads each batch over: "one" (the default device),
+    "mirrored" (all of this machine's GPUs, each with a copy of the weights), "auto" (mirrored
+    where there are several GPUs), or a tf.distribute.Strategy.
     """
     check_dtype(dtype)  # before any download
+    check_strategy(strategy, GENERATION_STRATEGIES)
     models_dir = default_models_dir() if models_dir is None else check_path("models_dir", models_dir)
     try:
         model_dir = find_model_dir(model_name, models_dir)
@@ -50,24 +55,29 @@ def load(model_name="124M", models_dir=None, *, dtype="float32", base_url=None, 
         print(f"Fetching model {canonical_name(model_name)} into {models_dir} (only this once)", file=sys.stderr)
         download_model(model_name, models_dir, base_url)
         model_dir = find_model_dir(model_name, models_dir)
-    return GPT2.from_folder(model_dir, dtype)
+    return GPT2.from_folder(model_dir, dtype, strategy)
 
 
 class GPT2:
-    """A loaded GPT-2: its hparams, weights (`params`), `encoder`, and the folder it came from (`model_dir`)."""
+    """A loaded GPT-2: its hparams, weights (`params`), `encoder`, the folder it came from
+    (`model_dir`), and the tf.distribute `strategy` whose replicas `generate` spreads batches over."""
 
-    def __init__(self, hparams, params, encoder, model_dir):
+    def __init__(self, hparams, params, encoder, model_dir, strategy="one"):
         if encoder.n_vocab != hparams.n_vocab:
             raise GPT2Error(f"encoder.json has {encoder.n_vocab} tokens but hparams.json says {hparams.n_vocab}: "
                             "the model folder mixes files of different models, download it again")
         self.hparams, self.params, self.encoder, self.model_dir = hparams, params, encoder, model_dir
+        self.strategy = distribution(strategy, GENERATION_STRATEGIES)
+        # Each replica reads its own copy of the weights; one replica reads `params` themselves.
+        self._replica_params = replicated(params, self.strategy) if self.strategy.num_replicas_in_sync > 1 else params
 
     @classmethod
-    def from_folder(cls, model_dir, dtype="float32"):
+    def from_folder(cls, model_dir, dtype="float32", strategy="one"):
         """The model in a folder of OpenAI's layout (hparams.json, model.ckpt.*, encoder.json, vocab.bpe)."""
         model_dir = check_path("model_dir", model_dir)
+        check_strategy(strategy, GENERATION_STRATEGIES)
         hparams = read_hparams(model_dir)
-        return cls(hparams, load_params(model_dir, hparams, dtype), read_encoder(model_dir), model_dir)
+        return cls(hparams, load_params(model_dir, hparams, dtype), read_encoder(model_dir), model_dir, strategy)
 
     def save(self, model_dir, write_more=None):
         """Write this model (its weights as they are now) as an OpenAI model folder; returns its path.
@@ -134,13 +144,15 @@ class GPT2:
         flags = self._sampling_flags(length, temperature, top_k, top_p, seed, first_sample, stop)
         length = self.sample_length(length, prompts[0])
         rows = [(p, self.context(p, length, truncate_prompt)) for p in prompts for _ in range(nsamples)]
-        self._check_memory(min(batch_size, len(rows)), max(len(context) for _, context in rows), length, batch_size)
+        replicas = self.strategy.num_replicas_in_sync  # each takes an equal share of a batch's rows
+        self._check_memory(-(-min(batch_size, len(rows)) // replicas), max(len(context) for _, context in rows),
+                           length, batch_size)
         texts = []
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
             streams = [TextStream(self.encoder, flags["stop"], self._stop_token(ignore_eot)) for _ in batch]
             for chunk in self._chunks([context for _, context in batch], length, flags, first_sample + start,
-                                      ignore_eot, BATCH_CHUNK):
+                                      ignore_eot, BATCH_CHUNK, self.strategy):
                 for text_stream, tokens in zip(streams, chunk):
                     text_stream.feed(tokens)
                 if all(s.finished for s in streams):
@@ -186,11 +198,13 @@ class GPT2:
         return dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=new_seed() if seed is None else seed,
                     stop=check_stop(stop))
 
-    def _chunks(self, contexts, length, flags, first_sample, ignore_eot, chunk_size):
-        return sample_chunks(self.params, self.hparams, contexts, length, temperature=flags["temperature"],
+    def _chunks(self, contexts, length, flags, first_sample, ignore_eot, chunk_size, strategy=None):
+        """sample_chunks of `contexts`, spread over the replicas of `strategy` (default: the default device)."""
+        params = self.params if strategy is None else self._replica_params
+        return sample_chunks(params, self.hparams, contexts, length, temperature=flags["temperature"],
                              top_k=flags["top_k"], top_p=flags["top_p"], seed=flags["seed"],
                              first_sample=first_sample, stop_token=self._stop_token(ignore_eot),
-                             chunk_size=chunk_size)
+                             chunk_size=chunk_size, strategy=strategy)
 
     def _check_memory(self, rows, context_len, length, batch_size):
         """Refuse a batch that would not fit in memory, before TensorFlow allocates it.

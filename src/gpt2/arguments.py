@@ -11,6 +11,9 @@ import random
 from .errors import GPT2Error
 
 DTYPES = ("float32", "float16", "bfloat16")
+# The tf.distribute strategies (see gpt2.strategies) that training and generation take by name.
+TRAINING_STRATEGIES = ("auto", "one", "mirrored", "multiworker", "tpu")
+GENERATION_STRATEGIES = ("auto", "one", "mirrored")
 
 
 class ArgumentError(GPT2Error, ValueError):
@@ -124,3 +127,11 @@ def check_dtype(dtype):
     if dtype not in DTYPES:
         raise must("dtype", f"one of {', '.join(DTYPES)}", dtype)
     return dtype
+
+
+def check_strategy(strategy, names):
+    """A `strategy` name, checked to be one of `names`; other objects are for gpt2.strategies to check
+    (a tf.distribute.Strategy, from Python), where TensorFlow has started."""
+    if isinstance(strategy, str) and strategy not in names:
+        raise must("strategy", f"one of {', '.join(names)} (or, from Python, a tf.distribute.Strategy)", strategy)
+    return strategy

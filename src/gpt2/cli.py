@@ -37,8 +37,8 @@ import re  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
-from .arguments import (ArgumentError, check_dtype, check_sampling, check_seed, check_stop, new_seed,  # noqa: E402
-                        whole)
+from .arguments import (GENERATION_STRATEGIES, ArgumentError, check_dtype, check_sampling, check_seed,  # noqa: E402
+                        check_stop, check_strategy, new_seed, whole)
 from .errors import GPT2Error, Interrupted  # noqa: E402
 from .folders import check_model_name  # noqa: E402
 
@@ -85,9 +85,9 @@ def check_shard(shard):
                         f"processes N (such as 0/4), not {shard!r}", "shard")
 
 
-def load_model(model_name, models_dir, dtype):
+def load_model(model_name, models_dir, dtype, strategy="one"):
     from .api import load  # starts TensorFlow: only once the flags are known to be right
-    return load(model_name, models_dir, dtype=dtype)
+    return load(model_name, models_dir, dtype=dtype, strategy=strategy)
 
 
 def shown_prompt(text, file_name):
@@ -187,7 +187,8 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
 
 
 def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=None, temperature=1, top_k=0,
-                 top_p=1, models_dir=None, output=None, ignore_eot=False, stop=None, dtype="float32", shard=None):
+                 top_p=1, models_dir=None, output=None, ignore_eot=False, stop=None, dtype="float32", shard=None,
+                 strategy="one"):
     """Write unconditional samples (text that starts from <|endoftext|>) to stdout.
 
     nsamples: how many samples; 0 goes on until Ctrl-C. length: new tokens per sample;
@@ -200,11 +201,14 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
     K + N, K + 2N, ... (from 0) of the batches one process would make, with the same numbers and
     texts. With the same --seed for all, give each its own --output (.jsonl) and merge them in
     order (README.md).
+    strategy: the devices that share each batch: one (the default device), mirrored (all of this
+    machine's GPUs), auto (mirrored where there are several GPUs). Samples are the same texts.
     """
     seed = check_flags(model_name, nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype,
                        unconditional=True)
     shard_index, shards = check_shard(shard)
-    model = load_model(model_name, models_dir, dtype)
+    check_strategy(strategy, GENERATION_STRATEGIES)
+    model = load_model(model_name, models_dir, dtype, strategy)
     length = model.sample_length(length, prompt="")
     flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eot=ignore_eot)
     out_file = OutputFile(output) if output else None

@@ -173,31 +173,70 @@ def _advance(params, shared, state, first_step, n_steps, draw, *, hparams, rule)
 
 
 def sample_chunks(params, hparams, contexts, length, *, temperature=1.0, top_k=0, top_p=1.0, seed=0,
-                  first_sample=0, stop_token=None, chunk_size=None):
+                  first_sample=0, stop_token=None, chunk_size=None, strategy=None):
     """Continue each token list in `contexts` (one row each), yielding new tokens as they come.
 
     Yields arrays [rows, k]: the first token of every row, then up to `chunk_size` tokens at a
     time (all the rest at once if None), `length` in all unless every row has stopped. A row that
     drew `stop_token` repeats it from then on. Row r is sample number first_sample + r of `seed`:
     the same seed and sample number give the same tokens, whatever the batch or the chunk size.
+
+    With a tf.distribute.Strategy of several replicas, the rows are shared out in equal parts, in
+    order (the last row is repeated to fill the last part, and its copies dropped), and each
+    replica runs the compiled loop on its part; `params` is then the weights as the strategy's
+    per-replica values (see `replicated`), so that each replica reads its own copy.
     """
+    strategy = strategy or tf.distribute.get_strategy()
+    replicas = strategy.num_replicas_in_sync
+    n_rows = len(contexts)
+    contexts = list(contexts) + [contexts[-1]] * (-n_rows % replicas)
     batch = plan_batch(contexts, length, hparams.n_ctx)
+    share = len(contexts) // replicas
+
+    def each_replica(rows):  # rows [len(contexts), ...] as each replica's part of them
+        return strategy.experimental_distribute_values_from_function(
+            lambda context: tf.constant(rows[context.replica_id_in_sync_group * share:][:share]))
+
+    def together(per_replica):  # the replicas' [share, ...] parts as one array [n_rows, ...]
+        return np.concatenate([part.numpy() for part in strategy.experimental_local_results(per_replica)])[:n_rows]
+
     rule = Rule(greedy=temperature == 0, top_k=min(top_k, hparams.n_vocab), use_top_p=top_p < 1,
                 stop_token=stop_token)
-    draw = Draw(row_seeds=tf.constant([[seed, first_sample + row] for row in range(len(contexts))], tf.int64),
-                temperature=tf.constant(max(temperature, 1e-9), tf.float32), top_p=tf.constant(top_p, tf.float32))
-    shared, state = _start(params, tf.constant(batch.prefix), tf.constant(batch.rest), tf.constant(batch.n_rest),
-                           draw, hparams=hparams, rule=rule, shared_len=batch.shared_len, cache_len=batch.cache_len)
-    yield state.token.numpy()[:, None]
-    made, done = 1, state.done.numpy().all()
+    row_seeds = each_replica(np.array([[seed, first_sample + row] for row in range(len(contexts))], np.int64))
+    temperature, top_p = tf.constant(max(temperature, 1e-9), tf.float32), tf.constant(top_p, tf.float32)
+
+    def start(params, rest, n_rest, row_seeds):
+        return _start(params, tf.constant(batch.prefix), rest, n_rest, Draw(row_seeds, temperature, top_p),
+                      hparams=hparams, rule=rule, shared_len=batch.shared_len, cache_len=batch.cache_len)
+
+    def advance(params, shared, state, first_step, n_steps, row_seeds):
+        return _advance(params, shared, state, first_step, n_steps, Draw(row_seeds, temperature, top_p),
+                        hparams=hparams, rule=rule)
+
+    shared, state = strategy.run(start, args=(params, each_replica(batch.rest), each_replica(batch.n_rest),
+                                              row_seeds))
+    yield together(state.token)[:, None]
+    made, done = 1, together(state.done).all()
     while made < length and not done:
         n = length - made if chunk_size is None else min(chunk_size, length - made)
-        state, out, steps = _advance(params, shared, state, tf.constant(made), tf.constant(n), draw,
-                                     hparams=hparams, rule=rule)
-        steps = int(steps)
-        made += steps
-        done = state.done.numpy().all()
-        yield out.numpy()[:, :steps]
+        state, out, steps = strategy.run(advance, args=(params, shared, state, tf.constant(made), tf.constant(n),
+                                                        row_seeds))
+        # A replica whose rows have all stopped ends its loop early: its rows repeat the stop token.
+        steps = [int(s) for s in strategy.experimental_local_results(steps)]
+        new = max(steps)
+        outs = [out.numpy()[:, :new] for out in strategy.experimental_local_results(out)]
+        for out, s in zip(outs, steps):
+            if s < new:
+                out[:, s:] = stop_token
+        made += new
+        done = together(state.done).all()
+        yield np.concatenate(outs)[:n_rows]
+
+
+def replicated(params, strategy):
+    """The weights as `strategy`'s per-replica values: a copy on each replica's device."""
+    return strategy.experimental_distribute_values_from_function(
+        lambda context: tf.nest.map_structure(tf.identity, params))
 
 
 def sample(params, hparams, context, length, *, batch_size=1, temperature=1.0, top_k=0, top_p=1.0, seed=0,

@@ -7,10 +7,9 @@ import math
 import os
 from typing import NamedTuple, Optional
 
-from .arguments import ArgumentError, check_dtype, check_seed, is_real, must, whole
+from .arguments import TRAINING_STRATEGIES, ArgumentError, check_dtype, check_seed, check_strategy, is_real, must, whole
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
-STRATEGIES = ("auto", "one", "mirrored", "multiworker", "tpu")
 
 
 class Settings(NamedTuple):
@@ -48,7 +47,7 @@ class Settings(NamedTuple):
     dtype: str
     only_train_transformer_layers: bool
     lora_rank: Optional[int]
-    strategy: object  # one of STRATEGIES, or a tf.distribute.Strategy
+    strategy: object  # one of TRAINING_STRATEGIES, or a tf.distribute.Strategy
 
 
 def finetune(dataset=None, model_name="124M", run_name="run1", models_dir=None, steps=1000, batch_size=1,
@@ -135,8 +134,6 @@ def check(settings):
         if settings.only_train_transformer_layers:
             raise ArgumentError("{lora_rank} trains the adapters alone: leave out {only_train_transformer_layers}",
                                 "lora_rank", "only_train_transformer_layers")
-    if isinstance(settings.strategy, str) and settings.strategy not in STRATEGIES:
-        raise must("strategy", f"one of {', '.join(STRATEGIES)} (or, from Python, a tf.distribute.Strategy)",
-                   settings.strategy)
+    check_strategy(settings.strategy, TRAINING_STRATEGIES)
     if settings.restore_from not in ("latest", "fresh") and not os.path.isdir(str(settings.restore_from)):
         raise must("restore_from", "latest, fresh, or a model folder", settings.restore_from)

@@ -26,10 +26,11 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from . import tensorflow_start  # noqa: F401  (before TensorFlow's first use: quiet, with its compilation cache)
-from .arguments import ArgumentError, must
+from .arguments import ArgumentError
 from .errors import GPT2Error, Interrupted
 from .model import forward, logits
 from .score import score_tokens, text_pieces
+from .strategies import distribution, is_chief
 
 TOKEN_DTYPE = np.uint16  # GPT-2's 50257 ids fit
 TEXT_SUFFIXES = (".txt", ".csv", ".jsonl")
@@ -556,50 +557,6 @@ def run(settings):
         raise Interrupted(f"interrupted at step {int(trainer.step.numpy())}: saved to {run_dir}; rerun the same "
                           "command to go on")
     return run_dir
-
-
-def distribution(strategy):
-    """The tf.distribute.Strategy that `strategy` names, or `strategy` itself if it is one.
-
-    auto: a TPU where one is found (TPU_NAME or COLAB_TPU_ADDR set, or TPU devices listed), else
-    the machines that TF_CONFIG lists, else this machine's GPUs if it has several, else one device.
-    """
-    from .finetuning import STRATEGIES
-
-    if isinstance(strategy, tf.distribute.Strategy):
-        return strategy
-    if strategy not in STRATEGIES:
-        raise must("strategy", f"one of {', '.join(STRATEGIES)} or a tf.distribute.Strategy", strategy)
-    if strategy == "auto":
-        tpu = os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR") or tf.config.list_logical_devices("TPU")
-        strategy = ("tpu" if tpu else "multiworker" if os.environ.get("TF_CONFIG")
-                    else "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "one")
-    if strategy == "one":
-        return tf.distribute.get_strategy()
-    if strategy == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if strategy == "multiworker":
-        try:
-            return tf.distribute.MultiWorkerMirroredStrategy()
-        except RuntimeError as e:  # "Collective ops must be configured at program startup"
-            raise GPT2Error("the multiworker strategy must be made before TensorFlow computes anything in the "
-                            "process: call gpt2.finetune first, or run finetune.py") from e
-    try:
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-    except (ValueError, tf.errors.OpError) as e:
-        raise GPT2Error(f"no TPU found ({str(e).splitlines()[0]}): in Colab, choose a TPU runtime first") from e
-    return tf.distribute.TPUStrategy(resolver)
-
-
-def is_chief(strategy):
-    """Whether this process writes the run: the only one, or the chief (worker 0 if none is named chief)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type or isinstance(strategy, tf.distribute.TPUStrategy):
-        return True
-    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
-                                             and "chief" not in resolver.cluster_spec().as_dict())
 
 
 # The settings that shape what state.npz holds: a run resumes with the ones it started with.
