@@ -167,17 +167,16 @@ def test_ctrl_c_while_tensorflow_reads_the_arguments_stays_a_keyboard_interrupt(
 
 
 def test_a_prompt_of_another_length_in_the_same_cache_bucket_compiles_nothing_new(model):
-    """Prompts of 5, 9 and 7 tokens with 6 new ones all fit a 16-slot cache: one decoding loop serves them."""
+    """Prompts of 5, 9 and 7 tokens with 6 new ones all fit a 16-slot cache: one decoding loop serves them,
+    and the prompt's pass (op by op) draws its first token with the same compiled noise."""
     hparams, params = model
-    start, advance = decode._start.__wrapped__, decode._advance.__wrapped__  # the tf.functions
+    advance = decode._advance.__wrapped__  # the tf.function
     sample(params, hparams, PROMPT[:5], 6, top_k=3, seed=1)
-    loops = advance.experimental_get_tracing_count()
-    sample(params, hparams, PROMPT + [1, 2, 3], 6, top_k=3, seed=2)
-    assert advance.experimental_get_tracing_count() == loops
-    prompts = start.experimental_get_tracing_count()  # the prompt pass generalizes its shapes by now
-    sample(params, hparams, PROMPT + [4], 6, top_k=3, seed=3)
-    assert advance.experimental_get_tracing_count() == loops
-    assert start.experimental_get_tracing_count() == prompts
+    loops, noises = advance.experimental_get_tracing_count(), uniform_noise.experimental_get_tracing_count()
+    for prompt in (PROMPT + [1, 2, 3], PROMPT + [4]):
+        sample(params, hparams, prompt, 6, top_k=3, seed=2)
+        assert advance.experimental_get_tracing_count() == loops
+        assert uniform_noise.experimental_get_tracing_count() == noises
 
 
 TWO_CPUS = """

@@ -1,8 +1,8 @@
 """Decoding: continue token lists with GPT-2 in compiled TensorFlow loops.
 
-Two compiled functions do the work: `_start` runs the prompts through the model (a TensorFlow
-graph: big matrix products, any prompt length) and picks the first token; `_advance` runs up to n
-more steps in one XLA-compiled loop. `plan_batch` lays the rows out first: the tokens that all
+Two functions do the work: `_start` runs the prompts through the model (big matrix products, any
+prompt length) and picks the first token, op by op (eagerly); `_advance` runs up to n more steps
+in one XLA-compiled loop. `plan_batch` lays the rows out first: the tokens that all
 rows start with (several samples of one prompt) run once, into a cache that all rows share (see
 gpt2.model), so that each step reads the prompt's keys and values once, not once per row; and
 the cache lengths are rounded up to a few sizes (see `bucket`), so that a new prompt length
@@ -105,7 +105,8 @@ def decoding_memory(hparams, rows, context_len, length, itemsize):
 
 
 def raises_ctrl_c(function):
-    """`function`, a tf.function, with Ctrl-C raised as the KeyboardInterrupt that Python raises.
+    """`function` (a tf.function, or one that calls some) with Ctrl-C raised as the KeyboardInterrupt
+    that Python raises.
 
     A tf.function reads its arguments' types under a bare `except:` that turns any exception into
     a TypeError; a Ctrl-C landing there would end a command with that traceback instead of its
@@ -125,11 +126,9 @@ def raises_ctrl_c(function):
     return call
 
 
-# autograph=False here and on gpt2's other compiled functions: their loops and branches are
-# tf.while_loop and tf.cond already, and autograph's rewriting of every function they call took
-# 3 of the decoding loop's 5 s of tracing (124M).
+# Not a tf.function: the prompt's pass is a few large products per block, which run as fast op by
+# op, while building its graph took 2-3 s at every start of a command (124M).
 @raises_ctrl_c
-@tf.function(reduce_retracing=True, autograph=False)
 def _start(params, prefix, rest, n_rest, draw, *, hparams, rule, shared_len, cache_len):
     """Run the prompts through the model and pick each row's first token.
 
@@ -151,6 +150,9 @@ def _start(params, prefix, rest, n_rest, draw, *, hparams, rule, shared_len, cac
     return shared, State(cache, token, n_rest, done)
 
 
+# autograph=False here and on gpt2's other compiled functions: their loops and branches are
+# tf.while_loop and tf.cond already, and autograph's rewriting of every function they call took
+# 3 of the decoding loop's 5 s of tracing (124M).
 @raises_ctrl_c
 @tf.function(jit_compile=True, autograph=False)
 def _advance(params, shared, state, first_step, n_steps, draw, *, hparams, rule):
