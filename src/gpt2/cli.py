@@ -484,7 +484,10 @@ def run(command, argv=None):
     """Parse flags with fire and run `command`; user errors become one line on stderr.
 
     Ctrl-C exits with status 130 (128 + SIGINT, as a shell reports a command it interrupted).
+    argv None: the process's own command line (the scripts and console commands); the process
+    then ends as soon as the command is done.
     """
+    whole_process = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         check_flag_names(command, argv)
@@ -498,6 +501,11 @@ def run(command, argv=None):
             signal.signal(signal.SIGINT, _previous_handler)
         fire.Fire(command, command=without_fire_separator(argv), name=os.path.basename(sys.argv[0]))
         sys.stdout.flush()  # what print left in the buffer goes out now, where a failure is still reported
+        if whole_process:
+            # Everything is written and closed: skip the interpreter's teardown of TensorFlow, which
+            # took 1.4-1.6 s after a 124M answer, a tenth of the command's time.
+            sys.stderr.flush()
+            os._exit(0)
     except Interrupted as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(130)

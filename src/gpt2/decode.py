@@ -237,8 +237,10 @@ def sample_chunks(params, hparams, contexts, length, *, temperature=1.0, top_k=0
 
 def replicated(params, strategy):
     """The weights as `strategy`'s per-replica values: a copy on each replica's device."""
-    return strategy.experimental_distribute_values_from_function(
-        lambda context: tf.nest.map_structure(tf.identity, params))
+    def copy(context):  # the strategy leaves the placing to us
+        with tf.device(strategy.extended.worker_devices[context.replica_id_in_sync_group]):
+            return tf.nest.map_structure(tf.identity, params)
+    return strategy.experimental_distribute_values_from_function(copy)
 
 
 def sample(params, hparams, context, length, *, batch_size=1, temperature=1.0, top_k=0, top_p=1.0, seed=0,

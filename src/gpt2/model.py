@@ -199,9 +199,18 @@ def forward_cached(params, hparams, tokens, past, pos, shared=None):
     presents = []
     for i, (p, layer_past) in enumerate(zip(params["h"], past)):
         layer_shared = None if shared is None else (shared.layers[i], shared.length)
-        x, present = block(x, p, hparams.n_head, lambda q, k, v: cached_attention(q, k, v, layer_past, slots, layer_shared))
+        x, present = cached_block(x, p, layer_past, slots, layer_shared, n_head=hparams.n_head)
         presents.append(present)
     return layer_norm(x, params["ln_f"]), presents
+
+
+# One function for every block: inside the compiled decoding loop, its graph is built once, not
+# once per block (XLA inlines the calls, so the compiled program is the same).
+@tf.function(reduce_retracing=True, autograph=False)
+def cached_block(x, p, past, slots, shared, *, n_head):
+    """`block` of tokens that continue a cache: x [batch, seq, n_embd] -> the same shape, and `past`
+    with their keys and values written in (see `cached_attention`)."""
+    return block(x, p, n_head, lambda q, k, v: cached_attention(q, k, v, past, slots, shared))
 
 
 def empty_cache(hparams, batch_size, cache_len, dtype=tf.float32):
