@@ -143,7 +143,7 @@ def main():
         args.models, args.lengths, args.steps = ["tiny"], [64], 2
     if args.memory:
         return memory_table(args)
-    print(f"batch size {args.batch_size}, {' '.join(ladder_flags(args))}, {'plain graph' if args.no_xla else 'XLA'}, "
+    print(f"batch size {args.batch_size}, {' '.join(ladder_flags(args))}, {'plain graph' if args.no_xla or args.strategy == 'mirrored' else 'XLA'}, "
           f"strategy {args.strategy}, "
           f"median of {args.steps} steps after the first; random weights of the real shapes\n")
     print("| model | sequence | tokens/s | of GEMM (3x forward) | first step s | peak memory | machine GEMM |\n"
