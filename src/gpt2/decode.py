@@ -1,8 +1,8 @@
 """Decoding: continue token lists with GPT-2 in compiled TensorFlow loops.
 
 Two functions do the work: `_start` runs the prompts through the model (big matrix products, any
-prompt length) and picks the first token, op by op (eagerly); `_advance` runs up to n more steps
-in one XLA-compiled loop. `plan_batch` lays the rows out first: the tokens that all
+prompt length) and picks the first token, eagerly (each block through model.cached_block's small
+graph); `_advance` runs up to n more steps in one XLA-compiled loop. `plan_batch` lays the rows out first: the tokens that all
 rows start with (several samples of one prompt) run once, into a cache that all rows share (see
 gpt2.model), so that each step reads the prompt's keys and values once, not once per row; and
 the cache lengths are rounded up to a few sizes (see `bucket`), so that a new prompt length
@@ -126,8 +126,9 @@ def raises_ctrl_c(function):
     return call
 
 
-# Not a tf.function: the prompt's pass is a few large products per block, which run as fast op by
-# op, while building its graph took 2-3 s at every start of a command (124M).
+# Not a tf.function: the prompt's pass is a few large products per block, which run as fast
+# eagerly (each block a call of model.cached_block's graph, built once for all blocks), while
+# building the whole pass's graph took 2-3 s at every start of a command (124M).
 @raises_ctrl_c
 def _start(params, prefix, rest, n_rest, draw, *, hparams, rule, shared_len, cache_len):
     """Run the prompts through the model and pick each row's first token.

@@ -21,7 +21,8 @@ def distribution(strategy, names=TRAINING_STRATEGIES):
     """
     if isinstance(strategy, tf.distribute.Strategy):
         return strategy
-    if check_strategy(strategy, names) not in names:
+    check_strategy(strategy, names)  # a name
+    if not isinstance(strategy, str):  # nor a Strategy
         raise must("strategy", f"one of {', '.join(names)} or a tf.distribute.Strategy", strategy)
     if strategy == "auto":
         tpu = os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR") or tf.config.list_logical_devices("TPU")
