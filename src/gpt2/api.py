@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from . import tensorflow_start  # noqa: F401  (first: TensorFlow starts quietly, with its compilation cache)
-from .arguments import (GENERATION_STRATEGIES, ArgumentError, check_dtype, check_first_sample, check_path,
+from .arguments import (GENERATION_DTYPES, GENERATION_STRATEGIES, ArgumentError, check_dtype, check_first_sample, check_path,
                         check_sampling, check_seed, check_stop, check_strategy, check_text, new_seed, whole)
 from .checkpoint import load_params, save_model
 from .decode import decoding_memory, replicated, sample_chunks
@@ -25,6 +25,8 @@ from .download import download_model
 from .encoder import read_encoder
 from .errors import GPT2Error
 from .folders import MODEL_NAMES, canonical_name, default_models_dir, find_model_dir, read_hparams
+from .int8 import Int8Model, load_int8
+from .int8 import sample_chunks as int8_sample_chunks
 from .score import Score, score_tokens
 from .strategies import distribution
 
@@ -44,8 +46,7 @@ def load(model_name="124M", models_dir=None, *, dtype="float32", base_url=None, 
     "mirrored" (all of this machine's GPUs, each with a copy of the weights), "auto" (mirrored
     where there are several GPUs), or a tf.distribute.Strategy.
     """
-    check_dtype(dtype)  # before any download
-    check_strategy(strategy, GENERATION_STRATEGIES)
+    check_settings(dtype, strategy)  # before any download
     models_dir = default_models_dir() if models_dir is None else check_path("models_dir", models_dir)
     try:
         model_dir = find_model_dir(model_name, models_dir)
@@ -58,16 +59,26 @@ def load(model_name="124M", models_dir=None, *, dtype="float32", base_url=None, 
     return GPT2.from_folder(model_dir, dtype, strategy)
 
 
+def check_settings(dtype, strategy):
+    check_dtype(dtype, GENERATION_DTYPES)
+    check_strategy(strategy, GENERATION_STRATEGIES)
+    if dtype == "int8" and strategy not in ("one", "auto"):
+        raise ArgumentError("int8 weights run on this machine's CPU: use {strategy} one (or float16 weights "
+                            "on GPUs)", "strategy")
+
+
 class GPT2:
-    """A loaded GPT-2: its hparams, weights (`params`), `encoder`, the folder it came from
-    (`model_dir`), and the tf.distribute `strategy` whose replicas `generate` spreads batches over."""
+    """A loaded GPT-2: its hparams, weights (`params`: a tree of tensors, or an int8.Int8Model),
+    `encoder`, the folder it came from (`model_dir`), and the tf.distribute `strategy` whose replicas
+    `generate` spreads batches over."""
 
     def __init__(self, hparams, params, encoder, model_dir, strategy="one"):
         if encoder.n_vocab != hparams.n_vocab:
             raise GPT2Error(f"encoder.json has {encoder.n_vocab} tokens but hparams.json says {hparams.n_vocab}: "
                             "the model folder mixes files of different models, download it again")
         self.hparams, self.params, self.encoder, self.model_dir = hparams, params, encoder, model_dir
-        self.strategy = distribution(strategy, GENERATION_STRATEGIES)
+        self.int8 = isinstance(params, Int8Model)
+        self.strategy = distribution("one" if self.int8 else strategy, GENERATION_STRATEGIES)
         # Each replica reads its own copy of the weights; one replica reads `params` themselves.
         self._replica_params = replicated(params, self.strategy) if self.strategy.num_replicas_in_sync > 1 else params
 
@@ -75,9 +86,10 @@ class GPT2:
     def from_folder(cls, model_dir, dtype="float32", strategy="one"):
         """The model in a folder of OpenAI's layout (hparams.json, model.ckpt.*, encoder.json, vocab.bpe)."""
         model_dir = check_path("model_dir", model_dir)
-        check_strategy(strategy, GENERATION_STRATEGIES)
+        check_settings(dtype, strategy)
         hparams = read_hparams(model_dir)
-        return cls(hparams, load_params(model_dir, hparams, dtype), read_encoder(model_dir), model_dir, strategy)
+        params = load_int8(model_dir, hparams) if dtype == "int8" else load_params(model_dir, hparams, dtype)
+        return cls(hparams, params, read_encoder(model_dir), model_dir, strategy)
 
     def save(self, model_dir, write_more=None):
         """Write this model (its weights as they are now) as an OpenAI model folder; returns its path.
@@ -85,6 +97,7 @@ class GPT2:
         Every tool that reads OpenAI's checkpoints can load it; the folder appears whole or not at
         all. `write_more(folder)` may add files to it first.
         """
+        self._need_float("saving")
         return save_model(check_path("model_dir", model_dir), self.hparams, self.params, self.model_dir,
                           write_more)
 
@@ -200,11 +213,18 @@ class GPT2:
 
     def _chunks(self, contexts, length, flags, first_sample, ignore_eot, chunk_size, strategy=None):
         """sample_chunks of `contexts`, spread over the replicas of `strategy` (default: the default device)."""
+        settings = dict(temperature=flags["temperature"], top_k=flags["top_k"], top_p=flags["top_p"],
+                        seed=flags["seed"], first_sample=first_sample, stop_token=self._stop_token(ignore_eot),
+                        chunk_size=chunk_size)
+        if self.int8:
+            return int8_sample_chunks(self.params, contexts, length, **settings)
         params = self.params if strategy is None else self._replica_params
-        return sample_chunks(params, self.hparams, contexts, length, temperature=flags["temperature"],
-                             top_k=flags["top_k"], top_p=flags["top_p"], seed=flags["seed"],
-                             first_sample=first_sample, stop_token=self._stop_token(ignore_eot),
-                             chunk_size=chunk_size, strategy=strategy)
+        return sample_chunks(params, self.hparams, contexts, length, strategy=strategy, **settings)
+
+    def _need_float(self, what):
+        if self.int8:
+            raise GPT2Error(f"{what} needs the model's float weights, and this one was loaded with int8 weights "
+                            "(for generating): load it with dtype float32")
 
     def _check_memory(self, rows, context_len, length, batch_size):
         """Refuse a batch that would not fit in memory, before TensorFlow allocates it.
@@ -213,10 +233,11 @@ class GPT2:
         toward the machine's limit. On a GPU the memory that counts is the GPU's, which TensorFlow
         does not tell, and its allocation fails at once instead.
         """
-        available = None if "GPU" in self.params["wte"].device else available_memory()
+        available = None if not self.int8 and "GPU" in self.params["wte"].device else available_memory()
         if available is None:
             return
-        need = decoding_memory(self.hparams, rows, context_len, length, self.params["wte"].dtype.size)
+        # int8 weights keep a float32 cache.
+        need = decoding_memory(self.hparams, rows, context_len, length, 4 if self.int8 else self.params["wte"].dtype.size)
         if need <= available:
             return
         fits = available * rows // need
@@ -265,6 +286,7 @@ class GPT2:
 
         Yields (tokens, logprobs) arrays as the windows are computed, in the text's order.
         """
+        self._need_float("scoring")
         stride = self.window_stride(stride)
         whole("batch_size", batch_size, 1)
         pending = collections.deque()  # tokens encoded, not yet scored

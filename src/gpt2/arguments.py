@@ -10,7 +10,9 @@ import random
 
 from .errors import GPT2Error
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16")  # the weights' dtypes that every use of a model takes
+# ... and int8: weights quantized for generating on a CPU (gpt2.int8), not for scoring or training.
+GENERATION_DTYPES = DTYPES + ("int8",)
 # The tf.distribute strategies (see gpt2.strategies) that training and generation take by name.
 TRAINING_STRATEGIES = ("auto", "one", "mirrored", "multiworker", "tpu")
 GENERATION_STRATEGIES = ("auto", "one", "mirrored")
@@ -123,9 +125,9 @@ def check_tokens(tokens, n_vocab):
     return [int(token) for token in tokens]
 
 
-def check_dtype(dtype):
-    if dtype not in DTYPES:
-        raise must("dtype", f"one of {', '.join(DTYPES)}", dtype)
+def check_dtype(dtype, dtypes=DTYPES):
+    if dtype not in dtypes:
+        raise must("dtype", f"one of {', '.join(dtypes)}", dtype)
     return dtype
 
 

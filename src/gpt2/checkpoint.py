@@ -45,6 +45,25 @@ def load_params(model_dir, hparams, dtype="float32"):
     DTYPES: the checkpoint's float32, or half the memory and bytes per step in float16 or bfloat16.
     """
     check_dtype(dtype)
+    params = empty_tree(hparams)
+    for name, value in read_checkpoint(model_dir, hparams):
+        value = tf.cast(value, dtype)  # one tensor at a time: the float32 copy is freed at once
+        node, key = tree_node(params, name)
+        node[key] = value
+        del value
+        if set(node) == {"w", "b"}:
+            # A linear layer's w and b are both read: the bias becomes w's last row (see
+            # gpt2.model.linear) at once, so that the next layer's read reuses the memory
+            # of this w instead of leaving it unused in the process.
+            node["w"] = tf.concat([node["w"], node.pop("b")[None]], axis=0)
+    return params
+
+
+def read_checkpoint(model_dir, hparams):
+    """Yields (name, float32 tensor) for each variable of the folder's checkpoint, one at a time, in
+    variable_shapes' order, after checking that the checkpoint is whole and has this model's shapes.
+    A linear layer's w comes as [n_in, n_out] (the checkpoint's [1, n_in, n_out]).
+    """
     prefix = os.path.join(model_dir, CKPT_PREFIX)
     shapes = variable_shapes(hparams)
     data_file = prefix + ".data-00000-of-00001"
@@ -75,26 +94,17 @@ def load_params(model_dir, hparams, dtype="float32"):
         if os.path.getsize(data_file) < needed:
             raise GPT2Error(f"{data_file} is truncated ({os.path.getsize(data_file)} of at least {needed} bytes): "
                             "download the model again")
-        params = empty_tree(hparams)
         for name, shape in shapes.items():
             # Read straight into a TensorFlow tensor: no NumPy copy, so loading needs the weights' bytes once.
             [value] = tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=[name], shape_and_slices=[""],
                                            dtypes=[tf.float32])
             if len(shape) == 3:
                 value = tf.reshape(value, shape[1:])  # [1, n_in, n_out] -> [n_in, n_out], same buffer
-            value = tf.cast(value, dtype)  # one tensor at a time: the float32 copy is freed at once
-            node, key = tree_node(params, name)
-            node[key] = value
+            yield name, value
             del value
-            if set(node) == {"w", "b"}:
-                # A linear layer's w and b are both read: the bias becomes w's last row (see
-                # gpt2.model.linear) at once, so that the next layer's read reuses the memory
-                # of this w instead of leaving it unused in the process.
-                node["w"] = tf.concat([node["w"], node.pop("b")[None]], axis=0)
     except tf.errors.OpError as e:
         raise GPT2Error(f"cannot read the checkpoint {prefix} ({e.message.splitlines()[0]}): "
                         "it is damaged, download the model again") from e
-    return params
 
 
 def empty_tree(hparams):

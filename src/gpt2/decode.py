@@ -175,6 +175,14 @@ def _advance(params, shared, state, first_step, n_steps, draw, *, hparams, rule)
     return state, out, steps
 
 
+def sampling_settings(hparams, rows, temperature, top_k, top_p, seed, first_sample, stop_token):
+    """The Rule and the Draw of `rows` rows, samples first_sample, first_sample + 1, ... of `seed`."""
+    rule = Rule(greedy=temperature == 0, top_k=min(top_k, hparams.n_vocab), use_top_p=top_p < 1,
+                stop_token=stop_token)
+    row_seeds = tf.constant([[seed, first_sample + row] for row in range(rows)], tf.int64)
+    return rule, Draw(row_seeds, tf.constant(max(temperature, 1e-9), tf.float32), tf.constant(top_p, tf.float32))
+
+
 def sample_chunks(params, hparams, contexts, length, *, temperature=1.0, top_k=0, top_p=1.0, seed=0,
                   first_sample=0, stop_token=None, chunk_size=None, strategy=None):
     """Continue each token list in `contexts` (one row each), yielding new tokens as they come.
@@ -203,10 +211,9 @@ def sample_chunks(params, hparams, contexts, length, *, temperature=1.0, top_k=0
     def together(per_replica):  # the replicas' [share, ...] parts as one array [n_rows, ...]
         return np.concatenate([part.numpy() for part in strategy.experimental_local_results(per_replica)])[:n_rows]
 
-    rule = Rule(greedy=temperature == 0, top_k=min(top_k, hparams.n_vocab), use_top_p=top_p < 1,
-                stop_token=stop_token)
-    row_seeds = each_replica(np.array([[seed, first_sample + row] for row in range(len(contexts))], np.int64))
-    temperature, top_p = tf.constant(max(temperature, 1e-9), tf.float32), tf.constant(top_p, tf.float32)
+    rule, draw = sampling_settings(hparams, len(contexts), temperature, top_k, top_p, seed, first_sample, stop_token)
+    row_seeds = each_replica(draw.row_seeds.numpy())
+    temperature, top_p = draw.temperature, draw.top_p
 
     def start(params, rest, n_rest, row_seeds):
         return _start(params, tf.constant(batch.prefix), rest, n_rest, Draw(row_seeds, temperature, top_p),

@@ -1,0 +1,346 @@
+"""int8 weights on the CPU: GPT-2's decoding step run by TensorFlow Lite's XNNPACK kernels.
+
+Decoding one token reads every weight once, so on a CPU its speed is the memory's bandwidth over
+the weights' bytes; in int8 they are a quarter of float32's. XLA on the CPU has no fast int8
+product (it converts the whole weight matrix to float32 first: slower than float32 itself), but
+TensorFlow Lite's XNNPACK kernels multiply int8 weights directly ("dynamic range" quantization:
+int8 weights with a float scale per output column, each input row quantized to int8 on the fly).
+
+The model runs as one small TensorFlow Lite program per block and one for the output layer:
+- A program is made once per shape, by TensorFlow Lite's converter, from a block written with
+  stand-in weights (`template`); each block's program is a copy of it with the block's own
+  quantized weights written over the stand-ins' bytes (`Template.fill`). So loading converts
+  nothing per block, and quantizes one checkpoint tensor at a time (1558M never needs its float32
+  weights in memory).
+- Each block's keys and values stay in its program's input tensors between steps; a step adds the
+  new tokens' ones in place (`Int8Model.step`), so no cache is copied.
+- Tokens are chosen by gpt2.sampling's rules, compiled once: the same rules, seeds and sample
+  numbers as the float32 decoder.
+"""
+import math
+import os
+from typing import List, NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+from .decode import bucket, raises_ctrl_c, sampling_settings
+from .model import gelu, layer_norm, merge_heads, split_heads
+from .sampling import choose, mark_stopped
+
+try:  # TensorFlow Lite's interpreter moves to the ai-edge-litert package; the same class
+    from ai_edge_litert.interpreter import Interpreter
+except ImportError:
+    Interpreter = tf.lite.Interpreter
+
+# The linear layers of a block: (name, checkpoint name, [n_in, n_out] in units of n_embd).
+LAYERS = (("c_attn", "attn/c_attn", (1, 3)), ("attn_proj", "attn/c_proj", (1, 1)),
+          ("c_fc", "mlp/c_fc", (1, 4)), ("mlp_proj", "mlp/c_proj", (4, 1)))
+# The block's small float tensors, each set once as an input of its program: name -> checkpoint name.
+VECTORS = {"ln_1_g": "ln_1/g", "ln_1_b": "ln_1/b", "c_attn_b": "attn/c_attn/b", "attn_proj_b": "attn/c_proj/b",
+           "ln_2_g": "ln_2/g", "ln_2_b": "ln_2/b", "c_fc_b": "mlp/c_fc/b", "mlp_proj_b": "mlp/c_proj/b"}
+
+
+def quantize(w):
+    """w [n_in, n_out] float32 -> (q [n_out, n_in] int8, scale [n_out] float32), q * scale ~ w.T.
+
+    One scale per output column, the largest magnitude to 127 (symmetric: zero stays zero), as
+    TensorFlow Lite's kernels read it.
+    """
+    w = np.asarray(w, np.float32).T
+    scale = np.abs(w).max(axis=1) / 127
+    scale[scale == 0] = 1  # an all-zero column: any scale gives zeros
+    return np.round(w / scale[:, None]).astype(np.int8), scale.astype(np.float32)
+
+
+def dense(x, w, b=None):
+    # [..., n_in] @ w [n_in, n_out] (+ b) -> [..., n_out], as one 2-D product (TensorFlow Lite's FULLY_CONNECTED)
+    out = tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), w)
+    out = tf.reshape(out, tf.concat([tf.shape(x)[:-1], [w.shape[1]]], axis=0))
+    return out if b is None else out + b
+
+
+def attention_after(q, k, v, keys, values, pos):
+    """Attention of tokens q, k, v [batch, n_head, seq, head_dim] that come after each row's first
+    pos[b] cached keys and values [batch, n_head, cache_len, head_dim] (later slots are ignored).
+    """
+    scale = 1 / math.sqrt(q.shape[-1])
+    past = tf.matmul(q, keys, transpose_b=True) * scale  # [batch, n_head, seq, cache_len]
+    past_visible = tf.range(tf.shape(keys)[2])[None, None, None, :] < pos[:, None, None, None]
+    new = tf.matmul(q, k, transpose_b=True) * scale  # [batch, n_head, seq, seq]
+    seq = tf.range(tf.shape(q)[2])
+    new_visible = (seq[None, :] <= seq[:, None])[None, None]
+    scores = tf.concat([tf.where(past_visible, past, -1e10), tf.where(new_visible, new, -1e10)], axis=-1)
+    return tf.matmul(tf.nn.softmax(scores, axis=-1), tf.concat([values, v], axis=2))
+
+
+class Template(NamedTuple):
+    """A converted program with stand-in weights, and where in its bytes each weight matrix lies."""
+    program: bytes
+    places: dict  # name -> (offset of the int8 [n_out, n_in] data, offset of its [n_out] float32 scales)
+
+    def fill(self, weights):
+        """The program with `weights` (name -> quantize's (q, scale)) written over the stand-ins."""
+        program = bytearray(self.program)
+        for name, (q, scale) in weights.items():
+            data, scales = self.places[name]
+            program[data:data + q.nbytes] = q.tobytes()
+            program[scales:scales + scale.nbytes] = scale.tobytes()
+        return bytes(program)
+
+
+def template(function, matrices):
+    """Convert the tf.function `function`, whose weight constants are `matrices` (name -> [n_in, n_out]
+    stand-in values, each shape different), to a TensorFlow Lite program with int8 weights."""
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]  # int8 weights, one scale per output column
+    program = converter.convert()
+    return Template(program, find_weights(program, {name: w.shape[::-1] for name, w in matrices.items()}))
+
+
+def find_weights(program, shapes):
+    """Where each int8 weight matrix of `program` (name -> its [n_out, n_in] shape) keeps its data and scales."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.Model.GetRootAsModel(program, 0)
+    graph = model.Subgraphs(0)
+    base = np.frombuffer(program, np.uint8).ctypes.data
+    places = {}
+    for i in range(graph.TensorsLength()):
+        tensor = graph.Tensors(i)
+        shape = tuple(tensor.ShapeAsNumpy()) if tensor.ShapeLength() else ()
+        name = next((n for n, s in shapes.items() if s == shape), None)
+        if name is None or tensor.Type() != schema.TensorType.INT8:
+            continue
+        data = model.Buffers(tensor.Buffer()).DataAsNumpy()
+        scales = tensor.Quantization().ScaleAsNumpy()
+        if data.size != np.prod(shape) or scales.size != shape[0] or tensor.Quantization().QuantizedDimension() != 0:
+            raise RuntimeError(f"TensorFlow Lite's converter laid out the {name} weights unexpectedly")
+        places[name] = (data.ctypes.data - base, scales.ctypes.data - base)
+    if set(places) != set(shapes):
+        raise RuntimeError(f"TensorFlow Lite's converter kept {sorted(set(shapes) - set(places))} in float32")
+    return places
+
+
+def block_template(hparams):
+    """The Template of one block's step: x [batch, seq, n_embd] of tokens that come after pos[b]
+    cached keys and values [batch, n_head, cache_len, head_dim] -> the block's output (same shape as
+    x) and the tokens' own keys and values [batch, n_head, seq, head_dim]. Its other inputs are the
+    block's VECTORS."""
+    n_embd, n_head = hparams.n_embd, hparams.n_head
+    rng = np.random.default_rng(0)
+    stand_ins = {name: rng.uniform(-1, 1, (a * n_embd, b * n_embd)).astype(np.float32)
+                 for name, _, (a, b) in LAYERS}
+    w = {name: tf.constant(value) for name, value in stand_ins.items()}
+    cache = [None, n_head, None, n_embd // n_head]
+    signature = [tf.TensorSpec([None, None, n_embd], name="x"), tf.TensorSpec(cache, name="keys"),
+                 tf.TensorSpec(cache, name="values"), tf.TensorSpec([None], tf.int32, name="pos")]
+    sizes = {"c_attn_b": 3 * n_embd, "c_fc_b": 4 * n_embd}
+    signature += [tf.TensorSpec([sizes.get(name, n_embd)], name=name) for name in VECTORS]
+
+    @tf.function(input_signature=signature, autograph=False)
+    def step(x, keys, values, pos, *vectors):
+        p = dict(zip(VECTORS, vectors))
+        qkv = dense(layer_norm(x, {"g": p["ln_1_g"], "b": p["ln_1_b"]}), w["c_attn"], p["c_attn_b"])
+        q, k, v = (split_heads(t, n_head) for t in tf.split(qkv, 3, axis=-1))
+        x = x + dense(merge_heads(attention_after(q, k, v, keys, values, pos)), w["attn_proj"], p["attn_proj_b"])
+        h = gelu(dense(layer_norm(x, {"g": p["ln_2_g"], "b": p["ln_2_b"]}), w["c_fc"], p["c_fc_b"]))
+        return x + dense(h, w["mlp_proj"], p["mlp_proj_b"]), k, v
+
+    return template(step, stand_ins)
+
+
+def head_template(hparams):
+    """The Template of the output layer: hidden states h [batch, seq, n_embd] (before ln_f) -> logits
+    [batch, seq, n_vocab] through the token embedding ("wte", its rows quantized); other inputs ln_f_g, ln_f_b."""
+    n_embd = hparams.n_embd
+    stand_in = np.random.default_rng(0).uniform(-1, 1, (n_embd, hparams.n_vocab)).astype(np.float32)
+    wte = tf.constant(stand_in)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, n_embd], name="h"),
+                                  tf.TensorSpec([n_embd], name="ln_f_g"), tf.TensorSpec([n_embd], name="ln_f_b")],
+                 autograph=False)
+    def output(h, g, b):
+        return dense(layer_norm(h, {"g": g, "b": b}), wte)
+
+    return template(output, {"wte": stand_in})
+
+
+class Program:
+    """One TensorFlow Lite program, its inputs and outputs by name, its sizes set by `resize`."""
+
+    def __init__(self, program, constants):
+        import warnings
+
+        with warnings.catch_warnings():  # tf.lite.Interpreter's notice that it moves to ai-edge-litert
+            warnings.simplefilter("ignore")
+            self.interpreter = Interpreter(model_content=program, num_threads=len(os.sched_getaffinity(0)))
+        self.inputs = {d["name"].split(":")[0].rsplit("serving_default_", 1)[-1]: d["index"]
+                       for d in self.interpreter.get_input_details()}
+        self.outputs = [d["index"] for d in self.interpreter.get_output_details()]
+        self.constants = constants  # name -> array: inputs that stay the same, set again after each resize
+        self.shapes = None
+
+    def resize(self, **shapes):
+        if shapes == self.shapes:
+            return
+        for name, shape in shapes.items():
+            self.interpreter.resize_tensor_input(self.inputs[name], shape)
+        self.interpreter.allocate_tensors()
+        for name, value in self.constants.items():
+            self.interpreter.set_tensor(self.inputs[name], value)
+        self.shapes = shapes
+
+    def input(self, name):
+        """A NumPy view of input `name`, to write in place; drop it before `run`."""
+        return self.interpreter.tensor(self.inputs[name])()
+
+    def run(self, **inputs):
+        for name, value in inputs.items():
+            self.interpreter.set_tensor(self.inputs[name], value)
+        self.interpreter.invoke()
+        return [self.interpreter.get_tensor(i) for i in self.outputs]
+
+
+def cached_template(make, hparams, kind):
+    """make(hparams), kept in the compilation cache's folder (gpt2.tensorflow_start) for later loads:
+    converting takes seconds (124M: 4 s a block, 23 s the output layer), reading it milliseconds."""
+    from .tensorflow_start import xla_cache_folder
+
+    folder = xla_cache_folder()
+    name = f"int8-{kind}-{hparams.n_embd}-{hparams.n_head}-{hparams.n_vocab}.tflite"
+    path = folder and os.path.join(folder, name)
+    if path and os.path.exists(path):
+        try:
+            with open(path, "rb") as f:
+                program = f.read()
+            shapes = block_shapes(hparams) if kind == "block" else {"wte": (hparams.n_vocab, hparams.n_embd)}
+            return Template(program, find_weights(program, shapes))
+        except (OSError, RuntimeError, ValueError, IndexError, TypeError):
+            pass  # unreadable or damaged: made again below
+    made = make(hparams)
+    if path:
+        try:
+            temporary = f"{path}.{os.getpid()}.tmp"
+            with open(temporary, "wb") as f:
+                f.write(made.program)
+            os.replace(temporary, path)  # whole or not at all
+        except OSError:
+            pass  # a read-only or full disk: the next load converts again
+    return made
+
+
+def block_shapes(hparams):
+    """name -> [n_out, n_in] of a block's weight matrices, as its program stores them."""
+    return {name: (b * hparams.n_embd, a * hparams.n_embd) for name, _, (a, b) in LAYERS}
+
+
+class Int8Model(NamedTuple):
+    """GPT-2 with int8 weights: a Program per block and one for the output layer, and the embeddings."""
+    hparams: object
+    blocks: List[Program]
+    head: Program
+    wte: np.ndarray  # [n_vocab, n_embd] int8: the head's weights, which also embed the tokens
+    wte_scale: np.ndarray  # [n_vocab] float32
+    wpe: np.ndarray  # [n_ctx, n_embd] float32
+
+    def embed(self, tokens, positions):
+        # tokens, positions [batch, seq] -> [batch, seq, n_embd]
+        return self.wte[tokens] * self.wte_scale[tokens][..., None] + self.wpe[positions]
+
+    def start(self, tokens, n_tokens, cache_len):
+        """Run rows of tokens [batch, seq] (row b's first n_tokens[b], then padding) into a new cache
+        of cache_len slots; the programs are then ready for `step`. Returns the logits [batch, n_vocab]
+        after each row's last token."""
+        batch, seq = tokens.shape
+        n_head, head_dim = self.hparams.n_head, self.hparams.n_embd // self.hparams.n_head
+        cache = [batch, n_head, cache_len, head_dim]
+        x = self.embed(tokens, np.broadcast_to(np.arange(seq), tokens.shape))
+        pos = np.zeros(batch, np.int32)
+        empty = np.zeros(cache, np.float32)
+        for block in self.blocks:
+            block.resize(x=[batch, seq, x.shape[-1]], keys=cache, values=cache, pos=[batch])
+            x, keys, values = block.run(x=x, keys=empty, values=empty, pos=pos)
+            # The programs take one token per row from now on: the cache is written in after the resize.
+            block.resize(x=[batch, 1, x.shape[-1]], keys=cache, values=cache, pos=[batch])
+            for name, new in (("keys", keys), ("values", values)):
+                view = block.input(name)
+                view[...] = 0  # slots past a row's tokens are never attended to, but 0 * NaN would be NaN
+                view[:, :, :seq] = new
+                del view
+        self.head.resize(h=[batch, 1, x.shape[-1]])
+        return self.head.run(h=x[np.arange(batch), n_tokens - 1][:, None])[0][:, 0]
+
+    def step(self, tokens, pos):
+        """Feed tokens [batch] at positions pos [batch] (their cache slots), after `start`: the logits
+        [batch, n_vocab] that follow them."""
+        x = self.embed(tokens[:, None], pos[:, None])
+        rows = np.arange(len(tokens))
+        pos = pos.astype(np.int32)
+        for block in self.blocks:
+            x, keys, values = block.run(x=x, pos=pos)
+            for name, new in (("keys", keys), ("values", values)):
+                view = block.input(name)
+                view[rows, :, pos] = new[:, :, 0]
+                del view
+        return self.head.run(h=x)[0][:, 0]
+
+
+def load_int8(model_dir, hparams):
+    """The Int8Model of a model folder, quantized one checkpoint tensor at a time as it is read."""
+    from .checkpoint import read_checkpoint
+
+    block, head = cached_template(block_template, hparams, "block"), cached_template(head_template, hparams, "head")
+    layers = {checkpoint_name + "/w": name for name, checkpoint_name, _ in LAYERS}
+    vectors = {checkpoint_name: name for name, checkpoint_name in VECTORS.items()}
+    block_read, other, blocks = {}, {}, []
+    for name, value in read_checkpoint(model_dir, hparams):
+        value = value.numpy()
+        parts = name.split("/", 2)
+        if parts[1] == "wte":  # [n_vocab, n_embd]: the output layer's [n_out, n_in]
+            other["wte"] = quantize(value.T)
+        elif len(parts) == 3 and parts[1][0] == "h":  # model/h{i}/...: the blocks come in order, each whole
+            block_read[layers[parts[2]] if parts[2] in layers else vectors[parts[2]]] = value
+            if len(block_read) == len(LAYERS) + len(VECTORS):
+                weights = {name: quantize(block_read.pop(name)) for name, _, _ in LAYERS}
+                blocks.append(Program(block.fill(weights), block_read))
+                block_read = {}
+        else:
+            other["/".join(parts[1:])] = value
+        del value
+    wte, wte_scale = other["wte"]
+    head = Program(head.fill({"wte": (wte, wte_scale)}), {"ln_f_g": other["ln_f/g"], "ln_f_b": other["ln_f/b"]})
+    return Int8Model(hparams, blocks, head, wte, wte_scale, other["wpe"])
+
+
+@raises_ctrl_c
+@tf.function(jit_compile=True, autograph=False)
+def _choose(next_logits, step, done, draw, *, rule):
+    """The tokens [batch] drawn from logits [batch, n_vocab] at generation step `step`, and which rows are done.
+
+    Called with arrays only (step too: a Python number would be compiled into a new program each step)."""
+    token = choose(next_logits, step, draw.row_seeds, draw.temperature, draw.top_p, rule)
+    return mark_stopped(token, done, rule)
+
+
+def sample_chunks(model, contexts, length, *, temperature=1.0, top_k=0, top_p=1.0, seed=0, first_sample=0,
+                  stop_token=None, chunk_size=None):
+    """gpt2.decode.sample_chunks with an Int8Model: the same arrays of new tokens, chosen by the same rules."""
+    hparams = model.hparams
+    n_tokens = np.array([len(c) for c in contexts], np.int32)
+    tokens = np.zeros([len(contexts), n_tokens.max()], np.int32)
+    for row, context in zip(tokens, contexts):
+        row[:len(context)] = context
+    rule, draw = sampling_settings(hparams, len(contexts), temperature, top_k, top_p, seed, first_sample, stop_token)
+    next_logits = model.start(tokens, n_tokens, bucket(tokens.shape[1] + length - 1, hparams.n_ctx))
+    token, done = (t.numpy() for t in _choose(next_logits, np.int32(0), np.zeros(len(contexts), bool), draw, rule=rule))
+    yield token[:, None]
+    pos, made, chunk = n_tokens, 1, []
+    while made < length and not done.all():
+        next_logits = model.step(token, pos)
+        token, done = (t.numpy() for t in _choose(next_logits, np.int32(made), done, draw, rule=rule))
+        pos, made = pos + 1, made + 1
+        chunk.append(token)
+        if len(chunk) == chunk_size or made == length or done.all():
+            yield np.stack(chunk, axis=1)
+            chunk = []
