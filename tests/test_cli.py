@@ -161,7 +161,7 @@ def test_any_output_encoding(models_dir):
     (["--length", "500"], "--length 500 is more than the model's context of 128 tokens"),
     (["--model_name", "gpt-5"], "unknown model 'gpt-5'"),
     (["--prompt_file", "/nonexistent/prompt.txt"], "cannot read --prompt_file /nonexistent/prompt.txt"),
-    (["--dtype", "float8"], "--dtype must be one of float32, float16, bfloat16, not 'float8'"),
+    (["--dtype", "float8"], "--dtype must be one of float32, float16, bfloat16, int8, not 'float8'"),
     (["--stop", ""], "--stop must be text that ends a sample, never an empty string"),
 ])
 def test_bad_flags_give_one_line_errors(models_dir, flags, message):
@@ -240,6 +240,16 @@ def test_unconditional_writes_numbered_samples_to_stdout_and_file(models_dir, tm
     assert BANNER.format(7) not in result.stdout
     assert output.read_text(encoding="utf-8") == result.stdout
     assert "6/6" in result.stderr  # the progress bar
+
+
+def test_int8_weights_write_the_apis_int8_samples(models_dir):
+    result = run("generate_unconditional.py", "--length", "12", "--seed", "5", "--nsamples", "2", "--top_k", "40",
+                 "--dtype", "int8", models_dir=models_dir)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr  # no notices from TensorFlow Lite
+    model = gpt2.load("tiny", str(models_dir), dtype="int8")
+    for number, text in enumerate(model.generate("", 12, top_k=40, seed=5, nsamples=2), 1):
+        assert BANNER.format(number) + "\n" + text in result.stdout
 
 
 def test_jsonl_records_reproduce_their_samples(models_dir, tmp_path):

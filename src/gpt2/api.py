@@ -17,8 +17,8 @@ import sys
 import numpy as np
 
 from . import tensorflow_start  # noqa: F401  (first: TensorFlow starts quietly, with its compilation cache)
-from .arguments import (GENERATION_DTYPES, GENERATION_STRATEGIES, ArgumentError, check_dtype, check_first_sample, check_path,
-                        check_sampling, check_seed, check_stop, check_strategy, check_text, new_seed, whole)
+from .arguments import (GENERATION_STRATEGIES, ArgumentError, check_first_sample, check_generation, check_path,
+                        check_sampling, check_seed, check_stop, check_text, new_seed, whole)
 from .checkpoint import load_params, save_model
 from .decode import decoding_memory, replicated, sample_chunks
 from .download import download_model
@@ -46,7 +46,7 @@ def load(model_name="124M", models_dir=None, *, dtype="float32", base_url=None, 
     "mirrored" (all of this machine's GPUs, each with a copy of the weights), "auto" (mirrored
     where there are several GPUs), or a tf.distribute.Strategy.
     """
-    check_settings(dtype, strategy)  # before any download
+    check_generation(dtype, strategy)  # before any download
     models_dir = default_models_dir() if models_dir is None else check_path("models_dir", models_dir)
     try:
         model_dir = find_model_dir(model_name, models_dir)
@@ -57,14 +57,6 @@ def load(model_name="124M", models_dir=None, *, dtype="float32", base_url=None, 
         download_model(model_name, models_dir, base_url)
         model_dir = find_model_dir(model_name, models_dir)
     return GPT2.from_folder(model_dir, dtype, strategy)
-
-
-def check_settings(dtype, strategy):
-    check_dtype(dtype, GENERATION_DTYPES)
-    check_strategy(strategy, GENERATION_STRATEGIES)
-    if dtype == "int8" and strategy not in ("one", "auto"):
-        raise ArgumentError("int8 weights run on this machine's CPU: use {strategy} one (or float16 weights "
-                            "on GPUs)", "strategy")
 
 
 class GPT2:
@@ -86,7 +78,7 @@ class GPT2:
     def from_folder(cls, model_dir, dtype="float32", strategy="one"):
         """The model in a folder of OpenAI's layout (hparams.json, model.ckpt.*, encoder.json, vocab.bpe)."""
         model_dir = check_path("model_dir", model_dir)
-        check_settings(dtype, strategy)
+        check_generation(dtype, strategy)
         hparams = read_hparams(model_dir)
         params = load_int8(model_dir, hparams) if dtype == "int8" else load_params(model_dir, hparams, dtype)
         return cls(hparams, params, read_encoder(model_dir), model_dir, strategy)

@@ -131,6 +131,15 @@ def check_dtype(dtype, dtypes=DTYPES):
     return dtype
 
 
+def check_generation(dtype, strategy):
+    """The dtype and strategy of a model loaded for generating, checked together."""
+    check_dtype(dtype, GENERATION_DTYPES)
+    check_strategy(strategy, GENERATION_STRATEGIES)
+    if dtype == "int8" and strategy not in ("one", "auto"):
+        raise ArgumentError("int8 weights run on this machine's CPU, as one replica: use {strategy} one, or "
+                            "{dtype} float16 on GPUs", "strategy", "dtype")
+
+
 def check_strategy(strategy, names):
     """A `strategy` name, checked to be one of `names`; other objects are for gpt2.strategies to check
     (a tf.distribute.Strategy, from Python), where TensorFlow has started."""

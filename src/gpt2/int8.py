@@ -17,8 +17,10 @@ The model runs as one small TensorFlow Lite program per block and one for the ou
 - Tokens are chosen by gpt2.sampling's rules, compiled once: the same rules, seeds and sample
   numbers as the float32 decoder.
 """
+import logging
 import math
 import os
+import struct
 from typing import List, NamedTuple
 
 import numpy as np
@@ -27,6 +29,7 @@ import tensorflow as tf
 from .decode import bucket, raises_ctrl_c, sampling_settings
 from .model import gelu, layer_norm, merge_heads, split_heads
 from .sampling import choose, mark_stopped
+from .tensorflow_start import c_stderr_silenced, xla_cache_folder
 
 try:  # TensorFlow Lite's interpreter moves to the ai-edge-litert package; the same class
     from ai_edge_litert.interpreter import Interpreter
@@ -92,9 +95,18 @@ class Template(NamedTuple):
 def template(function, matrices):
     """Convert the tf.function `function`, whose weight constants are `matrices` (name -> [n_in, n_out]
     stand-in values, each shape different), to a TensorFlow Lite program with int8 weights."""
+    # Without the trackable object that the converter asks for (it warns): with one, its newer path
+    # makes programs that XNNPACK cannot resize.
     converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()])
     converter.optimizations = [tf.lite.Optimize.DEFAULT]  # int8 weights, one scale per output column
-    program = converter.convert()
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        with c_stderr_silenced():  # the converter's progress lines
+            program = converter.convert()
+    finally:
+        absl_logger.setLevel(level)
     return Template(program, find_weights(program, {name: w.shape[::-1] for name, w in matrices.items()}))
 
 
@@ -186,7 +198,8 @@ class Program:
             return
         for name, shape in shapes.items():
             self.interpreter.resize_tensor_input(self.inputs[name], shape)
-        self.interpreter.allocate_tensors()
+        with c_stderr_silenced():  # TensorFlow Lite's line that it uses XNNPACK
+            self.interpreter.allocate_tensors()
         for name, value in self.constants.items():
             self.interpreter.set_tensor(self.inputs[name], value)
         self.shapes = shapes
@@ -205,8 +218,6 @@ class Program:
 def cached_template(make, hparams, kind):
     """make(hparams), kept in the compilation cache's folder (gpt2.tensorflow_start) for later loads:
     converting takes seconds (124M: 4 s a block, 23 s the output layer), reading it milliseconds."""
-    from .tensorflow_start import xla_cache_folder
-
     folder = xla_cache_folder()
     name = f"int8-{kind}-{hparams.n_embd}-{hparams.n_head}-{hparams.n_vocab}.tflite"
     path = folder and os.path.join(folder, name)
@@ -216,7 +227,7 @@ def cached_template(make, hparams, kind):
                 program = f.read()
             shapes = block_shapes(hparams) if kind == "block" else {"wte": (hparams.n_vocab, hparams.n_embd)}
             return Template(program, find_weights(program, shapes))
-        except (OSError, RuntimeError, ValueError, IndexError, TypeError):
+        except (OSError, RuntimeError, ValueError, IndexError, TypeError, struct.error):
             pass  # unreadable or damaged: made again below
     made = make(hparams)
     if path:

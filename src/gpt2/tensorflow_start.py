@@ -18,6 +18,7 @@ a folder and loads it in later runs instead of compiling again; it is on unless 
   the binary it is: with the cache on, TensorFlow's C++ errors are not shown (its errors still
   reach Python as exceptions, with their messages).
 """
+import contextlib
 import glob
 import hashlib
 import os
@@ -113,18 +114,27 @@ def read_varint(f):
             return value
 
 
+@contextlib.contextmanager
+def c_stderr_silenced():
+    """C++ code's lines to the standard error are dropped inside this (Python's errors still come as exceptions)."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 _folder = xla_cache_folder()
 if _folder:
     os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_persistent_cache_directory={_folder}"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if _folder else "2")
-sys.stderr.flush()
-_saved, _devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-os.dup2(_devnull, 2)
-try:
+
+
+with c_stderr_silenced():
     import tensorflow as tf
 
     tf.config.list_physical_devices()
-finally:
-    os.dup2(_saved, 2)
-    os.close(_saved)
-    os.close(_devnull)

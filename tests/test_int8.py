@@ -1,0 +1,146 @@
+"""int8 weights (gpt2.int8) against the float32 model they are quantized from, on the tiny model."""
+import numpy as np
+import pytest
+
+import gpt2
+from gpt2 import int8
+from gpt2.arguments import ArgumentError, check_dtype
+from gpt2.decode import sample
+from gpt2.errors import GPT2Error
+
+# What quantizing costs, measured on the tiny model (its 32-wide layers quantize worse than real
+# ones: each input row gets one int8 scale for 32 numbers): the largest logit error was 6% of the
+# logits' standard deviation over 20 positions, and greedy tokens agreed at every step.
+LOGIT_TOLERANCE = 0.12  # largest |int8 - float32| logit, over the float32 logits' standard deviation
+
+
+@pytest.fixture(scope="module")
+def int8_model(tiny_model, model):
+    hparams, _ = model
+    return int8.load_int8(tiny_model, hparams)
+
+
+def test_quantize_keeps_each_weight_within_half_a_step_of_its_column():
+    w = np.random.default_rng(0).standard_normal((48, 16)).astype(np.float32)
+    w[:, 3] = 0  # an all-zero column stays zeros
+    q, scale = int8.quantize(w)
+    assert q.dtype == np.int8 and q.shape == (16, 48) and scale.shape == (16,)
+    assert np.all(np.abs(q * scale[:, None] - w.T) <= scale[:, None] / 2 + 1e-7)
+    assert np.all(np.abs(q[[i for i in range(16) if i != 3]]).max(axis=1) == 127)  # each column's range is used
+    assert not q[3].any()
+
+
+def relative_error(got, want):
+    return np.abs(got - want).max() / want.std()
+
+
+def test_logits_follow_float32_through_the_prompt_and_each_step(int8_model, full_logits):
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(0, 657, 20).tolist(), rng.integers(0, 657, 20).tolist()]
+    want = np.stack([full_logits(r) for r in rows])  # [2, 20, n_vocab]
+    n_prompt = np.array([12, 7], np.int32)  # prompts of different lengths share the batch
+    prompts = np.array([r[:12] for r in rows], np.int32)
+    got = int8_model.start(prompts, n_prompt, cache_len=32)
+    errors = [relative_error(got[b], want[b, n_prompt[b] - 1]) for b in range(2)]
+    pos = n_prompt.copy()
+    for _ in range(6):
+        got = int8_model.step(np.array([rows[b][pos[b]] for b in range(2)], np.int32), pos)
+        errors += [relative_error(got[b], want[b, pos[b]]) for b in range(2)]
+        assert (got.argmax(-1) == want[[0, 1], pos].argmax(-1)).all()
+        pos += 1
+    assert max(errors) < LOGIT_TOLERANCE, errors
+
+
+def test_each_block_gets_its_own_weights(int8_model, full_logits):
+    """Swapping two blocks' programs (wrong places for their weights) moves the logits far out of tolerance."""
+    tokens = np.array([[5, 9, 100, 300]], np.int32)
+    want = full_logits(tokens[0].tolist())[-1]
+    assert relative_error(int8_model.start(tokens, np.array([4], np.int32), 16)[0], want) < LOGIT_TOLERANCE
+    swapped = int8_model._replace(blocks=int8_model.blocks[::-1])
+    assert relative_error(swapped.start(tokens, np.array([4], np.int32), 16)[0], want) > 4 * LOGIT_TOLERANCE
+
+
+def test_greedy_text_is_float32s(model, int8_model):
+    hparams, params = model
+    context = [3, 40, 41, 7]
+    want = sample(params, hparams, context, 40, temperature=0)[0]
+    chunks = list(int8.sample_chunks(int8_model, [context], 40, temperature=0, chunk_size=16))
+    assert [c.shape[1] for c in chunks] == [1, 16, 16, 7]
+    got = np.concatenate(chunks, axis=1)[0].tolist()
+    assert got == want
+
+
+@pytest.mark.parametrize("flags", [dict(top_k=40), dict(top_p=0.9), dict(temperature=0.7)])
+def test_samples_are_those_of_their_seed_and_number_whatever_the_batch(int8_model, flags):
+    def rows(contexts, first_sample):
+        return np.concatenate(list(int8.sample_chunks(int8_model, contexts, 24, seed=5, first_sample=first_sample,
+                                                      **flags)), axis=1)
+
+    batch = rows([[1, 2, 3]] * 3, first_sample=0)
+    assert (rows([[1, 2, 3]], first_sample=2)[0] == batch[2]).all()
+    assert (rows([[1, 2, 3]] * 3, first_sample=0) == batch).all()
+    assert len({tuple(r) for r in batch}) == 3
+
+
+def test_a_second_call_does_not_compile_again(int8_model):
+    list(int8.sample_chunks(int8_model, [[1, 2]], 8, top_k=40, seed=1))
+    traces = int8._choose.__wrapped__.experimental_get_tracing_count()
+    list(int8.sample_chunks(int8_model, [[7, 8, 9, 10]], 12, top_k=40, seed=2))
+    assert int8._choose.__wrapped__.experimental_get_tracing_count() == traces
+
+
+def test_rows_end_at_the_stop_token(int8_model):
+    chunks = list(int8.sample_chunks(int8_model, [[1, 2], [3, 4]], 100, temperature=2.0, seed=3, stop_token=5,
+                                     top_k=8))
+    tokens = np.concatenate(chunks, axis=1)
+    for row in tokens:
+        if 5 in row.tolist():
+            assert (row[row.tolist().index(5):] == 5).all()
+
+
+def test_the_api_generates_with_int8(tiny_model):
+    model = gpt2.load("tiny", str(tiny_model.parent), dtype="int8")
+    float32 = gpt2.load("tiny", str(tiny_model.parent))
+    assert model.generate("The river", 20, temperature=0) == float32.generate("The river", 20, temperature=0)
+    texts = model.generate(["a", "The mill by the river"], 10, top_k=40, seed=4, nsamples=2, batch_size=3)
+    assert [len(t) for t in texts] == [2, 2]
+    assert "".join(model.stream("The river", 10, top_p=0.9, seed=4)) == model.generate("The river", 10, top_p=0.9,
+                                                                                        seed=4)[0]
+    with pytest.raises(GPT2Error, match="scoring needs the model's float weights"):
+        model.score("The river")
+    with pytest.raises(GPT2Error, match="saving needs the model's float weights"):
+        model.save(str(tiny_model.parent / "copy"))
+
+
+def test_int8_is_for_generating_on_one_replica(tiny_model):
+    with pytest.raises(ArgumentError, match="int8 weights run on this machine's CPU, as one replica"):
+        gpt2.load("tiny", str(tiny_model.parent), dtype="int8", strategy="mirrored")
+    with pytest.raises(ArgumentError, match="dtype must be one of float32, float16, bfloat16, not 'int8'"):
+        check_dtype("int8")  # as training and scoring check it
+
+
+def test_a_damaged_cached_program_is_made_again(model, tmp_path, monkeypatch):
+    hparams, _ = model
+    monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path))
+    made = int8.cached_template(int8.block_template, hparams, "block")
+    [path] = tmp_path.glob("*/int8-block-*.tflite")
+    assert path.read_bytes() == made.program
+    path.write_bytes(made.program[:1000])  # cut off
+    again = int8.cached_template(int8.block_template, hparams, "block")
+    assert again == made and path.read_bytes() == made.program
+    read = int8.cached_template(lambda hparams: pytest.fail("converted again"), hparams, "block")
+    assert read == made
+
+
+def test_the_programs_take_the_weights_in_place_of_the_stand_ins(model):
+    hparams, _ = model
+    template = int8.cached_template(int8.block_template, hparams, "block")
+    rng = np.random.default_rng(2)
+    weights = {name: int8.quantize(rng.standard_normal((a * hparams.n_embd, b * hparams.n_embd)))
+               for name, _, (a, b) in int8.LAYERS}
+    program = int8.Program(template.fill(weights), {}).interpreter
+    for detail in program.get_tensor_details():
+        for name, (q, scale) in weights.items():
+            if detail["shape"].tolist() == list(q.shape) and detail["dtype"] == np.int8:
+                assert (program.get_tensor(detail["index"]) == q).all()
+                assert (detail["quantization_parameters"]["scales"] == scale).all()
