@@ -5,6 +5,7 @@
     python benchmarks/generate.py --flags top_k=40  # some of greedy, sample, top_k=40, top_p=0.9
     python benchmarks/generate.py --models 1558M    # any of 124M 355M 774M 1558M
     python benchmarks/generate.py --dtype bfloat16
+    python benchmarks/generate.py --dtype int8      # weights quantized to int8 (gpt2.int8)
     python benchmarks/generate.py --distinct        # each row of a batch with its own prompt
     python benchmarks/generate.py --tiny            # a tiny model, to check that the script runs
 
@@ -22,7 +23,9 @@ before each decode run, its float32 GEMM rate before each prefill run. Each deco
 as a fraction of the bandwidth ceiling (every weight is read once per step), each prefill rate
 (prompt tokens computed per second) as a fraction of the GEMM rate: medians of the per-run
 fractions. Speed does not depend on the weights' values, so random ones measure it. The model
-folders are made once, in --models_dir.
+folders are made once, in --models_dir. With --dtype int8 the ceiling is over one byte a weight,
+and the int8 programs and the compiled sampler are kept in the compilation cache (converting
+124M's programs takes about half a minute, once): load s and compile s then read them from there.
 """
 import argparse
 import json
@@ -37,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from gpt2.arguments import DTYPES  # noqa: E402
+from gpt2.arguments import GENERATION_DTYPES  # noqa: E402
 from machine import forward_flops, machine_bandwidth, machine_gemm, parameter_count  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,26 +49,29 @@ FLAG_SETS = {"greedy": dict(temperature=0), "sample": {}, "top_k=40": dict(top_k
 
 def worker(model_dir, flag_sets, batches, prompt_len, new_tokens, runs, dtype, distinct):
     """Measure one model in this process; print a JSON line with the numbers."""
-    from gpt2 import GPT2
+    from gpt2 import GPT2, int8
     from gpt2.decode import sample_chunks, shared_prefix_length
 
     start = time.perf_counter()
     model = GPT2.from_folder(model_dir, dtype)
     load_s = time.perf_counter() - start
-    weight_bytes = parameter_count(model.hparams) * model.params["wte"].dtype.size
+    weight_bytes = parameter_count(model.hparams) * (1 if model.int8 else model.params["wte"].dtype.size)
     rng = np.random.default_rng(0)
     prompts = {batch: rng.integers(0, model.hparams.n_vocab, (batch, prompt_len)).tolist() if distinct
                else [rng.integers(0, model.hparams.n_vocab, prompt_len).tolist()] * batch for batch in batches}
     # What a prefill computes: the tokens that all rows' prompts start with once, each row's own
     # tokens (at least its last one) once per row.
-    n_shared = {batch: shared_prefix_length(prompts[batch]) for batch in batches}
+    # (int8 weights share nothing: each row runs its whole prompt.)
+    n_shared = {batch: 0 if model.int8 else shared_prefix_length(prompts[batch]) for batch in batches}
     prefill_tokens = {batch: prompt_len + (batch - 1) * (prompt_len - n_shared[batch]) for batch in batches}
     gemm_flops = {batch: forward_flops(model.hparams, prompt_len) + (batch - 1) * (
         forward_flops(model.hparams, prompt_len) - forward_flops(model.hparams, n_shared[batch])) for batch in batches}
 
     def timed(flags, batch, length):
         start, first = time.perf_counter(), None
-        for chunk in sample_chunks(model.params, model.hparams, prompts[batch], length, seed=1, **FLAG_SETS[flags]):
+        chunks = (int8.sample_chunks(model.params, prompts[batch], length, seed=1, **FLAG_SETS[flags]) if model.int8
+                  else sample_chunks(model.params, model.hparams, prompts[batch], length, seed=1, **FLAG_SETS[flags]))
+        for chunk in chunks:
             first = first or time.perf_counter() - start
         return time.perf_counter() - start, first
 
@@ -114,7 +120,7 @@ def main():
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     parser.add_argument("--new", type=int, default=256, help="new tokens")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--dtype", default="float32", choices=GENERATION_DTYPES)
     parser.add_argument("--distinct", action="store_true", help="a prompt of its own for each row of a batch")
     parser.add_argument("--models_dir", default=os.path.join(HERE, "models"))
     parser.add_argument("--tiny", action="store_true", help="a tiny model and short runs: checks the script")
@@ -141,7 +147,8 @@ def main():
                               "--flags", *args.flags, "--batches", *map(str, args.batches)]
                              + ["--distinct"] * args.distinct,
                              capture_output=True, text=True,
-                             env={**os.environ, "GPT2_XLA_CACHE": "off"})  # compile s: compiled, not read from disk
+                             # compile s: compiled, not read from disk (int8: see above)
+                             env=os.environ if args.dtype == "int8" else {**os.environ, "GPT2_XLA_CACHE": "off"})
         if out.returncode:
             sys.exit(f"{name}: the measurement failed:\n{out.stderr}")
         result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -17,19 +17,30 @@ def test_encoder_benchmark_prints_throughputs():
     assert re.search(r"ratio +: +\d+\.\d% of tiktoken's throughput", result.stdout)
 
 
-@pytest.mark.parametrize("flags,prompts", [([], "one"), (["--distinct"], "one per row")])
-def test_generate_benchmark_prints_its_table(tmp_path, flags, prompts):
+@pytest.mark.parametrize("flags,prompts,dtype", [([], "one", "float32"), (["--distinct"], "one per row", "float32"),
+                                                (["--dtype", "int8"], "one", "int8")])
+def test_generate_benchmark_prints_its_table(tmp_path, flags, prompts, dtype):
     RATE = r"-?[\d.]+"  # a tiny model's decode is too quick to time: only the format is checked
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "generate.py"), "--tiny",
                              "--models_dir", str(tmp_path)] + flags, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert re.search(r"tiny: [\d.]+ GB of float32 weights; load [\d.]+ s, peak memory [\d.]+ GB", result.stdout)
+    assert re.search(rf"tiny: [\d.]+ GB of {dtype} weights; load [\d.]+ s, peak memory [\d.]+ GB", result.stdout)
     for flag_set in ("greedy", "top_k=40", "top_p=0.9"):
         for batch, batch_prompts in ((1, "one"), (8, prompts)):
-            row = (rf"\| tiny \| float32 \| {re.escape(flag_set)} \| {batch} \| {batch_prompts} \| -?[\d.]+ "
+            row = (rf"\| tiny \| {dtype} \| {re.escape(flag_set)} \| {batch} \| {batch_prompts} \| -?[\d.]+ "
                    rf"\| \d+ \(\d+% of GEMM\) \| {RATE} \({RATE}-{RATE}\) \| -?\d+% \| [\d.]+ "
                    rf"\| [\d.]+ GB/s, \d+ GFLOP/s \|")
             assert re.search(row, result.stdout), result.stdout
+
+
+def test_int8_benchmark_prints_its_comparison(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "int8.py"), "--tiny", "--models_dir",
+                             str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"\| tiny \| ([\d.]+)% \| ([\d.]+)% \| (\d+) of 16 \([\d.]+%\) \|", result.stdout)
+    assert match, result.stdout
+    assert float(match[1]) <= float(match[2]) < 12  # within test_int8's tolerance, as the tests measure it
+    assert int(match[3]) >= 14
 
 
 @pytest.mark.parametrize("script,row", [

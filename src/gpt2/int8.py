@@ -6,7 +6,8 @@ product (it converts the whole weight matrix to float32 first: slower than float
 TensorFlow Lite's XNNPACK kernels multiply int8 weights directly ("dynamic range" quantization:
 int8 weights with a float scale per output column, each input row quantized to int8 on the fly).
 
-The model runs as one small TensorFlow Lite program per block and one for the output layer:
+The model runs as small TensorFlow Lite programs, one per block and one per 8192 tokens of the
+output layer:
 - A program is made once per shape, by TensorFlow Lite's converter, from a block written with
   stand-in weights (`template`); each block's program is a copy of it with the block's own
   quantized weights written over the stand-ins' bytes (`Template.fill`). So loading converts
@@ -21,6 +22,7 @@ import logging
 import math
 import os
 import struct
+import warnings
 from typing import List, NamedTuple
 
 import numpy as np
@@ -31,14 +33,10 @@ from .model import gelu, layer_norm, merge_heads, split_heads
 from .sampling import choose, mark_stopped
 from .tensorflow_start import c_stderr_silenced, xla_cache_folder
 
-try:  # TensorFlow Lite's interpreter moves to the ai-edge-litert package; the same class
-    from ai_edge_litert.interpreter import Interpreter
-except ImportError:
-    Interpreter = tf.lite.Interpreter
-
 # The linear layers of a block: (name, checkpoint name, [n_in, n_out] in units of n_embd).
 LAYERS = (("c_attn", "attn/c_attn", (1, 3)), ("attn_proj", "attn/c_proj", (1, 1)),
           ("c_fc", "mlp/c_fc", (1, 4)), ("mlp_proj", "mlp/c_proj", (4, 1)))
+VOCAB_PIECE = 8192  # tokens per program of the output layer (see head_template)
 # The block's small float tensors, each set once as an input of its program: name -> checkpoint name.
 VECTORS = {"ln_1_g": "ln_1/g", "ln_1_b": "ln_1/b", "c_attn_b": "attn/c_attn/b", "attn_proj_b": "attn/c_proj/b",
            "ln_2_g": "ln_2/g", "ln_2_b": "ln_2/b", "c_fc_b": "mlp/c_fc/b", "mlp_proj_b": "mlp/c_proj/b"}
@@ -95,14 +93,14 @@ class Template(NamedTuple):
 def template(function, matrices):
     """Convert the tf.function `function`, whose weight constants are `matrices` (name -> [n_in, n_out]
     stand-in values, each shape different), to a TensorFlow Lite program with int8 weights."""
-    # Without the trackable object that the converter asks for (it warns): with one, its newer path
-    # makes programs that XNNPACK cannot resize.
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()])
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]  # int8 weights, one scale per output column
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)
     try:
+        # Without the trackable object that the converter asks for (it warns): with one, its newer
+        # path makes programs that XNNPACK cannot resize.
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()])
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]  # int8 weights, one scale per output column
         with c_stderr_silenced():  # the converter's progress lines
             program = converter.convert()
     finally:
@@ -163,10 +161,15 @@ def block_template(hparams):
 
 
 def head_template(hparams):
-    """The Template of the output layer: hidden states h [batch, seq, n_embd] (before ln_f) -> logits
-    [batch, seq, n_vocab] through the token embedding ("wte", its rows quantized); other inputs ln_f_g, ln_f_b."""
+    """The Template of one piece of the output layer: hidden states h [batch, seq, n_embd] (before
+    ln_f) -> the logits [batch, seq, VOCAB_PIECE] of VOCAB_PIECE tokens, through their embeddings
+    ("wte", their rows quantized); its other inputs are ln_f_g, ln_f_b.
+
+    In pieces because converting takes time and memory in proportion to the weights: the whole
+    vocabulary at once took 23 s and 3.7 GB for 124M's (a piece: about 3 s).
+    """
     n_embd = hparams.n_embd
-    stand_in = np.random.default_rng(0).uniform(-1, 1, (n_embd, hparams.n_vocab)).astype(np.float32)
+    stand_in = np.random.default_rng(0).uniform(-1, 1, (n_embd, VOCAB_PIECE)).astype(np.float32)
     wte = tf.constant(stand_in)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, n_embd], name="h"),
@@ -182,13 +185,12 @@ class Program:
     """One TensorFlow Lite program, its inputs and outputs by name, its sizes set by `resize`."""
 
     def __init__(self, program, constants):
-        import warnings
-
-        with warnings.catch_warnings():  # tf.lite.Interpreter's notice that it moves to ai-edge-litert
+        # tf.lite.Interpreter warns that it moves to the ai-edge-litert package (the same class there);
+        # TensorFlow 2.21's is the one this was measured with (ai-edge-litert 2.3's ran 10-15% slower).
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.interpreter = Interpreter(model_content=program, num_threads=len(os.sched_getaffinity(0)))
-        self.inputs = {d["name"].split(":")[0].rsplit("serving_default_", 1)[-1]: d["index"]
-                       for d in self.interpreter.get_input_details()}
+            self.interpreter = tf.lite.Interpreter(model_content=program, num_threads=len(os.sched_getaffinity(0)))
+        self.inputs = {d["name"]: d["index"] for d in self.interpreter.get_input_details()}  # as the TensorSpecs name them
         self.outputs = [d["index"] for d in self.interpreter.get_output_details()]
         self.constants = constants  # name -> array: inputs that stay the same, set again after each resize
         self.shapes = None
@@ -217,15 +219,15 @@ class Program:
 
 def cached_template(make, hparams, kind):
     """make(hparams), kept in the compilation cache's folder (gpt2.tensorflow_start) for later loads:
-    converting takes seconds (124M: 4 s a block, 23 s the output layer), reading it milliseconds."""
+    converting takes seconds (124M: about 4 s a block), reading it milliseconds."""
     folder = xla_cache_folder()
-    name = f"int8-{kind}-{hparams.n_embd}-{hparams.n_head}-{hparams.n_vocab}.tflite"
+    name = f"int8-{kind}-{hparams.n_embd}-{hparams.n_head}-{VOCAB_PIECE}.tflite"
     path = folder and os.path.join(folder, name)
     if path and os.path.exists(path):
         try:
             with open(path, "rb") as f:
                 program = f.read()
-            shapes = block_shapes(hparams) if kind == "block" else {"wte": (hparams.n_vocab, hparams.n_embd)}
+            shapes = block_shapes(hparams) if kind == "block" else {"wte": (VOCAB_PIECE, hparams.n_embd)}
             return Template(program, find_weights(program, shapes))
         except (OSError, RuntimeError, ValueError, IndexError, TypeError, struct.error):
             pass  # unreadable or damaged: made again below
@@ -247,10 +249,10 @@ def block_shapes(hparams):
 
 
 class Int8Model(NamedTuple):
-    """GPT-2 with int8 weights: a Program per block and one for the output layer, and the embeddings."""
+    """GPT-2 with int8 weights: a Program per block and per piece of the output layer, and the embeddings."""
     hparams: object
     blocks: List[Program]
-    head: Program
+    head: List[Program]  # the logits of tokens 0.., VOCAB_PIECE.., ...
     wte: np.ndarray  # [n_vocab, n_embd] int8: the head's weights, which also embed the tokens
     wte_scale: np.ndarray  # [n_vocab] float32
     wpe: np.ndarray  # [n_ctx, n_embd] float32
@@ -279,8 +281,9 @@ class Int8Model(NamedTuple):
                 view[...] = 0  # slots past a row's tokens are never attended to, but 0 * NaN would be NaN
                 view[:, :, :seq] = new
                 del view
-        self.head.resize(h=[batch, 1, x.shape[-1]])
-        return self.head.run(h=x[np.arange(batch), n_tokens - 1][:, None])[0][:, 0]
+        for piece in self.head:
+            piece.resize(h=[batch, 1, x.shape[-1]])
+        return self.logits(x[np.arange(batch), n_tokens - 1][:, None])
 
     def step(self, tokens, pos):
         """Feed tokens [batch] at positions pos [batch] (their cache slots), after `start`: the logits
@@ -294,7 +297,11 @@ class Int8Model(NamedTuple):
                 view = block.input(name)
                 view[rows, :, pos] = new[:, :, 0]
                 del view
-        return self.head.run(h=x)[0][:, 0]
+        return self.logits(x)
+
+    def logits(self, h):
+        # hidden states [batch, 1, n_embd] -> logits [batch, n_vocab]
+        return np.concatenate([piece.run(h=h)[0][:, 0] for piece in self.head], axis=-1)[:, :self.hparams.n_vocab]
 
 
 def load_int8(model_dir, hparams):
@@ -320,8 +327,15 @@ def load_int8(model_dir, hparams):
             other["/".join(parts[1:])] = value
         del value
     wte, wte_scale = other["wte"]
-    head = Program(head.fill({"wte": (wte, wte_scale)}), {"ln_f_g": other["ln_f/g"], "ln_f_b": other["ln_f/b"]})
-    return Int8Model(hparams, blocks, head, wte, wte_scale, other["wpe"])
+    ln_f = {"ln_f_g": other["ln_f/g"], "ln_f_b": other["ln_f/b"]}
+    pieces = []
+    for start in range(0, hparams.n_vocab, VOCAB_PIECE):
+        q, scale = wte[start:start + VOCAB_PIECE], wte_scale[start:start + VOCAB_PIECE]
+        if len(q) < VOCAB_PIECE:  # the last piece's rows after the vocabulary's end: zeros, cut off in `logits`
+            q = np.concatenate([q, np.zeros([VOCAB_PIECE - len(q), q.shape[1]], np.int8)])
+            scale = np.concatenate([scale, np.ones(VOCAB_PIECE - len(scale), np.float32)])
+        pieces.append(Program(head.fill({"wte": (q, scale)}), ln_f))
+    return Int8Model(hparams, blocks, pieces, wte, wte_scale, other["wpe"])
 
 
 @raises_ctrl_c
