@@ -18,6 +18,7 @@ output layer:
 - Tokens are chosen by gpt2.sampling's rules, compiled once: the same rules, seeds and sample
   numbers as the float32 decoder.
 """
+import hashlib
 import logging
 import math
 import os
@@ -63,16 +64,22 @@ def dense(x, w, b=None):
 
 def attention_after(q, k, v, keys, values, pos):
     """Attention of tokens q, k, v [batch, n_head, seq, head_dim] that come after each row's first
-    pos[b] cached keys and values [batch, n_head, cache_len, head_dim] (later slots are ignored).
+    pos[b] cached keys [batch, n_head, head_dim, cache_len] and values [batch, n_head, cache_len,
+    head_dim] (later slots are ignored).
+
+    The cached keys are stored transposed and the cache is never joined with the new tokens'
+    keys and values: either would copy the whole cache at every step (with 8 rows and 384 slots,
+    as many bytes as 124M's int8 weights).
     """
     scale = 1 / math.sqrt(q.shape[-1])
-    past = tf.matmul(q, keys, transpose_b=True) * scale  # [batch, n_head, seq, cache_len]
-    past_visible = tf.range(tf.shape(keys)[2])[None, None, None, :] < pos[:, None, None, None]
+    past = tf.matmul(q, keys) * scale  # [batch, n_head, seq, cache_len]
+    past_visible = tf.range(tf.shape(keys)[3])[None, None, None, :] < pos[:, None, None, None]
     new = tf.matmul(q, k, transpose_b=True) * scale  # [batch, n_head, seq, seq]
     seq = tf.range(tf.shape(q)[2])
     new_visible = (seq[None, :] <= seq[:, None])[None, None]
     scores = tf.concat([tf.where(past_visible, past, -1e10), tf.where(new_visible, new, -1e10)], axis=-1)
-    return tf.matmul(tf.nn.softmax(scores, axis=-1), tf.concat([values, v], axis=2))
+    past_probs, new_probs = tf.split(tf.nn.softmax(scores, axis=-1), [tf.shape(keys)[3], tf.shape(q)[2]], axis=-1)
+    return tf.matmul(past_probs, values) + tf.matmul(new_probs, v)
 
 
 class Template(NamedTuple):
@@ -134,17 +141,18 @@ def find_weights(program, shapes):
 
 def block_template(hparams):
     """The Template of one block's step: x [batch, seq, n_embd] of tokens that come after pos[b]
-    cached keys and values [batch, n_head, cache_len, head_dim] -> the block's output (same shape as
-    x) and the tokens' own keys and values [batch, n_head, seq, head_dim]. Its other inputs are the
+    cached keys [batch, n_head, head_dim, cache_len] and values [batch, n_head, cache_len, head_dim]
+    -> the block's output (same shape as x) and the tokens' own keys and values [batch, n_head, seq,
+    head_dim]. Its other inputs are the
     block's VECTORS."""
     n_embd, n_head = hparams.n_embd, hparams.n_head
     rng = np.random.default_rng(0)
     stand_ins = {name: rng.uniform(-1, 1, (a * n_embd, b * n_embd)).astype(np.float32)
                  for name, _, (a, b) in LAYERS}
     w = {name: tf.constant(value) for name, value in stand_ins.items()}
-    cache = [None, n_head, None, n_embd // n_head]
-    signature = [tf.TensorSpec([None, None, n_embd], name="x"), tf.TensorSpec(cache, name="keys"),
-                 tf.TensorSpec(cache, name="values"), tf.TensorSpec([None], tf.int32, name="pos")]
+    head_dim = n_embd // n_head
+    signature = [tf.TensorSpec([None, None, n_embd], name="x"), tf.TensorSpec([None, n_head, head_dim, None], name="keys"),
+                 tf.TensorSpec([None, n_head, None, head_dim], name="values"), tf.TensorSpec([None], tf.int32, name="pos")]
     sizes = {"c_attn_b": 3 * n_embd, "c_fc_b": 4 * n_embd}
     signature += [tf.TensorSpec([sizes.get(name, n_embd)], name=name) for name in VECTORS]
 
@@ -221,7 +229,9 @@ def cached_template(make, hparams, kind):
     """make(hparams), kept in the compilation cache's folder (gpt2.tensorflow_start) for later loads:
     converting takes seconds (124M: about 4 s a block), reading it milliseconds."""
     folder = xla_cache_folder()
-    name = f"int8-{kind}-{hparams.n_embd}-{hparams.n_head}-{VOCAB_PIECE}.tflite"
+    with open(__file__, "rb") as f:  # a program made by another version of this file is not read
+        version = hashlib.sha256(f.read()).hexdigest()[:12]
+    name = f"int8-{kind}-{hparams.n_embd}-{hparams.n_head}-{VOCAB_PIECE}-{version}.tflite"
     path = folder and os.path.join(folder, name)
     if path and os.path.exists(path):
         try:
@@ -267,19 +277,23 @@ class Int8Model(NamedTuple):
         after each row's last token."""
         batch, seq = tokens.shape
         n_head, head_dim = self.hparams.n_head, self.hparams.n_embd // self.hparams.n_head
-        cache = [batch, n_head, cache_len, head_dim]
+        shapes = dict(keys=[batch, n_head, head_dim, cache_len], values=[batch, n_head, cache_len, head_dim],
+                      pos=[batch])
         x = self.embed(tokens, np.broadcast_to(np.arange(seq), tokens.shape))
         pos = np.zeros(batch, np.int32)
-        empty = np.zeros(cache, np.float32)
         for block in self.blocks:
-            block.resize(x=[batch, seq, x.shape[-1]], keys=cache, values=cache, pos=[batch])
-            x, keys, values = block.run(x=x, keys=empty, values=empty, pos=pos)
+            block.resize(x=[batch, seq, x.shape[-1]], **shapes)
+            x, keys, values = block.run(x=x, keys=np.zeros(shapes["keys"], np.float32),
+                                        values=np.zeros(shapes["values"], np.float32), pos=pos)
             # The programs take one token per row from now on: the cache is written in after the resize.
-            block.resize(x=[batch, 1, x.shape[-1]], keys=cache, values=cache, pos=[batch])
-            for name, new in (("keys", keys), ("values", values)):
+            block.resize(x=[batch, 1, x.shape[-1]], **shapes)
+            for name, new in (("keys", np.swapaxes(keys, 2, 3)), ("values", values)):
                 view = block.input(name)
                 view[...] = 0  # slots past a row's tokens are never attended to, but 0 * NaN would be NaN
-                view[:, :, :seq] = new
+                if name == "keys":
+                    view[..., :seq] = new
+                else:
+                    view[:, :, :seq] = new
                 del view
         for piece in self.head:
             piece.resize(h=[batch, 1, x.shape[-1]])
@@ -292,11 +306,12 @@ class Int8Model(NamedTuple):
         rows = np.arange(len(tokens))
         pos = pos.astype(np.int32)
         for block in self.blocks:
-            x, keys, values = block.run(x=x, pos=pos)
-            for name, new in (("keys", keys), ("values", values)):
-                view = block.input(name)
-                view[rows, :, pos] = new[:, :, 0]
-                del view
+            x, keys, values = block.run(x=x, pos=pos)  # the new keys and values [batch, n_head, 1, head_dim]
+            view = block.input("keys")
+            view[rows, :, :, pos] = keys[:, :, 0]
+            view = block.input("values")
+            view[rows, :, pos] = values[:, :, 0]
+            del view
         return self.logits(x)
 
     def logits(self, h):
