@@ -34,7 +34,9 @@ def relative_error(got, want):
     return np.abs(got - want).max() / want.std()
 
 
-def test_logits_follow_float32_through_the_prompt_and_each_step(int8_model, full_logits):
+@pytest.mark.parametrize("prompt_piece", [64, 5])  # the prompts in one run of each block, or in pieces of 5
+def test_logits_follow_float32_through_the_prompt_and_each_step(int8_model, full_logits, prompt_piece, monkeypatch):
+    monkeypatch.setattr(int8, "PROMPT_PIECE", prompt_piece)
     rng = np.random.default_rng(1)
     rows = [rng.integers(0, 657, 20).tolist(), rng.integers(0, 657, 20).tolist()]
     want = np.stack([full_logits(r) for r in rows])  # [2, 20, n_vocab]
