@@ -61,8 +61,9 @@ def worker(model_dir, flag_sets, batches, prompt_len, new_tokens, runs, dtype, d
                else [rng.integers(0, model.hparams.n_vocab, prompt_len).tolist()] * batch for batch in batches}
     # What a prefill computes: the tokens that all rows' prompts start with once, each row's own
     # tokens (at least its last one) once per row.
-    # (int8 weights share nothing: each row runs its whole prompt.)
-    n_shared = {batch: 0 if model.int8 else shared_prefix_length(prompts[batch]) for batch in batches}
+    # (int8 weights: rows with the same prompt run it once, other rows share nothing.)
+    n_shared = {batch: (prompt_len if len({tuple(p) for p in prompts[batch]}) == 1 else 0) if model.int8
+                else shared_prefix_length(prompts[batch]) for batch in batches}
     prefill_tokens = {batch: prompt_len + (batch - 1) * (prompt_len - n_shared[batch]) for batch in batches}
     gemm_flops = {batch: forward_flops(model.hparams, prompt_len) + (batch - 1) * (
         forward_flops(model.hparams, prompt_len) - forward_flops(model.hparams, n_shared[batch])) for batch in batches}
