@@ -29,6 +29,7 @@ from typing import List, NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from .checkpoint import read_checkpoint
 from .decode import bucket, raises_ctrl_c, sampling_settings
 from .model import gelu, layer_norm, merge_heads, split_heads
 from .sampling import choose, mark_stopped
@@ -341,7 +342,6 @@ class Int8Model(NamedTuple):
 
 def load_int8(model_dir, hparams):
     """The Int8Model of a model folder, quantized one checkpoint tensor at a time as it is read."""
-    from .checkpoint import read_checkpoint
 
     block, head = cached_template(block_template, hparams, "block"), cached_template(head_template, hparams, "head")
     layers = {checkpoint_name + "/w": name for name, checkpoint_name, _ in LAYERS}
