@@ -124,19 +124,20 @@ def test_int8_is_for_generating_on_one_replica(tiny_model):
 def test_a_damaged_cached_program_is_made_again(model, tmp_path, monkeypatch):
     hparams, _ = model
     monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path))
-    made = int8.cached_template(int8.block_template, hparams, "block")
+    made = int8.cached_template(hparams, "block")
     [path] = tmp_path.glob("*/int8-block-*.tflite")
     assert path.read_bytes() == made.program
     path.write_bytes(made.program[:1000])  # cut off
-    again = int8.cached_template(int8.block_template, hparams, "block")
+    again = int8.cached_template(hparams, "block")
     assert again == made and path.read_bytes() == made.program
-    read = int8.cached_template(lambda hparams: pytest.fail("converted again"), hparams, "block")
+    monkeypatch.setitem(int8.TEMPLATES, "block", (lambda hparams: pytest.fail("converted again"), int8.block_shapes))
+    read = int8.cached_template(hparams, "block")
     assert read == made
 
 
 def test_the_programs_take_the_weights_in_place_of_the_stand_ins(model):
     hparams, _ = model
-    template = int8.cached_template(int8.block_template, hparams, "block")
+    template = int8.cached_template(hparams, "block")
     rng = np.random.default_rng(2)
     weights = {name: int8.quantize(rng.standard_normal((a * hparams.n_embd, b * hparams.n_embd)))
                for name, _, (a, b) in int8.LAYERS}

@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from .checkpoint import read_checkpoint
 from .decode import bucket, raises_ctrl_c, sampling_settings
-from .model import gelu, layer_norm, merge_heads, split_heads
+from .model import attention_weights, gelu, layer_norm, merge_heads, split_heads
 from .sampling import choose, mark_stopped
 from .tensorflow_start import c_stderr_silenced, xla_cache_folder
 
@@ -73,14 +73,15 @@ def attention_after(q, k, v, keys, values, pos):
     every step (with 8 rows and 384 slots, as many bytes as 124M's int8 weights). (Keys are cached
     transposed; values transposed instead, or neither, measured the same.)
     """
-    scale = 1 / math.sqrt(q.shape[-1])
-    past = tf.matmul(q, keys) * scale  # [batch, n_head, seq, cache_len]
-    past_visible = tf.range(tf.shape(keys)[3])[None, None, None, :] < pos[:, None, None, None]
-    new = tf.matmul(q, k, transpose_b=True) * scale  # [batch, n_head, seq, seq]
+    past = tf.matmul(q, keys)  # [batch, n_head, seq, cache_len]
+    new = tf.matmul(q, k, transpose_b=True)  # [batch, n_head, seq, seq]
     seq = tf.range(tf.shape(q)[2])
-    new_visible = (seq[None, :] <= seq[:, None])[None, None]
-    scores = tf.concat([tf.where(past_visible, past, -1e10), tf.where(new_visible, new, -1e10)], axis=-1)
-    past_probs, new_probs = tf.split(tf.nn.softmax(scores, axis=-1), [tf.shape(keys)[3], tf.shape(q)[2]], axis=-1)
+    past_visible = tf.broadcast_to(tf.range(tf.shape(keys)[3])[None, None, None, :] < pos[:, None, None, None],
+                                   tf.shape(past))
+    new_visible = tf.broadcast_to((seq[None, :] <= seq[:, None])[None, None], tf.shape(new))
+    probs = attention_weights(tf.concat([past, new], axis=-1) / math.sqrt(q.shape[-1]),
+                              tf.concat([past_visible, new_visible], axis=-1), tf.float32)
+    past_probs, new_probs = tf.split(probs, [tf.shape(keys)[3], tf.shape(q)[2]], axis=-1)
     return tf.matmul(past_probs, values) + tf.matmul(new_probs, v)
 
 
@@ -141,16 +142,25 @@ def find_weights(program, shapes):
     return places
 
 
+def block_shapes(hparams):
+    """name -> [n_out, n_in] of a block's weight matrices, as its program stores them."""
+    return {name: (b * hparams.n_embd, a * hparams.n_embd) for name, _, (a, b) in LAYERS}
+
+
+def head_shapes(hparams):
+    """The same for a piece of the output layer: VOCAB_PIECE tokens' embeddings."""
+    return {"wte": (VOCAB_PIECE, hparams.n_embd)}
+
+
 def block_template(hparams):
     """The Template of one block's step: x [batch, seq, n_embd] of tokens that come after pos[b]
     cached keys [batch, n_head, head_dim, cache_len] and values [batch, n_head, cache_len, head_dim]
     -> the block's output (same shape as x) and the tokens' own keys and values [batch, n_head, seq,
-    head_dim]. Its other inputs are the
-    block's VECTORS."""
+    head_dim]. Its other inputs are the block's VECTORS."""
     n_embd, n_head = hparams.n_embd, hparams.n_head
     rng = np.random.default_rng(0)
-    stand_ins = {name: rng.uniform(-1, 1, (a * n_embd, b * n_embd)).astype(np.float32)
-                 for name, _, (a, b) in LAYERS}
+    stand_ins = {name: rng.uniform(-1, 1, shape[::-1]).astype(np.float32)
+                 for name, shape in block_shapes(hparams).items()}
     w = {name: tf.constant(value) for name, value in stand_ins.items()}
     head_dim = n_embd // n_head
     signature = [tf.TensorSpec([None, None, n_embd], name="x"), tf.TensorSpec([None, n_head, head_dim, None], name="keys"),
@@ -179,7 +189,7 @@ def head_template(hparams):
     vocabulary at once took 23 s and 3.7 GB for 124M's (a piece: about 3 s).
     """
     n_embd = hparams.n_embd
-    stand_in = np.random.default_rng(0).uniform(-1, 1, (n_embd, VOCAB_PIECE)).astype(np.float32)
+    stand_in = np.random.default_rng(0).uniform(-1, 1, head_shapes(hparams)["wte"][::-1]).astype(np.float32)
     wte = tf.constant(stand_in)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, n_embd], name="h"),
@@ -227,9 +237,14 @@ class Program:
         return [self.interpreter.get_tensor(i) for i in self.outputs]
 
 
-def cached_template(make, hparams, kind):
-    """make(hparams), kept in the compilation cache's folder (gpt2.tensorflow_start) for later loads:
-    converting takes seconds (124M: about 4 s a block), reading it milliseconds."""
+TEMPLATES = {"block": (block_template, block_shapes), "head": (head_template, head_shapes)}
+
+
+def cached_template(hparams, kind):
+    """The Template of `kind` (see TEMPLATES), kept in the compilation cache's folder
+    (gpt2.tensorflow_start) for later loads: converting takes seconds (124M: about 4 s a block),
+    reading it milliseconds."""
+    make, shapes = TEMPLATES[kind]
     folder = xla_cache_folder()
     with open(__file__, "rb") as f:  # a program made by another version of this file is not read
         version = hashlib.sha256(f.read()).hexdigest()[:12]
@@ -239,8 +254,7 @@ def cached_template(make, hparams, kind):
         try:
             with open(path, "rb") as f:
                 program = f.read()
-            shapes = block_shapes(hparams) if kind == "block" else {"wte": (VOCAB_PIECE, hparams.n_embd)}
-            return Template(program, find_weights(program, shapes))
+            return Template(program, find_weights(program, shapes(hparams)))
         except (OSError, RuntimeError, ValueError, IndexError, TypeError, struct.error):
             pass  # unreadable or damaged: made again below
     made = make(hparams)
@@ -253,11 +267,6 @@ def cached_template(make, hparams, kind):
         except OSError:
             pass  # a read-only or full disk: the next load converts again
     return made
-
-
-def block_shapes(hparams):
-    """name -> [n_out, n_in] of a block's weight matrices, as its program stores them."""
-    return {name: (b * hparams.n_embd, a * hparams.n_embd) for name, _, (a, b) in LAYERS}
 
 
 class Int8Model(NamedTuple):
@@ -297,9 +306,10 @@ class Int8Model(NamedTuple):
         def cache(rows):
             return dict(keys=[rows, n_head, head_dim, cache_len], values=[rows, n_head, cache_len, head_dim])
 
+        prompt_cache = cache(rows)
         for block in self.blocks:
-            block.resize(x=[rows, piece, x.shape[-1]], pos=[rows], **cache(rows))
-            keys, values = np.zeros(cache(rows)["keys"], np.float32), np.zeros(cache(rows)["values"], np.float32)
+            block.resize(x=[rows, piece, x.shape[-1]], pos=[rows], **prompt_cache)
+            keys, values = np.zeros(prompt_cache["keys"], np.float32), np.zeros(prompt_cache["values"], np.float32)
             out = []
             for start in range(0, prompts.shape[1], piece):
                 y, new_keys, new_values = block.run(x=x[:, start:start + piece], keys=keys, values=values,
@@ -343,7 +353,7 @@ class Int8Model(NamedTuple):
 def load_int8(model_dir, hparams):
     """The Int8Model of a model folder, quantized one checkpoint tensor at a time as it is read."""
 
-    block, head = cached_template(block_template, hparams, "block"), cached_template(head_template, hparams, "head")
+    block, head = cached_template(hparams, "block"), cached_template(hparams, "head")
     layers = {checkpoint_name + "/w": name for name, checkpoint_name, _ in LAYERS}
     vectors = {checkpoint_name: name for name, checkpoint_name in VECTORS.items()}
     block_read, other, blocks = {}, {}, []
