@@ -1,4 +1,7 @@
 """int8 weights (gpt2.int8) against the float32 model they are quantized from, on the tiny model."""
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -7,6 +10,8 @@ from gpt2 import int8
 from gpt2.arguments import ArgumentError, check_dtype
 from gpt2.decode import sample
 from gpt2.errors import GPT2Error
+from gpt2.tensorflow_start import MIN_FREE_BYTES
+from gpt2.testing import make_model_folder
 
 # What quantizing costs, measured on the tiny model (its 32-wide layers quantize worse than real
 # ones: each input row gets one int8 scale for 32 numbers): the largest logit error was 6% of the
@@ -147,3 +152,117 @@ def test_the_programs_take_the_weights_in_place_of_the_stand_ins(model):
             if detail["shape"].tolist() == list(q.shape) and detail["dtype"] == np.int8:
                 assert (program.get_tensor(detail["index"]) == q).all()
                 assert (detail["quantization_parameters"]["scales"] == scale).all()
+
+
+def prompt_logits(model, tokens=(3, 1, 4, 1, 5)):
+    return model.start(np.array([tokens]), np.array([len(tokens)]), 16)
+
+
+def stored_folders(cache):
+    return sorted(cache.glob("*/int8-models/*"))
+
+
+def test_a_stored_model_loads_again_without_reading_its_checkpoint(model, tiny_model, int8_model, tmp_path,
+                                                                   monkeypatch):
+    hparams, _ = model
+    monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path))
+    first = int8.load_int8(tiny_model, hparams)
+    [folder] = stored_folders(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "block0.tflite", "block1.tflite", "head0.tflite", "ln_f_b.npy", "ln_f_g.npy", "vectors.npz", "wpe.npy",
+        "wte.npy", "wte_scale.npy"]
+    monkeypatch.setattr(int8, "read_checkpoint", lambda *args: pytest.fail("the checkpoint was read"))
+    again = int8.load_int8(tiny_model, hparams)
+    assert (prompt_logits(again) == prompt_logits(first)).all()
+    assert (prompt_logits(again) == prompt_logits(int8_model)).all()  # the test session's cache: the same programs
+
+
+def test_without_a_cache_folder_the_programs_stay_in_memory(model, tiny_model, int8_model, monkeypatch):
+    hparams, _ = model
+    monkeypatch.setenv("GPT2_XLA_CACHE", "off")
+    in_memory = int8.load_int8(tiny_model, hparams)
+    assert (prompt_logits(in_memory) == prompt_logits(int8_model)).all()
+
+
+def test_a_changed_checkpoint_is_quantized_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path / "cache"))
+    model_dir = tmp_path / "models" / "tiny"
+    hparams = make_model_folder(model_dir)
+    before = prompt_logits(int8.load_int8(model_dir, hparams))
+    [old] = stored_folders(tmp_path / "cache")
+    make_model_folder(model_dir, seed=1)  # new weights in the same folder (as fine-tuning saves them)
+    after = prompt_logits(int8.load_int8(model_dir, hparams))
+    [new] = stored_folders(tmp_path / "cache")  # the old checkpoint's programs are removed
+    assert new != old and not (after == before).all()
+    monkeypatch.setenv("GPT2_XLA_CACHE", "off")
+    assert (after == prompt_logits(int8.load_int8(model_dir, hparams))).all()
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_storing_cut_off_leaves_nothing_behind(model, tiny_model, int8_model, tmp_path, monkeypatch, failure):
+    hparams, _ = model
+    monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path))
+
+    def save(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(np, "save", save)  # after the programs' files, before the arrays'
+    if isinstance(failure, OSError):  # loaded anyway, with the programs in memory
+        assert (prompt_logits(int8.load_int8(tiny_model, hparams)) == prompt_logits(int8_model)).all()
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            int8.load_int8(tiny_model, hparams)
+    [models] = tmp_path.glob("*/int8-models")
+    assert list(models.iterdir()) == []
+
+
+def test_a_nearly_full_disk_stores_nothing(model, tiny_model, int8_model, tmp_path, monkeypatch):
+    hparams, _ = model
+    monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path))
+    total, used, _ = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: (total, used, MIN_FREE_BYTES + 1))  # the XLA cache's minimum
+    assert (prompt_logits(int8.load_int8(tiny_model, hparams)) == prompt_logits(int8_model)).all()
+    assert stored_folders(tmp_path) == []
+
+
+def test_a_damaged_stored_model_is_quantized_again(model, tiny_model, int8_model, tmp_path, monkeypatch):
+    hparams, _ = model
+    monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path))
+    int8.load_int8(tiny_model, hparams)
+    [folder] = stored_folders(tmp_path)
+    (folder / "block1.tflite").unlink()
+    assert (prompt_logits(int8.load_int8(tiny_model, hparams)) == prompt_logits(int8_model)).all()
+    assert stored_folders(tmp_path) == []  # removed; the next load stores it again
+    int8.load_int8(tiny_model, hparams)
+    assert [f.name for f in stored_folders(tmp_path)] == [folder.name]
+
+
+def resident_bytes(folder):
+    """How many bytes of the .tflite files in `folder` are in this process's memory where mapped."""
+    total, path = 0, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's first line: address range ... [path]
+                path = fields[5] if len(fields) == 6 else None
+            elif fields[0] == "Rss:" and path and path.startswith(str(folder)) and path.endswith(".tflite"):
+                total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_the_weights_are_in_memory_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path / "cache"))
+    model_dir = tmp_path / "models" / "wide"
+    hparams = make_model_folder(model_dir, n_embd=512, n_head=8, n_layer=1)  # a block's program: 3 MB of int8 weights
+    loaded = int8.load_int8(model_dir, hparams)
+    [folder] = stored_folders(tmp_path / "cache")
+    folder = folder.resolve()
+    files = sum(path.stat().st_size for path in folder.glob("*.tflite"))
+    assert resident_bytes(folder) < files / 10  # XNNPACK's copies are the weights in memory
+    prompt_logits(loaded)  # resizing the programs reads their descriptions again (about 60 kB each), not the weights
+    assert resident_bytes(folder) < files / 10
+    monkeypatch.setattr(int8, "release_mapped", lambda path: None)
+    kept = int8.load_int8(model_dir, hparams)
+    assert resident_bytes(folder) > files / 2  # what releasing saves
+    del kept, loaded

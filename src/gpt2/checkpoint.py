@@ -59,6 +59,12 @@ def load_params(model_dir, hparams, dtype="float32"):
     return params
 
 
+def checkpoint_files(model_dir):
+    """The paths of the folder's checkpoint: its index and its data."""
+    prefix = os.path.join(model_dir, CKPT_PREFIX)
+    return prefix + ".index", prefix + ".data-00000-of-00001"
+
+
 def read_checkpoint(model_dir, hparams):
     """Yields (name, float32 tensor) for each variable of the folder's checkpoint, one at a time, in
     variable_shapes' order, after checking that the checkpoint is whole and has this model's shapes.
@@ -66,8 +72,8 @@ def read_checkpoint(model_dir, hparams):
     """
     prefix = os.path.join(model_dir, CKPT_PREFIX)
     shapes = variable_shapes(hparams)
-    data_file = prefix + ".data-00000-of-00001"
-    for path in (prefix + ".index", data_file):
+    index_file, data_file = checkpoint_files(model_dir)
+    for path in (index_file, data_file):
         try:  # TensorFlow would call an unreadable file damaged
             open(path, "rb").close()
         except OSError as e:

@@ -18,22 +18,26 @@ output layer:
 - Tokens are chosen by gpt2.sampling's rules, compiled once: the same rules, seeds and sample
   numbers as the float32 decoder.
 """
+import ctypes
+import functools
 import hashlib
 import logging
 import math
 import os
+import shutil
 import struct
+import time
 import warnings
 from typing import List, NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
-from .checkpoint import read_checkpoint
+from .checkpoint import checkpoint_files, read_checkpoint
 from .decode import bucket, raises_ctrl_c, sampling_settings
 from .model import attention_weights, gelu, layer_norm, merge_heads, split_heads
 from .sampling import choose, mark_stopped
-from .tensorflow_start import c_stderr_silenced, xla_cache_folder
+from .tensorflow_start import MIN_FREE_BYTES, c_stderr_silenced, xla_cache_folder
 
 # The linear layers of a block: (name, checkpoint name, [n_in, n_out] in units of n_embd).
 LAYERS = (("c_attn", "attn/c_attn", (1, 3)), ("attn_proj", "attn/c_proj", (1, 1)),
@@ -202,18 +206,27 @@ def head_template(hparams):
 
 
 class Program:
-    """One TensorFlow Lite program, its inputs and outputs by name, its sizes set by `resize`."""
+    """One TensorFlow Lite program, its inputs and outputs by name, its sizes set by `resize`.
+
+    `program` is the program's bytes, or the path of its file: TensorFlow Lite then maps the file,
+    and once XNNPACK has copied the weights into its own layout (at the first allocation, here), the
+    mapped pages are released (`release_mapped`), so the weights are in memory once, not twice.
+    """
 
     def __init__(self, program, constants):
         # tf.lite.Interpreter warns that it moves to the ai-edge-litert package (the same class there);
         # TensorFlow 2.21's is the one this was measured with (ai-edge-litert 2.3's ran 10-15% slower).
+        source = dict(model_content=program) if isinstance(program, bytes) else dict(model_path=program)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.interpreter = tf.lite.Interpreter(model_content=program, num_threads=len(os.sched_getaffinity(0)))
+            self.interpreter = tf.lite.Interpreter(**source, num_threads=len(os.sched_getaffinity(0)))
         self.inputs = {d["name"]: d["index"] for d in self.interpreter.get_input_details()}  # as the TensorSpecs name them
         self.outputs = [d["index"] for d in self.interpreter.get_output_details()]
         self.constants = constants  # name -> array: inputs that stay the same, set again after each resize
         self.shapes = None
+        self.resize()
+        if "model_path" in source:
+            release_mapped(program)
 
     def resize(self, **shapes):
         if shapes == self.shapes:
@@ -237,7 +250,49 @@ class Program:
         return [self.interpreter.get_tensor(i) for i in self.outputs]
 
 
+def release_freed_memory():
+    """Give the memory that the C library keeps after frees back to the system (glibc; elsewhere nothing).
+
+    After quantizing 1558M, glibc kept about 0.5 GB of freed checkpoint tensors, and XNNPACK's copies of
+    the weights went on top: the load's peak was 2.7 GB with it, 2.1 GB without.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+MADV_DONTNEED = 4  # Linux's madvise advice
+
+
+def release_mapped(path):
+    """Drop this process's pages of the file `path` where it is mapped (Linux; elsewhere nothing).
+
+    They are clean pages of a file: were they touched again, they would be read from the file again.
+    """
+    path = os.path.realpath(path)
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.readlines()
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for line in lines:
+        fields = line.rstrip("\n").split(maxsplit=5)  # address range, permissions, offset, device, inode, path
+        if len(fields) == 6 and fields[5] == path:
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            madvise(start, end - start, MADV_DONTNEED)
+
+
 TEMPLATES = {"block": (block_template, block_shapes), "head": (head_template, head_shapes)}
+
+
+@functools.lru_cache(maxsize=None)
+def version():
+    """A hash of this file: programs and stored models made by another version of it are not read."""
+    with open(__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
 def cached_template(hparams, kind):
@@ -246,9 +301,7 @@ def cached_template(hparams, kind):
     reading it milliseconds."""
     make, shapes = TEMPLATES[kind]
     folder = xla_cache_folder()
-    with open(__file__, "rb") as f:  # a program made by another version of this file is not read
-        version = hashlib.sha256(f.read()).hexdigest()[:12]
-    name = f"int8-{kind}-{hparams.n_embd}-{hparams.n_head}-{VOCAB_PIECE}-{version}.tflite"
+    name = f"int8-{kind}-{hparams.n_embd}-{hparams.n_head}-{VOCAB_PIECE}-{version()}.tflite"
     path = folder and os.path.join(folder, name)
     if path and os.path.exists(path):
         try:
@@ -351,36 +404,133 @@ class Int8Model(NamedTuple):
 
 
 def load_int8(model_dir, hparams):
-    """The Int8Model of a model folder, quantized one checkpoint tensor at a time as it is read."""
+    """The Int8Model of a model folder.
 
+    The first load reads the checkpoint one tensor at a time and quantizes it as it goes (1558M
+    never needs its float32 weights in memory), into files in the cache folder (`store`); this load
+    and later ones open them from there (`open_stored`): later loads read no checkpoint, and from
+    files each program's weights are in memory once (see Program). Where nothing can be stored (the
+    cache is off, a nearly full disk), the programs stay in memory as bytes.
+    """
+    folder = stored_folder(model_dir, hparams)
+    if folder and not os.path.isdir(folder):
+        store(model_dir, hparams, folder)
+        release_freed_memory()
+    if folder and os.path.isdir(folder):
+        try:
+            return open_stored(folder, hparams)
+        except (OSError, ValueError, KeyError):  # damaged: removed, quantized again below
+            shutil.rmtree(folder, ignore_errors=True)
+    return int8_model(hparams, *quantized(model_dir, hparams, keep=lambda name, program: program))
+
+
+def quantized(model_dir, hparams, keep):
+    """Read the checkpoint one tensor at a time and quantize it. Each program's bytes go to
+    keep(name, bytes), which returns what Program takes (the bytes, or a file's path). Returns
+    ([(block program, its VECTORS)], [output layer programs], ARRAYS by name)."""
     block, head = cached_template(hparams, "block"), cached_template(hparams, "head")
     layers = {checkpoint_name + "/w": name for name, checkpoint_name, _ in LAYERS}
     vectors = {checkpoint_name: name for name, checkpoint_name in VECTORS.items()}
-    block_read, other, blocks = {}, {}, []
+    block_read, arrays, blocks = {}, {}, []
     for name, value in read_checkpoint(model_dir, hparams):
         value = value.numpy()
         parts = name.split("/", 2)
-        if parts[1] == "wte":  # [n_vocab, n_embd]: the output layer's [n_out, n_in]
-            other["wte"] = quantize(value.T)
+        if parts[1] == "wte":  # [n_vocab, n_embd]: the output layer's [n_out, n_in], a piece at a time (less memory)
+            wte, wte_scale = np.empty(value.shape, np.int8), np.empty(len(value), np.float32)
+            for start in range(0, len(value), VOCAB_PIECE):
+                wte[start:start + VOCAB_PIECE], wte_scale[start:start + VOCAB_PIECE] = quantize(
+                    value[start:start + VOCAB_PIECE].T)
+            arrays.update(wte=wte, wte_scale=wte_scale)
         elif len(parts) == 3 and parts[1][0] == "h":  # model/h{i}/...: the blocks come in order, each whole
             block_read[layers[parts[2]] if parts[2] in layers else vectors[parts[2]]] = value
             if len(block_read) == len(LAYERS) + len(VECTORS):
                 weights = {name: quantize(block_read.pop(name)) for name, _, _ in LAYERS}
-                blocks.append(Program(block.fill(weights), block_read))
+                blocks.append((keep(f"block{len(blocks)}", block.fill(weights)), block_read))
                 block_read = {}
         else:
-            other["/".join(parts[1:])] = value
+            arrays["_".join(parts[1:])] = value  # wpe, ln_f_g, ln_f_b
         del value
-    wte, wte_scale = other["wte"]
-    ln_f = {"ln_f_g": other["ln_f/g"], "ln_f_b": other["ln_f/b"]}
     pieces = []
     for start in range(0, hparams.n_vocab, VOCAB_PIECE):
-        q, scale = wte[start:start + VOCAB_PIECE], wte_scale[start:start + VOCAB_PIECE]
+        q, scale = arrays["wte"][start:start + VOCAB_PIECE], arrays["wte_scale"][start:start + VOCAB_PIECE]
         if len(q) < VOCAB_PIECE:  # the last piece's rows after the vocabulary's end: zeros, cut off in `logits`
             q = np.concatenate([q, np.zeros([VOCAB_PIECE - len(q), q.shape[1]], np.int8)])
             scale = np.concatenate([scale, np.ones(VOCAB_PIECE - len(scale), np.float32)])
-        pieces.append(Program(head.fill({"wte": (q, scale)}), ln_f))
-    return Int8Model(hparams, blocks, pieces, wte, wte_scale, other["wpe"])
+        pieces.append(keep(f"head{len(pieces)}", head.fill({"wte": (q, scale)})))
+    return blocks, pieces, arrays
+
+
+ARRAYS = ("wte", "wte_scale", "wpe", "ln_f_g", "ln_f_b")  # what an Int8Model keeps beside its programs
+
+
+def int8_model(hparams, blocks, head, arrays):
+    """The Int8Model of `quantized`'s programs (bytes or files) and arrays."""
+    ln_f = {"ln_f_g": arrays["ln_f_g"], "ln_f_b": arrays["ln_f_b"]}
+    return Int8Model(hparams, [Program(program, vectors) for program, vectors in blocks],
+                     [Program(program, ln_f) for program in head], arrays["wte"], arrays["wte_scale"], arrays["wpe"])
+
+
+def stored_folder(model_dir, hparams):
+    """The cache folder's place for the int8 programs of model_dir's checkpoint as it is now (its
+    files' sizes and times), or None: the cache is off, or there is no checkpoint (read_checkpoint
+    then says what is missing)."""
+    cache = xla_cache_folder()
+    try:
+        stamp = [(os.path.getsize(path), os.stat(path).st_mtime_ns) for path in checkpoint_files(model_dir)]
+    except OSError:
+        return None
+    if cache is None:
+        return None
+    model = hashlib.sha256(os.path.realpath(model_dir).encode()).hexdigest()[:16]
+    weights = hashlib.sha256(repr((stamp, tuple(hparams), VOCAB_PIECE, version())).encode()).hexdigest()[:16]
+    return os.path.join(cache, "int8-models", f"{model}-{weights}")
+
+
+def store(model_dir, hparams, folder):
+    """Quantize the checkpoint into `folder`: a .tflite file per program, the ARRAYS as .npy files, the
+    blocks' VECTORS in vectors.npz; other folders of the same model folder (older checkpoints, a
+    killed load's) are removed. Nothing is written where the disk would keep less than MIN_FREE_BYTES free; `folder` is
+    whole or absent (written under another name and renamed), also after a full disk or Ctrl-C."""
+    parent = os.path.dirname(folder)
+    temporary = f"{folder}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(parent, exist_ok=True)
+        need = os.path.getsize(checkpoint_files(model_dir)[1]) // 4 + MIN_FREE_BYTES  # int8: a quarter of float32
+        if shutil.disk_usage(parent).free < need:
+            return
+        os.makedirs(temporary)
+
+        def keep(name, program):
+            with open(os.path.join(temporary, name + ".tflite"), "wb") as f:
+                f.write(program)
+            return name
+
+        blocks, _, arrays = quantized(model_dir, hparams, keep)
+        for name in ARRAYS:
+            np.save(os.path.join(temporary, name + ".npy"), arrays[name])
+        np.savez(os.path.join(temporary, "vectors.npz"),
+                 **{f"{i}/{name}": value for i, (_, vectors) in enumerate(blocks) for name, value in vectors.items()})
+        os.rename(temporary, folder)
+        model = os.path.basename(folder).split("-")[0]
+        for name in os.listdir(parent):
+            path = os.path.join(parent, name)  # older checkpoints', and what a killed load left
+            if name.startswith(model + "-") and path != folder and (
+                    not name.endswith(".tmp") or os.stat(path).st_mtime < time.time() - 3600):
+                shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass  # a full or read-only disk: load_int8 keeps the programs in memory
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def open_stored(folder, hparams):
+    """The Int8Model that `store` wrote to `folder`: its programs mapped from their files, its arrays too."""
+    vectors = np.load(os.path.join(folder, "vectors.npz"))
+    blocks = [(os.path.join(folder, f"block{i}.tflite"), {name: vectors[f"{i}/{name}"] for name in VECTORS})
+              for i in range(hparams.n_layer)]
+    head = [os.path.join(folder, f"head{i}.tflite") for i in range(-(-hparams.n_vocab // VOCAB_PIECE))]
+    arrays = {name: np.load(os.path.join(folder, name + ".npy"), mmap_mode="r") for name in ARRAYS}
+    return int8_model(hparams, blocks, head, arrays)
 
 
 @raises_ctrl_c
