@@ -13,6 +13,9 @@ output layer:
   quantized weights written over the stand-ins' bytes (`Template.fill`). So loading converts
   nothing per block, and quantizes one checkpoint tensor at a time (1558M never needs its float32
   weights in memory).
+- The first load of a model keeps its programs in files in the cache folder (`store`); loads run
+  them from there (`open_stored`): later loads read no checkpoint, and each program's weights are
+  in memory once, in XNNPACK's layout (see Program).
 - Each block's keys and values stay in its program's input tensors between steps; a step adds the
   new tokens' ones in place (`Int8Model.step`), so no cache is copied.
 - Tokens are chosen by gpt2.sampling's rules, compiled once: the same rules, seeds and sample
@@ -20,6 +23,7 @@ output layer:
 """
 import ctypes
 import functools
+import glob
 import hashlib
 import logging
 import math
@@ -317,6 +321,9 @@ def cached_template(hparams, kind):
             with open(temporary, "wb") as f:
                 f.write(made.program)
             os.replace(temporary, path)  # whole or not at all
+            for older in glob.glob(path[:-len(f"{version()}.tflite")] + "*.tflite"):  # other versions' programs
+                if older != path:
+                    os.remove(older)
         except OSError:
             pass  # a read-only or full disk: the next load converts again
     return made
