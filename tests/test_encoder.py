@@ -1,6 +1,7 @@
 """The encoder against OpenAI's original BPE algorithm, written out again below as the reference."""
 import json
 import random
+import re
 from functools import lru_cache
 
 import pytest
@@ -164,4 +165,15 @@ def test_damaged_encoder_json_is_reported(tiny_model, tmp_path):
     (tmp_path / "vocab.bpe").write_bytes((tiny_model / "vocab.bpe").read_bytes())
     (tmp_path / "encoder.json").write_bytes((tiny_model / "encoder.json").read_bytes()[:100])
     with pytest.raises(GPT2Error, match="damaged"):
+        read_encoder(tmp_path)
+
+
+@pytest.mark.parametrize("char", ["\u0007", " ", "\u20ac"])  # a control byte and a space (GPT-2 writes them moved up), €
+def test_a_token_outside_gpt2s_byte_alphabet_is_reported(tiny_model, tmp_path, char):
+    (tmp_path / "vocab.bpe").write_bytes((tiny_model / "vocab.bpe").read_bytes())
+    encoder = json.loads((tiny_model / "encoder.json").read_text(encoding="utf-8"))
+    token = next(t for t, i in encoder.items() if i == 300)
+    encoder[token + char] = encoder.pop(token)
+    (tmp_path / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
+    with pytest.raises(GPT2Error, match=re.escape(f"vocabulary token {(token + char)!r} is not in GPT-2's byte alphabet")):
         read_encoder(tmp_path)
