@@ -38,8 +38,7 @@ def compare(model_dir, prompt_len, steps):
     prompt = np.random.default_rng(0).integers(0, hparams.n_vocab, prompt_len).tolist()
     tokens = prompt + sample(float32.params, hparams, prompt, steps, temperature=0)[0]
     want = logits(float32.params, forward(float32.params, hparams, tf.constant([tokens])))[0].numpy()
-    got = [int8.params.start(np.array([prompt], np.int32), np.array([prompt_len], np.int32),
-                             prompt_len + steps)[0]]
+    got = [int8.params.start(np.array([prompt], np.int32), np.array([prompt_len], np.int32))[0]]
     for pos in range(prompt_len, prompt_len + steps - 1):
         got.append(int8.params.step(np.array([tokens[pos]], np.int32), np.array([pos], np.int32))[0])
     want = want[prompt_len - 1:prompt_len + steps - 1]

@@ -47,14 +47,15 @@ def test_logits_follow_float32_through_the_prompt_and_each_step(int8_model, full
     want = np.stack([full_logits(r) for r in rows])  # [2, 20, n_vocab]
     n_prompt = np.array([12, 7], np.int32)  # prompts of different lengths share the batch
     prompts = np.array([r[:12] for r in rows], np.int32)
-    got = int8_model.start(prompts, n_prompt, cache_len=32)
+    got = int8_model.start(prompts, n_prompt)  # 16 cache slots at first
     errors = [relative_error(got[b], want[b, n_prompt[b] - 1]) for b in range(2)]
     pos = n_prompt.copy()
-    for _ in range(6):
+    for _ in range(8):  # to 20 tokens: the cache grows to 24 slots
         got = int8_model.step(np.array([rows[b][pos[b]] for b in range(2)], np.int32), pos)
         errors += [relative_error(got[b], want[b, pos[b]]) for b in range(2)]
         assert (got.argmax(-1) == want[[0, 1], pos].argmax(-1)).all()
         pos += 1
+    assert int8_model.blocks[0].shapes["keys"][3] == 24  # it grew on the way
     assert max(errors) < LOGIT_TOLERANCE, errors
 
 
@@ -62,9 +63,9 @@ def test_each_block_gets_its_own_weights(int8_model, full_logits):
     """Swapping two blocks' programs (wrong places for their weights) moves the logits far out of tolerance."""
     tokens = np.array([[5, 9, 100, 300]], np.int32)
     want = full_logits(tokens[0].tolist())[-1]
-    assert relative_error(int8_model.start(tokens, np.array([4], np.int32), 16)[0], want) < LOGIT_TOLERANCE
+    assert relative_error(int8_model.start(tokens, np.array([4], np.int32))[0], want) < LOGIT_TOLERANCE
     swapped = int8_model._replace(blocks=int8_model.blocks[::-1])
-    assert relative_error(swapped.start(tokens, np.array([4], np.int32), 16)[0], want) > 4 * LOGIT_TOLERANCE
+    assert relative_error(swapped.start(tokens, np.array([4], np.int32))[0], want) > 4 * LOGIT_TOLERANCE
 
 
 def test_greedy_text_is_float32s(model, int8_model):
@@ -155,7 +156,7 @@ def test_the_programs_take_the_weights_in_place_of_the_stand_ins(model):
 
 
 def prompt_logits(model, tokens=(3, 1, 4, 1, 5)):
-    return model.start(np.array([tokens]), np.array([len(tokens)]), 16)
+    return model.start(np.array([tokens]), np.array([len(tokens)]))
 
 
 def stored_folders(cache):
