@@ -4,6 +4,7 @@ The weights are a TensorFlow checkpoint (model.ckpt.*) whose variables are named
 `model/wpe`, `model/h{i}/ln_1/g`, `model/h{i}/attn/c_attn/w`, ... and `model/ln_f/b`. The rest of
 a folder (its names, hparams.json, the vocabulary files) is gpt2.folders' job.
 """
+import itertools
 import os
 import shutil
 
@@ -100,14 +101,18 @@ def read_checkpoint(model_dir, hparams):
         if os.path.getsize(data_file) < needed:
             raise GPT2Error(f"{data_file} is truncated ({os.path.getsize(data_file)} of at least {needed} bytes): "
                             "download the model again")
-        for name, shape in shapes.items():
-            # Read straight into a TensorFlow tensor: no NumPy copy, so loading needs the weights' bytes once.
-            [value] = tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=[name], shape_and_slices=[""],
-                                           dtypes=[tf.float32])
-            if len(shape) == 3:
-                value = tf.reshape(value, shape[1:])  # [1, n_in, n_out] -> [n_in, n_out], same buffer
-            yield name, value
-            del value
+        # Read straight into TensorFlow tensors (no NumPy copy, so loading needs the weights' bytes
+        # once), a block at a time: one read per tensor took twice as long (124M: 0.58 s against 0.27 s
+        # for all at once), and 1558M's float32 weights are never all in memory.
+        for _, group in itertools.groupby(shapes.items(), key=lambda item: item[0].split("/")[1]):
+            names, group_shapes = zip(*group)
+            values = tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names),
+                                          dtypes=[tf.float32] * len(names))
+            for name, shape, value in zip(names, group_shapes, values):
+                if len(shape) == 3:
+                    value = tf.reshape(value, shape[1:])  # [1, n_in, n_out] -> [n_in, n_out], same buffer
+                yield name, value
+            del values, value
     except tf.errors.OpError as e:
         raise GPT2Error(f"cannot read the checkpoint {prefix} ({e.message.splitlines()[0]}): "
                         "it is damaged, download the model again") from e
