@@ -181,6 +181,7 @@ def test_a_stored_model_loads_again_without_reading_its_checkpoint(model, tiny_m
 def test_without_a_cache_folder_the_programs_stay_in_memory(model, tiny_model, int8_model, monkeypatch):
     hparams, _ = model
     monkeypatch.setenv("GPT2_XLA_CACHE", "off")
+    assert int8.stored_folder(tiny_model, hparams) is None
     in_memory = int8.load_int8(tiny_model, hparams)
     assert (prompt_logits(in_memory) == prompt_logits(int8_model)).all()
 
@@ -226,12 +227,15 @@ def test_a_nearly_full_disk_stores_nothing(model, tiny_model, int8_model, tmp_pa
     assert stored_folders(tmp_path) == []
 
 
-def test_a_damaged_stored_model_is_quantized_again(model, tiny_model, int8_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("damage", [lambda folder: (folder / "block1.tflite").unlink(),
+                                    lambda folder: (folder / "wte.npy").write_bytes(b""),
+                                    lambda folder: (folder / "vectors.npz").write_bytes(b"PK\x03\x04 cut off")])
+def test_a_damaged_stored_model_is_quantized_again(model, tiny_model, int8_model, tmp_path, monkeypatch, damage):
     hparams, _ = model
     monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path))
     int8.load_int8(tiny_model, hparams)
     [folder] = stored_folders(tmp_path)
-    (folder / "block1.tflite").unlink()
+    damage(folder)
     assert (prompt_logits(int8.load_int8(tiny_model, hparams)) == prompt_logits(int8_model)).all()
     assert stored_folders(tmp_path) == []  # removed; the next load stores it again
     int8.load_int8(tiny_model, hparams)
@@ -267,3 +271,20 @@ def test_the_weights_are_in_memory_once(tmp_path, monkeypatch):
     kept = int8.load_int8(model_dir, hparams)
     assert resident_bytes(folder) > files / 2  # what releasing saves
     del kept, loaded
+
+
+def test_storing_removes_what_no_load_will_open(model, tiny_model, tmp_path, monkeypatch):
+    hparams, _ = model
+    monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path))
+    models = int8.stored_folder(tiny_model, hparams).rsplit(os.sep, 1)[0]
+    os.makedirs(models)
+    other_version = os.path.join(models, "0123456789ab-another-version")
+    abandoned = os.path.join(models, f"{int8.version()}-a-load.999.tmp")
+    writing = os.path.join(models, f"{int8.version()}-a-load.998.tmp")  # another process's, still being written
+    other_model = os.path.join(models, f"{int8.version()}-another-model-folder")
+    for folder in (other_version, abandoned, writing, other_model):
+        os.makedirs(folder)
+    os.utime(abandoned, (0, 0))
+    int8.load_int8(tiny_model, hparams)
+    assert sorted(os.listdir(models)) == sorted([os.path.basename(int8.stored_folder(tiny_model, hparams)),
+                                                 os.path.basename(writing), os.path.basename(other_model)])

@@ -52,7 +52,7 @@ def to_bytes(strings):
     try:
         joined = "".join(strings).translate(TO_BYTE_CHARS).encode("latin-1")
     except UnicodeEncodeError:
-        bad = next(s for s in strings if max(s.translate(TO_BYTE_CHARS)) > "\xff")
+        bad = next(s for s in strings if any(char > "\xff" for char in s.translate(TO_BYTE_CHARS)))
         raise GPT2Error(f"vocabulary token {bad!r} is not in GPT-2's byte alphabet: "
                         "the model's encoder.json or vocab.bpe is damaged, download the model again") from None
     ends = list(itertools.accumulate(map(len, strings)))

@@ -21,6 +21,7 @@ output layer:
 - Tokens are chosen by gpt2.sampling's rules, compiled once: the same rules, seeds and sample
   numbers as the float32 decoder.
 """
+import contextlib
 import ctypes
 import functools
 import glob
@@ -30,8 +31,8 @@ import math
 import os
 import shutil
 import struct
-import time
 import warnings
+import zipfile
 from typing import List, NamedTuple
 
 import numpy as np
@@ -41,7 +42,7 @@ from .checkpoint import checkpoint_files, read_checkpoint
 from .decode import bucket, raises_ctrl_c, sampling_settings
 from .model import attention_weights, gelu, layer_norm, merge_heads, split_heads
 from .sampling import choose, mark_stopped
-from .tensorflow_start import MIN_FREE_BYTES, c_stderr_silenced, xla_cache_folder
+from .tensorflow_start import MIN_FREE_BYTES, abandoned, c_stderr_silenced, xla_cache_folder
 
 # The linear layers of a block: (name, checkpoint name, [n_in, n_out] in units of n_embd).
 LAYERS = (("c_attn", "attn/c_attn", (1, 3)), ("attn_proj", "attn/c_proj", (1, 1)),
@@ -323,7 +324,8 @@ def cached_template(hparams, kind):
             os.replace(temporary, path)  # whole or not at all
             for older in glob.glob(path[:-len(f"{version()}.tflite")] + "*.tflite"):  # other versions' programs
                 if older != path:
-                    os.remove(older)
+                    with contextlib.suppress(FileNotFoundError):  # another process's load removed it first
+                        os.remove(older)
         except OSError:
             pass  # a read-only or full disk: the next load converts again
     return made
@@ -429,11 +431,11 @@ class Int8Model(NamedTuple):
 def load_int8(model_dir, hparams):
     """The Int8Model of a model folder.
 
-    The first load reads the checkpoint one tensor at a time and quantizes it as it goes (1558M
-    never needs its float32 weights in memory), into files in the cache folder (`store`); this load
-    and later ones open them from there (`open_stored`): later loads read no checkpoint, and from
-    files each program's weights are in memory once (see Program). Where nothing can be stored (the
-    cache is off, a nearly full disk), the programs stay in memory as bytes.
+    The first load reads the checkpoint and quantizes it one tensor at a time (1558M never needs its
+    float32 weights in memory), into files in the cache folder (`store`); this load and later ones
+    open them from there (`open_stored`): later loads read no checkpoint, and from files each
+    program's weights are in memory once (see Program). Where nothing can be stored (the cache is
+    off, a nearly full disk), the programs stay in memory as bytes.
     """
     folder = stored_folder(model_dir, hparams)
     if folder and not os.path.isdir(folder):
@@ -442,27 +444,31 @@ def load_int8(model_dir, hparams):
     if folder and os.path.isdir(folder):
         try:
             return open_stored(folder, hparams)
-        except (OSError, ValueError, KeyError):  # damaged: removed, quantized again below
-            shutil.rmtree(folder, ignore_errors=True)
-    return int8_model(hparams, *quantized(model_dir, hparams, keep=lambda name, program: program))
+        except (OSError, ValueError, KeyError, EOFError, RuntimeError, zipfile.BadZipFile):
+            shutil.rmtree(folder, ignore_errors=True)  # damaged: quantized again below, stored by the next load
+    return build_model(hparams, *quantized(model_dir, hparams, keep=lambda name, program: program))
 
 
 def quantized(model_dir, hparams, keep):
-    """Read the checkpoint one tensor at a time and quantize it. Each program's bytes go to
-    keep(name, bytes), which returns what Program takes (the bytes, or a file's path). Returns
-    ([(block program, its VECTORS)], [output layer programs], ARRAYS by name)."""
+    """Read the checkpoint and quantize it one tensor at a time. Each program's bytes go to
+    keep(name, bytes), which returns what Program takes (the bytes, or the path of a file of them).
+    Returns ([(block program, its VECTORS)], [output layer programs], ARRAYS by name)."""
     block, head = cached_template(hparams, "block"), cached_template(hparams, "head")
     layers = {checkpoint_name + "/w": name for name, checkpoint_name, _ in LAYERS}
     vectors = {checkpoint_name: name for name, checkpoint_name in VECTORS.items()}
-    block_read, arrays, blocks = {}, {}, []
+    block_read, arrays, blocks, pieces = {}, {}, [], []
     for name, value in read_checkpoint(model_dir, hparams):
         value = value.numpy()
         parts = name.split("/", 2)
-        if parts[1] == "wte":  # [n_vocab, n_embd]: the output layer's [n_out, n_in], a piece at a time (less memory)
+        if parts[1] == "wte":  # [n_vocab, n_embd]: the output layer's [n_out, n_in], a piece at a time
             wte, wte_scale = np.empty(value.shape, np.int8), np.empty(len(value), np.float32)
             for start in range(0, len(value), VOCAB_PIECE):
-                wte[start:start + VOCAB_PIECE], wte_scale[start:start + VOCAB_PIECE] = quantize(
-                    value[start:start + VOCAB_PIECE].T)
+                q, scale = quantize(value[start:start + VOCAB_PIECE].T)
+                wte[start:start + len(q)], wte_scale[start:start + len(q)] = q, scale
+                if len(q) < VOCAB_PIECE:  # the last piece's rows after the vocabulary's end: zeros, cut off in `logits`
+                    q = np.concatenate([q, np.zeros([VOCAB_PIECE - len(q), q.shape[1]], np.int8)])
+                    scale = np.concatenate([scale, np.ones(VOCAB_PIECE - len(scale), np.float32)])
+                pieces.append(keep(f"head{len(pieces)}", head.fill({"wte": (q, scale)})))
             arrays.update(wte=wte, wte_scale=wte_scale)
         elif len(parts) == 3 and parts[1][0] == "h":  # model/h{i}/...: the blocks come in order, each whole
             block_read[layers[parts[2]] if parts[2] in layers else vectors[parts[2]]] = value
@@ -473,20 +479,13 @@ def quantized(model_dir, hparams, keep):
         else:
             arrays["_".join(parts[1:])] = value  # wpe, ln_f_g, ln_f_b
         del value
-    pieces = []
-    for start in range(0, hparams.n_vocab, VOCAB_PIECE):
-        q, scale = arrays["wte"][start:start + VOCAB_PIECE], arrays["wte_scale"][start:start + VOCAB_PIECE]
-        if len(q) < VOCAB_PIECE:  # the last piece's rows after the vocabulary's end: zeros, cut off in `logits`
-            q = np.concatenate([q, np.zeros([VOCAB_PIECE - len(q), q.shape[1]], np.int8)])
-            scale = np.concatenate([scale, np.ones(VOCAB_PIECE - len(scale), np.float32)])
-        pieces.append(keep(f"head{len(pieces)}", head.fill({"wte": (q, scale)})))
     return blocks, pieces, arrays
 
 
 ARRAYS = ("wte", "wte_scale", "wpe", "ln_f_g", "ln_f_b")  # what an Int8Model keeps beside its programs
 
 
-def int8_model(hparams, blocks, head, arrays):
+def build_model(hparams, blocks, head, arrays):
     """The Int8Model of `quantized`'s programs (bytes or files) and arrays."""
     ln_f = {"ln_f_g": arrays["ln_f_g"], "ln_f_b": arrays["ln_f_b"]}
     return Int8Model(hparams, [Program(program, vectors) for program, vectors in blocks],
@@ -495,51 +494,60 @@ def int8_model(hparams, blocks, head, arrays):
 
 def stored_folder(model_dir, hparams):
     """The cache folder's place for the int8 programs of model_dir's checkpoint as it is now (its
-    files' sizes and times), or None: the cache is off, or there is no checkpoint (read_checkpoint
-    then says what is missing)."""
+    files' sizes, times and inodes), made by this version of this file; or None: the cache is off,
+    or there is no checkpoint (read_checkpoint then says what is missing)."""
     cache = xla_cache_folder()
     try:
-        stamp = [(os.path.getsize(path), os.stat(path).st_mtime_ns) for path in checkpoint_files(model_dir)]
+        stamp = [(s.st_size, s.st_mtime_ns, s.st_ino) for s in map(os.stat, checkpoint_files(model_dir))]
     except OSError:
         return None
     if cache is None:
         return None
     model = hashlib.sha256(os.path.realpath(model_dir).encode()).hexdigest()[:16]
-    weights = hashlib.sha256(repr((stamp, tuple(hparams), VOCAB_PIECE, version())).encode()).hexdigest()[:16]
-    return os.path.join(cache, "int8-models", f"{model}-{weights}")
+    weights = hashlib.sha256(repr((stamp, tuple(hparams), VOCAB_PIECE)).encode()).hexdigest()[:16]
+    return os.path.join(cache, "int8-models", f"{version()}-{model}-{weights}")
 
 
 def store(model_dir, hparams, folder):
     """Quantize the checkpoint into `folder`: a .tflite file per program, the ARRAYS as .npy files, the
-    blocks' VECTORS in vectors.npz; other folders of the same model folder (older checkpoints, a
-    killed load's) are removed. Nothing is written where the disk would keep less than MIN_FREE_BYTES free; `folder` is
-    whole or absent (written under another name and renamed), also after a full disk or Ctrl-C."""
+    blocks' VECTORS in vectors.npz.
+
+    First the folders that no load will open again are removed: other versions', this model
+    folder's older checkpoints', abandoned temporary ones. Nothing is written where the disk would
+    keep less than MIN_FREE_BYTES free. `folder` is whole or absent, also after a full disk, Ctrl-C
+    or a power cut: it is written under another name, each file synced to the disk, and renamed.
+    """
     parent = os.path.dirname(folder)
+    version_and_model = os.path.basename(folder).rsplit("-", 1)[0] + "-"
     temporary = f"{folder}.{os.getpid()}.tmp"
+
+    def write(name, save):
+        path = os.path.join(temporary, name)
+        with open(path, "wb") as f:
+            save(f)
+            f.flush()
+            os.fsync(f.fileno())
+        return path
+
     try:
         os.makedirs(parent, exist_ok=True)
+        for name in os.listdir(parent):
+            path = os.path.join(parent, name)
+            with contextlib.suppress(FileNotFoundError):  # another process removed it first
+                if abandoned(path) or not name.endswith(".tmp") and (
+                        not name.startswith(version()) or name.startswith(version_and_model)):
+                    shutil.rmtree(path)
         need = os.path.getsize(checkpoint_files(model_dir)[1]) // 4 + MIN_FREE_BYTES  # int8: a quarter of float32
         if shutil.disk_usage(parent).free < need:
             return
         os.makedirs(temporary)
-
-        def keep(name, program):
-            with open(os.path.join(temporary, name + ".tflite"), "wb") as f:
-                f.write(program)
-            return name
-
-        blocks, _, arrays = quantized(model_dir, hparams, keep)
+        blocks, _, arrays = quantized(model_dir, hparams,
+                                      keep=lambda name, program: write(name + ".tflite", lambda f: f.write(program)))
         for name in ARRAYS:
-            np.save(os.path.join(temporary, name + ".npy"), arrays[name])
-        np.savez(os.path.join(temporary, "vectors.npz"),
-                 **{f"{i}/{name}": value for i, (_, vectors) in enumerate(blocks) for name, value in vectors.items()})
+            write(name + ".npy", lambda f: np.save(f, arrays[name]))
+        write("vectors.npz", lambda f: np.savez(f, **{f"{i}/{name}": value for i, (_, vectors) in enumerate(blocks)
+                                                       for name, value in vectors.items()}))
         os.rename(temporary, folder)
-        model = os.path.basename(folder).split("-")[0]
-        for name in os.listdir(parent):
-            path = os.path.join(parent, name)  # older checkpoints', and what a killed load left
-            if name.startswith(model + "-") and path != folder and (
-                    not name.endswith(".tmp") or os.stat(path).st_mtime < time.time() - 3600):
-                shutil.rmtree(path, ignore_errors=True)
     except OSError:
         pass  # a full or read-only disk: load_int8 keeps the programs in memory
     finally:
@@ -548,12 +556,12 @@ def store(model_dir, hparams, folder):
 
 def open_stored(folder, hparams):
     """The Int8Model that `store` wrote to `folder`: its programs mapped from their files, its arrays too."""
-    vectors = np.load(os.path.join(folder, "vectors.npz"))
-    blocks = [(os.path.join(folder, f"block{i}.tflite"), {name: vectors[f"{i}/{name}"] for name in VECTORS})
-              for i in range(hparams.n_layer)]
+    with np.load(os.path.join(folder, "vectors.npz")) as vectors:
+        blocks = [(os.path.join(folder, f"block{i}.tflite"), {name: vectors[f"{i}/{name}"] for name in VECTORS})
+                  for i in range(hparams.n_layer)]
     head = [os.path.join(folder, f"head{i}.tflite") for i in range(-(-hparams.n_vocab // VOCAB_PIECE))]
     arrays = {name: np.load(os.path.join(folder, name + ".npy"), mmap_mode="r") for name in ARRAYS}
-    return int8_model(hparams, blocks, head, arrays)
+    return build_model(hparams, blocks, head, arrays)
 
 
 @raises_ctrl_c

@@ -66,12 +66,17 @@ def xla_cache_folder():
 
 
 def remove_broken_entries(folder):
-    """Delete entries cut off by a crash or a full disk, and temporary files more than an hour old."""
+    """Delete entries cut off by a crash or a full disk, and abandoned temporary files."""
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        if name.endswith(".pb") and not is_whole_protobuf(path) or (
-                name.endswith(".tmp") and os.stat(path).st_mtime < time.time() - 3600):
+        if name.endswith(".pb") and not is_whole_protobuf(path) or abandoned(path):
             os.remove(path)
+
+
+def abandoned(path):
+    """Whether `path` is a temporary file or folder (named *.tmp) more than an hour old: what a killed
+    process left while writing."""
+    return path.endswith(".tmp") and os.stat(path).st_mtime < time.time() - 3600
 
 
 def is_whole_protobuf(path):
