@@ -6,8 +6,8 @@ product (it converts the whole weight matrix to float32 first: slower than float
 TensorFlow Lite's XNNPACK kernels multiply int8 weights directly ("dynamic range" quantization:
 int8 weights with a float scale per output column, each input row quantized to int8 on the fly).
 
-The model runs as small TensorFlow Lite programs, one per block and one per 8192 tokens of the
-output layer:
+The model runs as small TensorFlow Lite programs, one per block and one per piece of at
+most 8192 tokens of the output layer:
 - A program is made once per shape, by TensorFlow Lite's converter, from a block written with
   stand-in weights (`template`); each block's program is a copy of it with the block's own
   quantized weights written over the stand-ins' bytes (`Template.fill`). So loading converts
