@@ -28,34 +28,23 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
-from machine import machine_bandwidth, parameter_count  # noqa: E402
+from machine import machine_bandwidth, median_seconds, parameter_count  # noqa: E402
 
 END_OF_TEXT = 50256
 FLAG_SETS = {"greedy": dict(temperature=0), "top_k=40": dict(top_k=40), "top_p=0.9": dict(top_p=0.9)}
-
-
-def median_rate(generate, new_tokens, runs):
-    """tokens/s of `generate()` (the median of `runs` timed calls after an untimed one)."""
-    generate()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        generate()
-        times.append(time.perf_counter() - start)
-    return new_tokens / statistics.median(times)
 
 
 def ours(args):
     from gpt2 import GPT2
 
     model = GPT2.from_folder(os.path.join(args.models_dir, "124M"), "int8")
-    return {flags: median_rate(lambda: model.generate("", args.new, seed=1, ignore_eot=True, **FLAG_SETS[flags]),
-                               args.new, args.runs) for flags in args.flags}
+    return {flags: args.new / median_seconds(
+        lambda: model.generate("", args.new, seed=1, ignore_eot=True, **FLAG_SETS[flags]), args.runs)
+        for flags in args.flags}
 
 
 def llama_cpp(args):
@@ -72,7 +61,7 @@ def llama_cpp(args):
             if made == args.new:  # Llama.generate goes on past the end-of-text token
                 return
 
-    return {flags: median_rate(lambda: generate(flags), args.new, args.runs) for flags in args.flags}
+    return {flags: args.new / median_seconds(lambda: generate(flags), args.runs) for flags in args.flags}
 
 
 ENGINES = {"ours, int8": ours, "llama.cpp, q8_0": llama_cpp}

@@ -512,7 +512,7 @@ def stored_folder(model_dir, hparams):
     if cache is None:
         return None
     model = hashlib.sha256(os.path.realpath(model_dir).encode()).hexdigest()[:16]
-    weights = hashlib.sha256(repr((stamp, tuple(hparams), VOCAB_PIECE)).encode()).hexdigest()[:16]
+    weights = hashlib.sha256(repr((stamp, tuple(hparams))).encode()).hexdigest()[:16]  # version() covers the rest
     return os.path.join(cache, "int8-models", f"{version()}-{model}-{weights}")
 
 
@@ -594,15 +594,15 @@ def sample_chunks(model, contexts, length, *, temperature=1.0, top_k=0, top_p=1.
     rule, draw = sampling_settings(hparams, len(contexts), temperature, top_k, top_p, seed, first_sample, stop_token)
     next_logits = model.start(tokens, n_tokens)
     token, done = _choose(tf.constant(next_logits), tf.constant(0), tf.zeros(len(contexts), tf.bool), draw, rule=rule)
-    token = token.numpy()
+    token, all_done = token.numpy(), done.numpy().all()
     yield token[:, None]
     pos, made, chunk = n_tokens, 1, []
-    while made < length and not done.numpy().all():
+    while made < length and not all_done:
         next_logits = model.step(token, pos)
         token, done = _choose(tf.constant(next_logits), tf.constant(made), done, draw, rule=rule)
-        token = token.numpy()
+        token, all_done = token.numpy(), done.numpy().all()
         pos, made = pos + 1, made + 1
         chunk.append(token)
-        if len(chunk) == chunk_size or made == length or done.numpy().all():
+        if len(chunk) == chunk_size or made == length or all_done:
             yield np.stack(chunk, axis=1)
             chunk = []
