@@ -6,8 +6,8 @@ product (it converts the whole weight matrix to float32 first: slower than float
 TensorFlow Lite's XNNPACK kernels multiply int8 weights directly ("dynamic range" quantization:
 int8 weights with a float scale per output column, each input row quantized to int8 on the fly).
 
-The model runs as small TensorFlow Lite programs, one per block and one per piece of at
-most 8192 tokens of the output layer:
+The model runs as small TensorFlow Lite programs, one per block and one per piece of the
+output layer (see piece_rows):
 - A program is made once per shape, by TensorFlow Lite's converter, from a block written with
   stand-in weights (`template`); each block's program is a copy of it with the block's own
   quantized weights written over the stand-ins' bytes (`Template.fill`). So loading converts
@@ -47,7 +47,8 @@ from .tensorflow_start import MIN_FREE_BYTES, abandoned, c_stderr_silenced, xla_
 # The linear layers of a block: (name, checkpoint name, [n_in, n_out] in units of n_embd).
 LAYERS = (("c_attn", "attn/c_attn", (1, 3)), ("attn_proj", "attn/c_proj", (1, 1)),
           ("c_fc", "mlp/c_fc", (1, 4)), ("mlp_proj", "mlp/c_proj", (4, 1)))
-VOCAB_PIECE = 8192  # tokens per program of the output layer at most (see head_template, piece_rows)
+# Weights per program of the output layer at most (see piece_rows): as many as 1558M's blocks have.
+PIECE_WEIGHTS = 12 * 1600 ** 2
 PROMPT_PIECE = 64  # prompt tokens per run of a block (see Int8Model.start)
 # The block's small float tensors, each set once as an input of its program: name -> checkpoint name.
 VECTORS = {"ln_1_g": "ln_1/g", "ln_1_b": "ln_1/b", "c_attn_b": "attn/c_attn/b", "attn_proj_b": "attn/c_proj/b",
@@ -162,10 +163,15 @@ def head_shapes(hparams):
 
 
 def piece_rows(hparams):
-    """Tokens per piece of the output layer: the vocabulary in equal pieces of at most VOCAB_PIECE
-    (GPT-2's 50257 in 7 of 7180, the last padded by 3 rows; in pieces of 8192 the last one's 7087
-    padding rows were 12% of the output layer's work)."""
-    return -(-hparams.n_vocab // -(-hparams.n_vocab // VOCAB_PIECE))
+    """Tokens per piece of the output layer: the vocabulary in equal pieces of at most PIECE_WEIGHTS weights.
+
+    Converting a program takes memory in proportion to its weights (about 95 bytes each), so no
+    piece needs more than a block of 1558M (30.7M weights, 2.8 GB). Fewer pieces run faster: 124M's
+    50257 tokens took 2.95 ms a step in 7 pieces, 2.46 ms in 2 (the 2 pieces of 25129 it has now;
+    355M: 2, 774M and 1558M: 3). The last piece is padded by a row or a few.
+    """
+    pieces = -(-hparams.n_vocab * hparams.n_embd // PIECE_WEIGHTS)
+    return -(-hparams.n_vocab // pieces)
 
 
 def block_template(hparams):
@@ -202,7 +208,7 @@ def head_template(hparams):
     ("wte", their rows quantized); its other inputs are ln_f_g, ln_f_b.
 
     In pieces because converting takes time and memory in proportion to the weights: the whole
-    vocabulary at once took 23 s and 3.7 GB for 124M's (a piece: about 3 s).
+    vocabulary at once took 23 s and 3.7 GB for 124M's (a piece of 25129 tokens: 9 s).
     """
     n_embd = hparams.n_embd
     stand_in = np.random.default_rng(0).uniform(-1, 1, head_shapes(hparams)["wte"][::-1]).astype(np.float32)
@@ -572,15 +578,23 @@ def open_stored(folder, hparams):
     return build_model(hparams, blocks, head, arrays)
 
 
-@raises_ctrl_c
 @tf.function(jit_compile=True, autograph=False)
 def _choose(next_logits, step, done, draw, *, rule):
-    """The tokens [batch] drawn from logits [batch, n_vocab] at generation step `step`, and which rows are done.
-
-    Called with tensors: a Python number (the step) would be compiled into a new program each step,
-    and NumPy arrays took 0.3 ms more a call (124M, batch 1: a token takes 15-20 ms)."""
+    """The tokens [batch] drawn from logits [batch, n_vocab] at generation step `step`, and which rows are done."""
     token = choose(next_logits, step, draw.row_seeds, draw.temperature, draw.top_p, rule)
     return mark_stopped(token, done, rule)
+
+
+def chooser(rule, draw, batch, n_vocab):
+    """_choose for these settings, called as chooser(next_logits, step, done) with tensors.
+
+    Its compiled function, found once: a tf.function looks up the program that fits its arguments
+    at every call (0.3 ms of a 124M token's 15 ms at batch 1), and a Python number for the step
+    would be compiled into a new program each step.
+    """
+    compiled = _choose.get_concrete_function(tf.TensorSpec([batch, n_vocab]), tf.TensorSpec([], tf.int32),
+                                             tf.TensorSpec([batch], tf.bool), draw, rule=rule)
+    return raises_ctrl_c(lambda next_logits, step, done: compiled(next_logits, step, done, draw, rule=rule))
 
 
 def sample_chunks(model, contexts, length, *, temperature=1.0, top_k=0, top_p=1.0, seed=0, first_sample=0,
@@ -591,15 +605,16 @@ def sample_chunks(model, contexts, length, *, temperature=1.0, top_k=0, top_p=1.
     tokens = np.zeros([len(contexts), n_tokens.max()], np.int32)
     for row, context in zip(tokens, contexts):
         row[:len(context)] = context
-    rule, draw = sampling_settings(hparams, len(contexts), temperature, top_k, top_p, seed, first_sample, stop_token)
+    choose_tokens = chooser(*sampling_settings(hparams, len(contexts), temperature, top_k, top_p, seed, first_sample,
+                                               stop_token), len(contexts), hparams.n_vocab)
     next_logits = model.start(tokens, n_tokens)
-    token, done = _choose(tf.constant(next_logits), tf.constant(0), tf.zeros(len(contexts), tf.bool), draw, rule=rule)
+    token, done = choose_tokens(tf.constant(next_logits), tf.constant(0), tf.zeros(len(contexts), tf.bool))
     token, all_done = token.numpy(), done.numpy().all()
     yield token[:, None]
     pos, made, chunk = n_tokens, 1, []
     while made < length and not all_done:
         next_logits = model.step(token, pos)
-        token, done = _choose(tf.constant(next_logits), tf.constant(made), done, draw, rule=rule)
+        token, done = choose_tokens(tf.constant(next_logits), tf.constant(made), done)
         token, all_done = token.numpy(), done.numpy().all()
         pos, made = pos + 1, made + 1
         chunk.append(token)
