@@ -47,8 +47,7 @@ from .tensorflow_start import MIN_FREE_BYTES, abandoned, c_stderr_silenced, xla_
 # The linear layers of a block: (name, checkpoint name, [n_in, n_out] in units of n_embd).
 LAYERS = (("c_attn", "attn/c_attn", (1, 3)), ("attn_proj", "attn/c_proj", (1, 1)),
           ("c_fc", "mlp/c_fc", (1, 4)), ("mlp_proj", "mlp/c_proj", (4, 1)))
-# Weights per program of the output layer at most (see piece_rows): as many as 1558M's blocks have.
-PIECE_WEIGHTS = 12 * 1600 ** 2
+PIECE_WEIGHTS = 12 * 1024 ** 2  # weights per program of the output layer at most (see piece_rows)
 PROMPT_PIECE = 64  # prompt tokens per run of a block (see Int8Model.start)
 # The block's small float tensors, each set once as an input of its program: name -> checkpoint name.
 VECTORS = {"ln_1_g": "ln_1/g", "ln_1_b": "ln_1/b", "c_attn_b": "attn/c_attn/b", "attn_proj_b": "attn/c_proj/b",
@@ -165,10 +164,11 @@ def head_shapes(hparams):
 def piece_rows(hparams):
     """Tokens per piece of the output layer: the vocabulary in equal pieces of at most PIECE_WEIGHTS weights.
 
-    Converting a program takes memory in proportion to its weights (about 95 bytes each), so no
-    piece needs more than a block of 1558M (30.7M weights, 2.8 GB). Fewer pieces run faster: 124M's
-    50257 tokens took 2.95 ms a step in 7 pieces, 2.46 ms in 2 (the 2 pieces of 25129 it has now;
-    355M: 2, 774M and 1558M: 3). The last piece is padded by a row or a few.
+    Fewer pieces run faster (124M's 50257 tokens took 2.56-2.95 ms a step in 7 pieces, 2.42-2.59
+    in 4, 2.31-2.46 in 2), but converting a program takes memory in proportion to its weights
+    (about 95 bytes each, on top of what converting the block left: 0.95 GB for 1558M). So 124M
+    has 4 pieces of 12565 tokens and 1558M 7 of 7180 (in 3, its first load's peak went from 2.9 to
+    3.7 GB). The last piece is padded by a row or a few.
     """
     pieces = -(-hparams.n_vocab * hparams.n_embd // PIECE_WEIGHTS)
     return -(-hparams.n_vocab // pieces)
@@ -208,7 +208,7 @@ def head_template(hparams):
     ("wte", their rows quantized); its other inputs are ln_f_g, ln_f_b.
 
     In pieces because converting takes time and memory in proportion to the weights: the whole
-    vocabulary at once took 23 s and 3.7 GB for 124M's (a piece of 25129 tokens: 9 s).
+    vocabulary at once took 23 s and 3.7 GB for 124M's (a piece of 12565 tokens: 4 s).
     """
     n_embd = hparams.n_embd
     stand_in = np.random.default_rng(0).uniform(-1, 1, head_shapes(hparams)["wte"][::-1]).astype(np.float32)
