@@ -118,6 +118,13 @@ def test_rows_end_at_the_stop_token(int8_model):
             assert (row[row.tolist().index(5):] == 5).all()
 
 
+def test_greedy_text_ends_at_the_stop_token(int8_model):
+    free = np.concatenate(list(int8.sample_chunks(int8_model, [[1, 2]], 12, temperature=0)), axis=1)[0].tolist()
+    stop = free[3]
+    got = np.concatenate(list(int8.sample_chunks(int8_model, [[1, 2]], 12, temperature=0, stop_token=stop)), axis=1)
+    assert got[0].tolist() == free[:free.index(stop) + 1]  # the only row is done: no more steps
+
+
 def test_the_api_generates_with_int8(tiny_model):
     model = gpt2.load("tiny", str(tiny_model.parent), dtype="int8")
     float32 = gpt2.load("tiny", str(tiny_model.parent))
