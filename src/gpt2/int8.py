@@ -109,9 +109,21 @@ class Template(NamedTuple):
         return bytes(program)
 
 
-def template(function, matrices):
-    """Convert the tf.function `function`, whose weight constants are `matrices` (name -> [n_in, n_out]
-    stand-in values, each shape different), to a TensorFlow Lite program with int8 weights."""
+def stand_ins(shapes):
+    """Stand-in weights [n_in, n_out] for the matrices in `shapes` (name -> [n_out, n_in], each shape
+    different), to build in the function that `template` converts.
+
+    Each is one number filled in: the converter keeps it as that number until it writes the int8
+    program. (Random stand-ins made it hold about 95 bytes a weight: converting 1558M's block
+    peaked at 2.8 GB.) Their signs alternate, so that no two of the same size quantize to the same
+    bytes, which the converter would store once for both.
+    """
+    return {name: tf.fill(shape[::-1], 0.5 if i % 2 == 0 else -0.5) for i, (name, shape) in enumerate(shapes.items())}
+
+
+def template(function, shapes):
+    """Convert the tf.function `function`, whose weights are the `stand_ins` of `shapes`, to a
+    TensorFlow Lite program with int8 weights."""
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)
@@ -124,7 +136,7 @@ def template(function, matrices):
             program = converter.convert()
     finally:
         absl_logger.setLevel(level)
-    return Template(program, find_weights(program, {name: w.shape[::-1] for name, w in matrices.items()}))
+    return Template(program, find_weights(program, shapes))
 
 
 def find_weights(program, shapes):
@@ -164,11 +176,12 @@ def head_shapes(hparams):
 def piece_rows(hparams):
     """Tokens per piece of the output layer: the vocabulary in equal pieces of at most PIECE_WEIGHTS weights.
 
-    Fewer pieces run faster (124M's 50257 tokens took 2.56-2.95 ms a step in 7 pieces, 2.42-2.59
-    in 4, 2.31-2.46 in 2), but converting a program takes memory in proportion to its weights
-    (about 95 bytes each, on top of what converting the block left: 0.95 GB for 1558M). So 124M
-    has 4 pieces of 12565 tokens and 1558M 7 of 7180 (in 3, its first load's peak went from 2.9 to
-    3.7 GB). The last piece is padded by a row or a few.
+    Each piece is quantized on its own (with float32 temporaries of a few times its size: 1558M's
+    whole output layer at once would add about 1 GB to its first load) and runs as its own
+    program. Fewer pieces ran a little faster: 124M's 50257 tokens took 2.56-2.95 ms a step in 7
+    pieces, 2.42-2.59 in 4 and 2.31-2.46 in 2 (in another run 4, 2 and 1 piece were within 0.05
+    ms of each other). So 124M has 4 pieces of 12565 tokens, 1558M 7 of 7180; the last piece is
+    padded by a row or a few.
     """
     pieces = -(-hparams.n_vocab * hparams.n_embd // PIECE_WEIGHTS)
     return -(-hparams.n_vocab // pieces)
@@ -180,10 +193,6 @@ def block_template(hparams):
     -> the block's output (same shape as x) and the tokens' own keys and values [batch, n_head, seq,
     head_dim]. Its other inputs are the block's VECTORS."""
     n_embd, n_head = hparams.n_embd, hparams.n_head
-    rng = np.random.default_rng(0)
-    stand_ins = {name: rng.uniform(-1, 1, shape[::-1]).astype(np.float32)
-                 for name, shape in block_shapes(hparams).items()}
-    w = {name: tf.constant(value) for name, value in stand_ins.items()}
     head_dim = n_embd // n_head
     signature = [tf.TensorSpec([None, None, n_embd], name="x"), tf.TensorSpec([None, n_head, head_dim, None], name="keys"),
                  tf.TensorSpec([None, n_head, None, head_dim], name="values"), tf.TensorSpec([None], tf.int32, name="pos")]
@@ -192,35 +201,29 @@ def block_template(hparams):
 
     @tf.function(input_signature=signature, autograph=False)
     def step(x, keys, values, pos, *vectors):
-        p = dict(zip(VECTORS, vectors))
+        p, w = dict(zip(VECTORS, vectors)), stand_ins(block_shapes(hparams))
         qkv = dense(layer_norm(x, {"g": p["ln_1_g"], "b": p["ln_1_b"]}), w["c_attn"], p["c_attn_b"])
         q, k, v = (split_heads(t, n_head) for t in tf.split(qkv, 3, axis=-1))
         x = x + dense(merge_heads(attention_after(q, k, v, keys, values, pos)), w["attn_proj"], p["attn_proj_b"])
         h = gelu(dense(layer_norm(x, {"g": p["ln_2_g"], "b": p["ln_2_b"]}), w["c_fc"], p["c_fc_b"]))
         return x + dense(h, w["mlp_proj"], p["mlp_proj_b"]), k, v
 
-    return template(step, stand_ins)
+    return template(step, block_shapes(hparams))
 
 
 def head_template(hparams):
     """The Template of one piece of the output layer: hidden states h [batch, seq, n_embd] (before
     ln_f) -> the logits [batch, seq, rows] of piece_rows(hparams) tokens, through their embeddings
-    ("wte", their rows quantized); its other inputs are ln_f_g, ln_f_b.
-
-    In pieces because converting takes time and memory in proportion to the weights: the whole
-    vocabulary at once took 23 s and 3.7 GB for 124M's (a piece of 12565 tokens: 4 s).
-    """
+    ("wte", their rows quantized); its other inputs are ln_f_g, ln_f_b."""
     n_embd = hparams.n_embd
-    stand_in = np.random.default_rng(0).uniform(-1, 1, head_shapes(hparams)["wte"][::-1]).astype(np.float32)
-    wte = tf.constant(stand_in)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, n_embd], name="h"),
                                   tf.TensorSpec([n_embd], name="ln_f_g"), tf.TensorSpec([n_embd], name="ln_f_b")],
                  autograph=False)
     def output(h, g, b):
-        return dense(layer_norm(h, {"g": g, "b": b}), wte)
+        return dense(layer_norm(h, {"g": g, "b": b}), stand_ins(head_shapes(hparams))["wte"])
 
-    return template(output, {"wte": stand_in})
+    return template(output, head_shapes(hparams))
 
 
 class Program:
@@ -315,7 +318,7 @@ def version():
 
 def cached_template(hparams, kind):
     """The Template of `kind` (see TEMPLATES), kept in the compilation cache's folder
-    (gpt2.tensorflow_start) for later loads: converting takes seconds (124M: about 4 s a block),
+    (gpt2.tensorflow_start) for later loads: converting takes seconds (1558M: 1.8 s a block),
     reading it milliseconds."""
     make, shapes = TEMPLATES[kind]
     folder = xla_cache_folder()
