@@ -160,6 +160,18 @@ def test_a_damaged_cached_program_is_made_again(model, tmp_path, monkeypatch):
     assert read == made
 
 
+def test_making_a_program_removes_other_versions_programs(model, tmp_path, monkeypatch):
+    hparams, _ = model
+    monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path))
+    folder = tmp_path / os.path.basename(int8.xla_cache_folder())
+    stale = [folder / "int8-block-32-4-8192.tflite", folder / f"int8-head-768-12-7180-{'0' * 12}.tflite"]
+    kept = folder / f"int8-head-768-12-12565-{int8.version()}.tflite"  # another size, this version
+    for path in stale + [kept]:
+        path.write_bytes(b"program")
+    int8.cached_template(hparams, "block")
+    assert not any(path.exists() for path in stale) and kept.exists()
+
+
 def test_the_programs_take_the_weights_in_place_of_the_stand_ins(model):
     hparams, _ = model
     template = int8.cached_template(hparams, "block")

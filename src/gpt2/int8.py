@@ -338,8 +338,8 @@ def cached_template(hparams, kind):
             with open(temporary, "wb") as f:
                 f.write(made.program)
             os.replace(temporary, path)  # whole or not at all
-            for older in glob.glob(path[:-len(f"{version()}.tflite")] + "*.tflite"):  # other versions' programs
-                if older != path:
+            for older in glob.glob(os.path.join(folder, "int8-*.tflite")):  # other versions' programs, any size
+                if not older.endswith(f"-{version()}.tflite"):
                     with contextlib.suppress(FileNotFoundError):  # another process's load removed it first
                         os.remove(older)
         except OSError:
