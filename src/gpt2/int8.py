@@ -18,8 +18,8 @@ output layer (see piece_rows):
   in memory once, in XNNPACK's layout (see Program).
 - Each block's keys and values stay in its program's input tensors between steps; a step adds the
   new tokens' ones in place (`Int8Model.step`), so no cache is copied.
-- Tokens are chosen by gpt2.sampling's rules, compiled once: the same rules, seeds and sample
-  numbers as the float32 decoder.
+- Tokens are chosen by gpt2.sampling's rules (compiled once, except greedy's): the same rules,
+  seeds and sample numbers as the float32 decoder.
 """
 import contextlib
 import ctypes
@@ -160,6 +160,8 @@ def find_weights(program, shapes):
         places[name] = (data.ctypes.data - base, scales.ctypes.data - base)
     if set(places) != set(shapes):
         raise RuntimeError(f"TensorFlow Lite's converter kept {sorted(set(shapes) - set(places))} in float32")
+    if len({data for data, _ in places.values()}) != len(places):  # one buffer for two: `fill` would mix them
+        raise RuntimeError("TensorFlow Lite's converter stored two weight matrices as one")
     return places
 
 
@@ -338,9 +340,9 @@ def cached_template(hparams, kind):
             with open(temporary, "wb") as f:
                 f.write(made.program)
             os.replace(temporary, path)  # whole or not at all
-            for older in glob.glob(os.path.join(folder, "int8-*.tflite")):  # other versions' programs, any size
+            for older in glob.glob(os.path.join(glob.escape(folder), "int8-*.tflite")):  # other versions', any size
                 if not older.endswith(f"-{version()}.tflite"):
-                    with contextlib.suppress(FileNotFoundError):  # another process's load removed it first
+                    with contextlib.suppress(OSError):  # another process's load removed it first, or has it open
                         os.remove(older)
         except OSError:
             pass  # a read-only or full disk: the next load converts again
@@ -588,8 +590,9 @@ def _choose(next_logits, step, done, draw, *, rule):
     return mark_stopped(token, done, rule)
 
 
+@raises_ctrl_c  # finding the compiled function reads its arguments' types, as a call does
 def chooser(rule, draw, batch, n_vocab):
-    """_choose for these settings, called as chooser(next_logits, step, done) with tensors.
+    """_choose for these settings: a function (next_logits, step, done) -> (token, done), of tensors.
 
     Its compiled function, found once: a tf.function looks up the program that fits its arguments
     at every call (0.3 ms of a 124M token's 15 ms at batch 1), and a Python number for the step
