@@ -194,7 +194,7 @@ def block_template(hparams):
     cached keys [batch, n_head, head_dim, cache_len] and values [batch, n_head, cache_len, head_dim]
     -> the block's output (same shape as x) and the tokens' own keys and values [batch, n_head, seq,
     head_dim]. Its other inputs are the block's VECTORS."""
-    n_embd, n_head = hparams.n_embd, hparams.n_head
+    n_embd, n_head, shapes = hparams.n_embd, hparams.n_head, block_shapes(hparams)
     head_dim = n_embd // n_head
     signature = [tf.TensorSpec([None, None, n_embd], name="x"), tf.TensorSpec([None, n_head, head_dim, None], name="keys"),
                  tf.TensorSpec([None, n_head, None, head_dim], name="values"), tf.TensorSpec([None], tf.int32, name="pos")]
@@ -203,29 +203,29 @@ def block_template(hparams):
 
     @tf.function(input_signature=signature, autograph=False)
     def step(x, keys, values, pos, *vectors):
-        p, w = dict(zip(VECTORS, vectors)), stand_ins(block_shapes(hparams))
+        p, w = dict(zip(VECTORS, vectors)), stand_ins(shapes)
         qkv = dense(layer_norm(x, {"g": p["ln_1_g"], "b": p["ln_1_b"]}), w["c_attn"], p["c_attn_b"])
         q, k, v = (split_heads(t, n_head) for t in tf.split(qkv, 3, axis=-1))
         x = x + dense(merge_heads(attention_after(q, k, v, keys, values, pos)), w["attn_proj"], p["attn_proj_b"])
         h = gelu(dense(layer_norm(x, {"g": p["ln_2_g"], "b": p["ln_2_b"]}), w["c_fc"], p["c_fc_b"]))
         return x + dense(h, w["mlp_proj"], p["mlp_proj_b"]), k, v
 
-    return template(step, block_shapes(hparams))
+    return template(step, shapes)
 
 
 def head_template(hparams):
     """The Template of one piece of the output layer: hidden states h [batch, seq, n_embd] (before
     ln_f) -> the logits [batch, seq, rows] of piece_rows(hparams) tokens, through their embeddings
     ("wte", their rows quantized); its other inputs are ln_f_g, ln_f_b."""
-    n_embd = hparams.n_embd
+    n_embd, shapes = hparams.n_embd, head_shapes(hparams)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, n_embd], name="h"),
                                   tf.TensorSpec([n_embd], name="ln_f_g"), tf.TensorSpec([n_embd], name="ln_f_b")],
                  autograph=False)
     def output(h, g, b):
-        return dense(layer_norm(h, {"g": g, "b": b}), stand_ins(head_shapes(hparams))["wte"])
+        return dense(layer_norm(h, {"g": g, "b": b}), stand_ins(shapes)["wte"])
 
-    return template(output, head_shapes(hparams))
+    return template(output, shapes)
 
 
 class Program:
