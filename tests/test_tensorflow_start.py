@@ -75,3 +75,13 @@ def test_the_cache_folder_and_when_it_stays_off(tmp_path, monkeypatch):
     full = shutil.disk_usage(tmp_path)._replace(free=1 << 20)
     monkeypatch.setattr(tensorflow_start.shutil, "disk_usage", lambda path: full)
     assert xla_cache_folder() is None  # TensorFlow would fail the call that cannot write its program
+
+
+def test_keras_is_not_imported_at_start_and_tf_keras_still_works():
+    code = ("import os, sys; from gpt2 import tensorflow_start as s; import tensorflow as tf\n"
+            "print('keras' in sys.modules, 'TF_USE_LEGACY_KERAS' in os.environ)\n"
+            "print(tf.keras.layers.Dense(3)(tf.ones([1, 2])).shape, tf.keras.__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["False False", "(1, 3) keras._tf_keras.keras"]

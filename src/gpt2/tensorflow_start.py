@@ -21,6 +21,7 @@ a folder and loads it in later runs instead of compiling again; it is on unless 
 import contextlib
 import glob
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
@@ -32,8 +33,6 @@ MIN_FREE_BYTES = 256 << 20  # an entry is a few MB; below this the cache stays o
 
 def machine_key():
     """A short name for this TensorFlow installation on this processor (its instruction set) and GPUs."""
-    import importlib.util
-
     tensorflow_init = importlib.util.find_spec("tensorflow").origin  # found without importing it
     processor = platform.machine() + platform.processor()
     try:
@@ -139,7 +138,27 @@ if _folder:
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if _folder else "2")
 
 
-with c_stderr_silenced():
+@contextlib.contextmanager
+def keras_left_for_later():
+    """TensorFlow imports Keras's optimizers as it starts (0.4-0.6 s of a 2-core machine's 4-5 s),
+    for SavedModels of Keras models, which gpt2 never reads; `tf.keras` stays Keras 3 either way,
+    imported on its first use.
+
+    TF_USE_LEGACY_KERAS=1 during the import makes TensorFlow look for tf_keras's optimizers instead,
+    and skip them where tf_keras is not installed; unset again after it, `tf.keras` is Keras 3.
+    A user's own TF_USE_LEGACY_KERAS is left as it is.
+    """
+    mine = "TF_USE_LEGACY_KERAS" not in os.environ and importlib.util.find_spec("tf_keras") is None
+    if mine:
+        os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    try:
+        yield
+    finally:
+        if mine:
+            del os.environ["TF_USE_LEGACY_KERAS"]
+
+
+with c_stderr_silenced(), keras_left_for_later():
     import tensorflow as tf
 
     tf.config.list_physical_devices()
