@@ -1,5 +1,6 @@
 """The encoder against OpenAI's original BPE algorithm, written out again below as the reference."""
 import json
+import os
 import random
 import re
 from functools import lru_cache
@@ -7,7 +8,8 @@ from functools import lru_cache
 import pytest
 import regex
 
-from gpt2.encoder import get_encoder, read_encoder
+from gpt2 import encoder as encoder_module
+from gpt2.encoder import get_encoder, read_encoder, read_encoder_ahead
 from gpt2.errors import GPT2Error
 
 
@@ -149,6 +151,23 @@ def test_eot_token_is_last_id(encoders):
 def test_get_encoder_by_name(tiny_model):
     encoder = get_encoder("tiny", str(tiny_model.parent))
     assert encoder.decode(encoder.encode("the mill")) == "the mill"
+
+
+def test_an_encoder_read_ahead_is_the_next_read(tiny_model, tmp_path, monkeypatch):
+    reads, read_files = [], encoder_module._read_files
+    monkeypatch.setattr(encoder_module, "_read_files", lambda model_dir: reads.append(model_dir) or read_files(model_dir))
+    read_encoder_ahead(tiny_model)
+    early = read_encoder(str(tiny_model) + os.sep)  # the same folder, written another way
+    assert reads == [tiny_model]  # read once, by the thread
+    assert early.encode("the mill") == read_files(tiny_model).encode("the mill")
+    read_encoder(tiny_model)
+    assert reads == [tiny_model] * 2  # taken once: a later read reads the files again
+
+    (tmp_path / "vocab.bpe").write_bytes((tiny_model / "vocab.bpe").read_bytes())
+    (tmp_path / "encoder.json").write_bytes((tiny_model / "encoder.json").read_bytes()[:100])
+    read_encoder_ahead(tmp_path)
+    with pytest.raises(GPT2Error, match="damaged"):  # raised where the read is taken
+        read_encoder(tmp_path)
 
 
 def test_mismatched_vocab_files_are_reported(tiny_model, tmp_path):

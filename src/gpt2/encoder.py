@@ -7,9 +7,11 @@ faster; this module reads OpenAI's two files, checks that they agree, and keeps 
 interface (`get_encoder(model_name, models_dir)`, `encode`, `decode`).
 """
 import codecs
+import concurrent.futures
 import itertools
 import json
 import os
+import threading
 from functools import lru_cache
 
 import tiktoken
@@ -126,8 +128,37 @@ class StreamDecoder:
         return self._utf8.decode(b"", final=True)
 
 
+# Model folders (real paths) whose Encoder a thread is reading, to the Future of it: see read_encoder_ahead.
+_read_ahead = {}
+
+
+def read_encoder_ahead(model_dir):
+    """Start reading the Encoder of a model folder in a thread; the next read_encoder(model_dir) takes it.
+
+    The commands start it before importing TensorFlow, which leaves the interpreter free for part
+    of its 4-5 s: reading 124M's takes 0.3 s, and TensorFlow's import and the read together took
+    0.3 s less this way (mean of 8 alternating runs on 2 cores). A failure is raised by that
+    read_encoder, as reading there would have raised it.
+    """
+    future = concurrent.futures.Future()
+
+    def read():
+        try:
+            future.set_result(_read_files(model_dir))
+        except BaseException as e:  # noqa: B036 (handed to read_encoder, which raises it)
+            future.set_exception(e)
+
+    _read_ahead[os.path.realpath(model_dir)] = future
+    threading.Thread(target=read, daemon=True).start()
+
+
 def read_encoder(model_dir):
     """The Encoder of a model folder, from its encoder.json and vocab.bpe."""
+    future = _read_ahead.pop(os.path.realpath(model_dir), None)
+    return _read_files(model_dir) if future is None else future.result()
+
+
+def _read_files(model_dir):
     try:
         with open(os.path.join(model_dir, "encoder.json"), encoding="utf-8") as f:
             encoder = json.load(f)
