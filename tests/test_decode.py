@@ -148,6 +148,12 @@ def test_chunks_give_the_same_tokens_as_one_pass(model):
     pieces = list(sample_chunks(params, hparams, [PROMPT] * 2, 25, seed=11, chunk_size=4))
     assert [chunk.shape[1] for chunk in pieces] == [1] + [4] * 6
     np.testing.assert_array_equal(np.concatenate(pieces, axis=1), np.concatenate(whole, axis=1))
+    # Chunks of a time (streaming): the first call compiles, the second measures the pace, the
+    # others make as many tokens as fit in chunk_seconds at that pace.
+    for chunk_seconds, sizes in [(1e6, [1, 1, 1, 22]), (1e-9, [1] * 25)]:
+        timed = list(sample_chunks(params, hparams, [PROMPT] * 2, 25, seed=11, chunk_seconds=chunk_seconds))
+        assert [chunk.shape[1] for chunk in timed] == sizes
+        np.testing.assert_array_equal(np.concatenate(timed, axis=1), np.concatenate(whole, axis=1))
 
 
 class CtrlCWhenHashed:

@@ -11,6 +11,7 @@ rarely means a new compilation. How each token is chosen is gpt2.sampling's job.
 These functions trust their arguments: gpt2.api checks what users pass.
 """
 import functools
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -184,12 +185,14 @@ def sampling_settings(hparams, rows, temperature, top_k, top_p, seed, first_samp
 
 
 def sample_chunks(params, hparams, contexts, length, *, temperature=1.0, top_k=0, top_p=1.0, seed=0,
-                  first_sample=0, stop_token=None, chunk_size=None, strategy=None):
+                  first_sample=0, stop_token=None, chunk_size=None, chunk_seconds=None, strategy=None):
     """Continue each token list in `contexts` (one row each), yielding new tokens as they come.
 
     Yields arrays [rows, k]: the first token of every row, then up to `chunk_size` tokens at a
-    time (all the rest at once if None), `length` in all unless every row has stopped. A row that
-    drew `stop_token` repeats it from then on. Row r is sample number first_sample + r of `seed`:
+    time (all the rest at once if None), `length` in all unless every row has stopped. With
+    `chunk_seconds`, each compiled call after the first two makes as many tokens as the call
+    before made in that time (at least one): the first call compiles the loop, the second
+    measures its pace. A row that drew `stop_token` repeats it from then on. Row r is sample number first_sample + r of `seed`:
     the same seed and sample number give the same tokens, whatever the batch or the chunk size.
 
     With a tf.distribute.Strategy of several replicas, the rows are shared out in equal parts, in
@@ -227,8 +230,12 @@ def sample_chunks(params, hparams, contexts, length, *, temperature=1.0, top_k=0
                                               row_seeds))
     yield together(state.token)[:, None]
     made, done = 1, together(state.done).all()
+    seconds_per_token = None  # of the last call, once the loop is compiled
     while made < length and not done:
         n = length - made if chunk_size is None else min(chunk_size, length - made)
+        if chunk_seconds is not None:
+            n = min(n, 1 if seconds_per_token is None else max(1, int(chunk_seconds / seconds_per_token)))
+        started = time.perf_counter()
         state, out, steps = strategy.run(advance, args=(params, shared, state, tf.constant(made), tf.constant(n),
                                                         row_seeds))
         # A replica whose rows have all stopped ends its loop early: its rows repeat the stop token.
@@ -238,6 +245,8 @@ def sample_chunks(params, hparams, contexts, length, *, temperature=1.0, top_k=0
         for out, s in zip(outs, steps):
             if s < new:
                 out[:, s:] = stop_token
+        if made > 1:  # not the call that compiled the loop
+            seconds_per_token = (time.perf_counter() - started) / new
         made += new
         done = together(state.done).all()
         yield np.concatenate(outs)[:n_rows]
