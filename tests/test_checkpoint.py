@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import gpt2
 from gpt2 import checkpoint
-from gpt2.checkpoint import load_params, variable_shapes
+from gpt2.checkpoint import load_params, read_checkpoint, variable_shapes
 from gpt2.errors import GPT2Error
 from gpt2.folders import MODEL_FILES, HParams, find_model_dir, read_hparams
 from gpt2.testing import make_model_folder
@@ -74,6 +74,23 @@ def copy_folder(src, dst):
     for name in os.listdir(src):
         (dst / name).write_bytes((src / name).read_bytes())
     return dst
+
+
+def test_reading_ahead_reads_the_same_and_reports_damage_the_same(tiny_model, tmp_path):
+    hparams = read_hparams(tiny_model)
+    ahead = [(name, value.numpy()) for name, value in read_checkpoint(tiny_model, hparams, read_ahead=True)]
+    in_turn = [(name, value.numpy()) for name, value in read_checkpoint(tiny_model, hparams)]
+    assert [name for name, _ in ahead] == [name for name, _ in in_turn] == list(variable_shapes(hparams))
+    assert all((a == b).all() for (_, a), (_, b) in zip(ahead, in_turn))
+
+    broken = copy_folder(tiny_model, tmp_path / "broken")
+    data = broken / "model.ckpt.data-00000-of-00001"
+    damaged = bytearray(data.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # a block's checksum no longer matches
+    data.write_bytes(bytes(damaged))
+    for read_ahead in (True, False):
+        with pytest.raises(GPT2Error, match="damaged, download the model again"):
+            list(read_checkpoint(broken, hparams, read_ahead=read_ahead))
 
 
 def test_truncated_checkpoint_is_reported(tiny_model, tmp_path):

@@ -4,6 +4,7 @@ The weights are a TensorFlow checkpoint (model.ckpt.*) whose variables are named
 `model/wpe`, `model/h{i}/ln_1/g`, `model/h{i}/attn/c_attn/w`, ... and `model/ln_f/b`. The rest of
 a folder (its names, hparams.json, the vocabulary files) is gpt2.folders' job.
 """
+import concurrent.futures
 import itertools
 import os
 import shutil
@@ -47,7 +48,7 @@ def load_params(model_dir, hparams, dtype="float32"):
     """
     check_dtype(dtype)
     params = empty_tree(hparams)
-    for name, value in read_checkpoint(model_dir, hparams):
+    for name, value in read_checkpoint(model_dir, hparams, read_ahead=True):
         value = tf.cast(value, dtype)  # one tensor at a time: the float32 copy is freed at once
         node, key = tree_node(params, name)
         node[key] = value
@@ -66,10 +67,13 @@ def checkpoint_files(model_dir):
     return prefix + ".index", prefix + ".data-00000-of-00001"
 
 
-def read_checkpoint(model_dir, hparams):
+def read_checkpoint(model_dir, hparams, read_ahead=False):
     """Yields (name, float32 tensor) for each variable of the folder's checkpoint, one at a time, in
     variable_shapes' order, after checking that the checkpoint is whole and has this model's shapes.
     A linear layer's w comes as [n_in, n_out] (the checkpoint's [1, n_in, n_out]).
+
+    read_ahead: read the next block in a thread while the caller works on this one; it then holds
+    two blocks at a time. Loading 124M took 0.57-0.66 s this way, 0.62-0.84 s without.
     """
     prefix = os.path.join(model_dir, CKPT_PREFIX)
     shapes = variable_shapes(hparams)
@@ -104,15 +108,25 @@ def read_checkpoint(model_dir, hparams):
         # Read straight into TensorFlow tensors (no NumPy copy, so loading needs the weights' bytes
         # once), a block at a time: one read per tensor took twice as long (124M: 0.58 s against 0.27 s
         # for all at once), and 1558M's float32 weights are never all in memory.
-        for _, group in itertools.groupby(shapes.items(), key=lambda item: item[0].split("/")[1]):
-            names, group_shapes = zip(*group)
-            values = tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names),
-                                          dtypes=[tf.float32] * len(names))
-            for name, shape, value in zip(names, group_shapes, values):
-                if len(shape) == 3:
-                    value = tf.reshape(value, shape[1:])  # [1, n_in, n_out] -> [n_in, n_out], same buffer
-                yield name, value
-            del values, value
+        groups = [list(zip(*group)) for _, group in itertools.groupby(shapes.items(), key=lambda item: item[0].split("/")[1])]
+
+        def read(names):
+            return tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names),
+                                        dtypes=[tf.float32] * len(names))
+
+        # Each TensorFlow op lets go of the interpreter while it runs: the reads and the caller's
+        # work on the tensors read before go on at once.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
+            pending = reader.submit(read, groups[0][0]) if read_ahead else None
+            for i, (names, group_shapes) in enumerate(groups):
+                values = pending.result() if read_ahead else read(names)
+                if read_ahead and i + 1 < len(groups):
+                    pending = reader.submit(read, groups[i + 1][0])
+                for name, shape, value in zip(names, group_shapes, values):
+                    if len(shape) == 3:
+                        value = tf.reshape(value, shape[1:])  # [1, n_in, n_out] -> [n_in, n_out], same buffer
+                    yield name, value
+                del values, value
     except tf.errors.OpError as e:
         raise GPT2Error(f"cannot read the checkpoint {prefix} ({e.message.splitlines()[0]}): "
                         "it is damaged, download the model again") from e
