@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from gpt2 import decode
 from gpt2.decode import bucket, sample, sample_chunks, shared_prefix_length
-from gpt2.sampling import Rule, uniform_noise
+from gpt2.sampling import Rule, compiled_uniform_noise, uniform_noise
 from test_sampling import softmax, sorted_top_k_filter, sorted_top_p_filter
 
 PROMPT = [10, 200, 33, 5, 400, 17]
@@ -178,11 +178,11 @@ def test_a_prompt_of_another_length_in_the_same_cache_bucket_compiles_nothing_ne
     hparams, params = model
     advance = decode._advance.__wrapped__  # the tf.function
     sample(params, hparams, PROMPT[:5], 6, top_k=3, seed=1)
-    loops, noises = advance.experimental_get_tracing_count(), uniform_noise.experimental_get_tracing_count()
+    loops, noises = advance.experimental_get_tracing_count(), compiled_uniform_noise.experimental_get_tracing_count()
     for prompt in (PROMPT + [1, 2, 3], PROMPT + [4]):
         sample(params, hparams, prompt, 6, top_k=3, seed=2)
         assert advance.experimental_get_tracing_count() == loops
-        assert uniform_noise.experimental_get_tracing_count() == noises
+        assert compiled_uniform_noise.experimental_get_tracing_count() == noises
 
 
 TWO_CPUS = """
