@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from gpt2 import decode
 from gpt2.decode import bucket, sample, sample_chunks, shared_prefix_length
+from gpt2.model import cached_block
 from gpt2.sampling import Rule, compiled_uniform_noise, uniform_noise
 from test_sampling import softmax, sorted_top_k_filter, sorted_top_p_filter
 
@@ -179,10 +180,15 @@ def test_a_prompt_of_another_length_in_the_same_cache_bucket_compiles_nothing_ne
     advance = decode._advance.__wrapped__  # the tf.function
     sample(params, hparams, PROMPT[:5], 6, top_k=3, seed=1)
     loops, noises = advance.experimental_get_tracing_count(), compiled_uniform_noise.experimental_get_tracing_count()
+    blocks = cached_block.experimental_get_tracing_count()
     for prompt in (PROMPT + [1, 2, 3], PROMPT + [4]):
         sample(params, hparams, prompt, 6, top_k=3, seed=2)
         assert advance.experimental_get_tracing_count() == loops
         assert compiled_uniform_noise.experimental_get_tracing_count() == noises
+    # Another cache size and another batch (of prompts that share no start) need a loop of their
+    # own, but not another graph of the block.
+    list(sample_chunks(params, hparams, [PROMPT, [PROMPT[0] + 1] + PROMPT], 30, top_k=3, seed=2))
+    assert cached_block.experimental_get_tracing_count() == blocks
 
 
 TWO_CPUS = """

@@ -9,7 +9,7 @@ import pytest
 import regex
 
 from gpt2 import encoder as encoder_module
-from gpt2.encoder import get_encoder, read_encoder, read_encoder_ahead
+from gpt2.encoder import encoder_read_ahead, get_encoder, read_encoder
 from gpt2.errors import GPT2Error
 
 
@@ -156,18 +156,22 @@ def test_get_encoder_by_name(tiny_model):
 def test_an_encoder_read_ahead_is_the_next_read(tiny_model, tmp_path, monkeypatch):
     reads, read_files = [], encoder_module._read_files
     monkeypatch.setattr(encoder_module, "_read_files", lambda model_dir: reads.append(model_dir) or read_files(model_dir))
-    read_encoder_ahead(tiny_model)
-    early = read_encoder(str(tiny_model) + os.sep)  # the same folder, written another way
-    assert reads == [tiny_model]  # read once, by the thread
-    assert early.encode("the mill") == read_files(tiny_model).encode("the mill")
-    read_encoder(tiny_model)
-    assert reads == [tiny_model] * 2  # taken once: a later read reads the files again
+    with encoder_read_ahead(tiny_model):
+        early = read_encoder(str(tiny_model) + os.sep)  # the same folder, written another way
+        assert reads == [tiny_model]  # read once, by the thread
+        assert early.encode("the mill") == read_files(tiny_model).encode("the mill")
+        read_encoder(tiny_model)
+        assert reads == [tiny_model] * 2  # taken once: a later read reads the files again
+    with encoder_read_ahead(tiny_model):
+        pass  # a load that failed before reading it: dropped
+    assert encoder_module._read_ahead == {}
 
     (tmp_path / "vocab.bpe").write_bytes((tiny_model / "vocab.bpe").read_bytes())
     (tmp_path / "encoder.json").write_bytes((tiny_model / "encoder.json").read_bytes()[:100])
-    read_encoder_ahead(tmp_path)
-    with pytest.raises(GPT2Error, match="damaged"):  # raised where the read is taken
-        read_encoder(tmp_path)
+    with encoder_read_ahead(tmp_path):
+        with pytest.raises(GPT2Error, match="damaged"):  # raised where the read is taken
+            read_encoder(tmp_path)
+    assert reads.count(tmp_path) == 1  # the thread's read, not one of read_encoder's own
 
 
 def test_mismatched_vocab_files_are_reported(tiny_model, tmp_path):

@@ -1,10 +1,13 @@
 """TensorFlow's start: quiet, and XLA programs kept in a cache folder from one run to the next."""
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import time
+
+import pytest
 
 from gpt2 import tensorflow_start
 from gpt2.tensorflow_start import is_whole_protobuf, xla_cache_folder
@@ -77,11 +80,17 @@ def test_the_cache_folder_and_when_it_stays_off(tmp_path, monkeypatch):
     assert xla_cache_folder() is None  # TensorFlow would fail the call that cannot write its program
 
 
-def test_keras_is_not_imported_at_start_and_tf_keras_still_works():
+@pytest.mark.skipif(importlib.util.find_spec("tf_keras") is not None, reason="with tf_keras, TensorFlow imports it")
+def test_keras_is_not_imported_at_start_and_tf_keras_is_still_keras_3():
     code = ("import os, sys; from gpt2 import tensorflow_start as s; import tensorflow as tf\n"
-            "print('keras' in sys.modules, 'TF_USE_LEGACY_KERAS' in os.environ)\n"
+            "print('keras' in sys.modules, os.environ.get('TF_USE_LEGACY_KERAS'))\n"
             "print(tf.keras.layers.Dense(3)(tf.ones([1, 2])).shape, tf.keras.__name__)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"})
+    environment = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=environment)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[:2] == ["False False", "(1, 3) keras._tf_keras.keras"]
+    assert result.stdout.split("\n")[:2] == ["False None", "(1, 3) keras._tf_keras.keras"]
+    # A user's own setting is theirs: left as it is, and TensorFlow then imports Keras as it starts.
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**environment, "TF_USE_LEGACY_KERAS": "0"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "True 0"

@@ -5,6 +5,7 @@ The weights are a TensorFlow checkpoint (model.ckpt.*) whose variables are named
 a folder (its names, hparams.json, the vocabulary files) is gpt2.folders' job.
 """
 import concurrent.futures
+import contextlib
 import itertools
 import os
 import shutil
@@ -108,7 +109,8 @@ def read_checkpoint(model_dir, hparams, read_ahead=False):
         # Read straight into TensorFlow tensors (no NumPy copy, so loading needs the weights' bytes
         # once), a block at a time: one read per tensor took twice as long (124M: 0.58 s against 0.27 s
         # for all at once), and 1558M's float32 weights are never all in memory.
-        groups = [list(zip(*group)) for _, group in itertools.groupby(shapes.items(), key=lambda item: item[0].split("/")[1])]
+        groups = [list(zip(*group))
+                  for _, group in itertools.groupby(shapes.items(), key=lambda item: item[0].split("/")[1])]
 
         def read(names):
             return tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names),
@@ -116,7 +118,7 @@ def read_checkpoint(model_dir, hparams, read_ahead=False):
 
         # Each TensorFlow op lets go of the interpreter while it runs: the reads and the caller's
         # work on the tensors read before go on at once.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) if read_ahead else contextlib.nullcontext() as reader:
             pending = reader.submit(read, groups[0][0]) if read_ahead else None
             for i, (names, group_shapes) in enumerate(groups):
                 values = pending.result() if read_ahead else read(names)

@@ -40,7 +40,7 @@ from tqdm import tqdm  # noqa: E402
 from .arguments import (ArgumentError, check_dtype, check_generation, check_sampling, check_seed,  # noqa: E402
                         check_stop, new_seed, whole)
 from .errors import GPT2Error, Interrupted  # noqa: E402
-from .folders import check_model_name, default_models_dir, find_model_dir  # noqa: E402
+from .folders import check_model_name, find_model_dir  # noqa: E402
 
 
 PROMPT = "Model prompt >>> "
@@ -86,14 +86,15 @@ def check_shard(shard):
 
 
 def load_model(model_name, models_dir, dtype, strategy="one"):
-    from .encoder import read_encoder_ahead
+    from .encoder import encoder_read_ahead
 
     try:  # the tokenizer's files need no TensorFlow: they are read while it starts
-        read_encoder_ahead(find_model_dir(model_name, default_models_dir() if models_dir is None else models_dir))
-    except (GPT2Error, OSError, TypeError, ValueError):
-        pass  # not downloaded yet, or not a model: load fetches it or says what is wrong
-    from .api import load  # starts TensorFlow: only once the flags are known to be right
-    return load(model_name, models_dir, dtype=dtype, strategy=strategy)
+        reading = encoder_read_ahead(find_model_dir(model_name, models_dir))
+    except (GPT2Error, OSError, TypeError, ValueError):  # not downloaded yet, or not a model:
+        reading = contextlib.nullcontext()  # load fetches it or says what is wrong
+    with reading:
+        from .api import load  # starts TensorFlow: only once the flags are known to be right
+        return load(model_name, models_dir, dtype=dtype, strategy=strategy)
 
 
 def shown_prompt(text, file_name):

@@ -192,8 +192,9 @@ def sample_chunks(params, hparams, contexts, length, *, temperature=1.0, top_k=0
     time (all the rest at once if None), `length` in all unless every row has stopped. With
     `chunk_seconds`, each compiled call after the first two makes as many tokens as the call
     before made in that time (at least one): the first call compiles the loop, the second
-    measures its pace. A row that drew `stop_token` repeats it from then on. Row r is sample number first_sample + r of `seed`:
-    the same seed and sample number give the same tokens, whatever the batch or the chunk size.
+    measures its pace. A row that drew `stop_token` repeats it from then on. Row r is sample
+    number first_sample + r of `seed`: the same seed and sample number give the same tokens,
+    whatever the batch or the chunk size.
 
     With a tf.distribute.Strategy of several replicas, the rows are shared out in equal parts, in
     order (the last row is repeated to fill the last part, and its copies dropped), and each
@@ -245,7 +246,7 @@ def sample_chunks(params, hparams, contexts, length, *, temperature=1.0, top_k=0
         for out, s in zip(outs, steps):
             if s < new:
                 out[:, s:] = stop_token
-        if made > 1:  # not the call that compiled the loop
+        if chunk_seconds is not None and made > 1:  # not the call that compiled the loop
             seconds_per_token = (time.perf_counter() - started) / new
         made += new
         done = together(state.done).all()

@@ -207,8 +207,8 @@ def forward_cached(params, hparams, tokens, past, pos, shared=None):
 
 def cached_block_graph(x, p, past, slots, shared, n_head):
     """cached_block's graph for arguments like these of any batch size, number of tokens and cache
-    size: built once, for every block, the prompt's pass and the decoding loop alike (each of these
-    traces took about 0.18 s; 124M).
+    size: built once (per dtype, and with or without a shared prefix), for every block, the prompt's
+    pass and the decoding loop alike (each of these traces took about 0.18 s; 124M).
 
     A tf.function builds a graph for the shapes of its first call, and a second, general one at
     the first call of other shapes: every command made both, the prompt's pass then a step.

@@ -168,17 +168,20 @@ def _mix64(z):
 def uniform_noise(row_seeds, step, n, tokens=None):
     """Uniform numbers in (0, 1), [batch, columns]: row b's are draws step * n + token + 1 of the
     SplitMix64 stream keyed by row_seeds[b] = (seed, sample number), for the tokens [batch or 1,
-    columns] (None: 0 ... n - 1).
+    columns] (None: 0 ... n - 1). Call it op by op or from an XLA-compiled function: TensorFlow's
+    own kernels lack uint64 ops.
 
     A counter-based generator: every number is a function of (seed, sample, step, token) alone, so
     all rows and tokens are computed at once, with no state and no loop over rows, and a token's
     number does not depend on which others are drawn with it.
     """
-    # Op by op (the prompt's pass), it runs compiled on its own: TensorFlow's kernels lack uint64
-    # ops. In a compiled function (the decoding loop) it is part of its program: a tf.function
-    # called there would be traced once more for each shape of `tokens` (about 0.06 s each).
-    if not tf.inside_function():
-        return compiled_uniform_noise(row_seeds, step, n, tokens)
+    # In a compiled function (the decoding loop) it is part of its program: a tf.function called
+    # there would be traced once more for each shape of `tokens` (about 0.06 s each).
+    return _uniform_noise(row_seeds, step, n, tokens) if tf.inside_function() else \
+        compiled_uniform_noise(row_seeds, step, n, tokens)
+
+
+def _uniform_noise(row_seeds, step, n, tokens):
     tokens = tf.range(n)[None] if tokens is None else tokens
     seeds = tf.cast(row_seeds, tf.uint64)
     key = _mix64(tf.bitwise.bitwise_xor(_mix64(seeds[:, 0]), seeds[:, 1]))  # [batch]
@@ -188,7 +191,8 @@ def uniform_noise(row_seeds, step, n, tokens=None):
     return (tf.cast(tf.bitwise.right_shift(bits, tf.constant(41, tf.uint64)), tf.float32) + 0.5) * 2.0 ** -23
 
 
-compiled_uniform_noise = tf.function(uniform_noise, jit_compile=True, autograph=False)
+# The noise op by op (the prompt's pass): compiled on its own.
+compiled_uniform_noise = tf.function(_uniform_noise, jit_compile=True, autograph=False)
 
 
 def mark_stopped(token, done, rule):
