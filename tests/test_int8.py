@@ -4,9 +4,10 @@ import shutil
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import gpt2
-from gpt2 import int8
+from gpt2 import int8, sampling
 from gpt2.arguments import ArgumentError, check_dtype
 from gpt2.decode import sample
 from gpt2.errors import GPT2Error
@@ -102,11 +103,19 @@ def test_samples_are_those_of_their_seed_and_number_whatever_the_batch(int8_mode
     assert len({tuple(r) for r in batch}) == 3
 
 
-def test_a_second_call_does_not_compile_again(int8_model):
-    list(int8.sample_chunks(int8_model, [[1, 2]], 8, top_k=40, seed=1))
-    traces = int8._choose.experimental_get_tracing_count()
-    list(int8.sample_chunks(int8_model, [[7, 8, 9, 10]], 12, top_k=40, seed=2))
-    assert int8._choose.experimental_get_tracing_count() == traces
+def test_tokens_are_those_the_compiled_rules_draw_from_its_logits(int8_model):
+    """The NumPy rules (gpt2.numpy_sampling) pick what gpt2.sampling's would from the int8 logits."""
+    context, seed, sample_number = [1, 2, 3], 3, 2
+    got = np.concatenate(list(int8.sample_chunks(int8_model, [context], 8, top_k=40, top_p=0.9, temperature=0.8,
+                                                 seed=seed, first_sample=sample_number)), axis=1)[0]
+    compiled_choose = tf.function(sampling.choose, jit_compile=True)
+    rule = sampling.Rule(greedy=False, top_k=40, use_top_p=True, stop_token=None)
+    logits = int8_model.start(np.array([context], np.int32), np.array([len(context)], np.int32))
+    for step, token in enumerate(got):
+        want = compiled_choose(tf.constant(logits), step, tf.constant([[seed, sample_number]], tf.int64),
+                               tf.constant(0.8), tf.constant(0.9), rule)
+        assert token == want.numpy()[0], step
+        logits = int8_model.step(np.array([token], np.int32), np.array([len(context) + step], np.int32))
 
 
 def test_rows_end_at_the_stop_token(int8_model):

@@ -18,8 +18,9 @@ output layer (see piece_rows):
   in memory once, in XNNPACK's layout (see Program).
 - Each block's keys and values stay in its program's input tensors between steps; a step adds the
   new tokens' ones in place (`Int8Model.step`), so no cache is copied.
-- Tokens are chosen by gpt2.sampling's rules (compiled once, except greedy's): the same rules,
-  seeds and sample numbers as the float32 decoder.
+- Tokens are chosen by gpt2.sampling's rules in NumPy (gpt2.numpy_sampling: a call into
+  TensorFlow between two steps costs about 1 ms), with the same seeds and sample numbers as the
+  float32 decoder.
 """
 import contextlib
 import ctypes
@@ -39,9 +40,9 @@ import numpy as np
 import tensorflow as tf
 
 from .checkpoint import checkpoint_files, read_checkpoint
-from .decode import bucket, raises_ctrl_c, sampling_settings
+from . import numpy_sampling
+from .decode import bucket
 from .model import attention_weights, gelu, layer_norm, merge_heads, split_heads
-from .sampling import choose, mark_stopped
 from .tensorflow_start import MIN_FREE_BYTES, abandoned, c_stderr_silenced, xla_cache_folder
 
 # The linear layers of a block: (name, checkpoint name, [n_in, n_out] in units of n_embd).
@@ -583,30 +584,6 @@ def open_stored(folder, hparams):
     return build_model(hparams, blocks, head, arrays)
 
 
-@tf.function(jit_compile=True, autograph=False)
-def _choose(next_logits, step, done, draw, *, rule):
-    """The tokens [batch] drawn from logits [batch, n_vocab] at generation step `step`, and which rows are done."""
-    token = choose(next_logits, step, draw.row_seeds, draw.temperature, draw.top_p, rule)
-    return mark_stopped(token, done, rule)
-
-
-@raises_ctrl_c  # finding the compiled function reads its arguments' types, as a call does
-def chooser(rule, draw, batch, n_vocab):
-    """_choose for these settings: a function (next_logits, step, done) -> (token, done), of tensors.
-
-    Its compiled function, found once: a tf.function looks up the program that fits its arguments
-    at every call (0.3 ms of a 124M token's 15 ms at batch 1), and a Python number for the step
-    would be compiled into a new program each step. Greedy runs uncompiled: its one reduction
-    (and the stop rule) costs less than a compiled call (0.15 ms against 0.5 ms at batch 1).
-    """
-    if rule.greedy:
-        return raises_ctrl_c(lambda next_logits, step, done: _choose.python_function(next_logits, step, done, draw,
-                                                                                     rule=rule))
-    compiled = _choose.get_concrete_function(tf.TensorSpec([batch, n_vocab]), tf.TensorSpec([], tf.int32),
-                                             tf.TensorSpec([batch], tf.bool), draw, rule=rule)
-    return raises_ctrl_c(lambda next_logits, step, done: compiled(next_logits, step, done, draw, rule=rule))
-
-
 def sample_chunks(model, contexts, length, *, temperature=1.0, top_k=0, top_p=1.0, seed=0, first_sample=0,
                   stop_token=None, chunk_size=None):
     """gpt2.decode.sample_chunks with an Int8Model: the same arrays of new tokens, chosen by the same rules."""
@@ -615,19 +592,19 @@ def sample_chunks(model, contexts, length, *, temperature=1.0, top_k=0, top_p=1.
     tokens = np.zeros([len(contexts), n_tokens.max()], np.int32)
     for row, context in zip(tokens, contexts):
         row[:len(context)] = context
-    choose_tokens = chooser(*sampling_settings(hparams, len(contexts), temperature, top_k, top_p, seed, first_sample,
-                                               stop_token), len(contexts), hparams.n_vocab)
-    next_logits = model.start(tokens, n_tokens)
-    token, done = choose_tokens(tf.constant(next_logits), tf.constant(0), tf.zeros(len(contexts), tf.bool))
-    token, all_done = token.numpy(), done.numpy().all()
+    row_seeds = np.array([[seed, first_sample + row] for row in range(len(contexts))], np.int64)
+
+    def choose_tokens(next_logits, step, done):
+        token = numpy_sampling.choose(next_logits, step, row_seeds, temperature, top_k, top_p)
+        return numpy_sampling.mark_stopped(token, done, stop_token)
+
+    token, done = choose_tokens(model.start(tokens, n_tokens), 0, np.zeros(len(contexts), bool))
     yield token[:, None]
     pos, made, chunk = n_tokens, 1, []
-    while made < length and not all_done:
-        next_logits = model.step(token, pos)
-        token, done = choose_tokens(tf.constant(next_logits), tf.constant(made), done)
-        token, all_done = token.numpy(), done.numpy().all()
+    while made < length and not done.all():
+        token, done = choose_tokens(model.step(token, pos), made, done)
         pos, made = pos + 1, made + 1
         chunk.append(token)
-        if len(chunk) == chunk_size or made == length or all_done:
+        if len(chunk) == chunk_size or made == length or done.all():
             yield np.stack(chunk, axis=1)
             chunk = []
