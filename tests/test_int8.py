@@ -112,7 +112,7 @@ def test_tokens_are_those_the_compiled_rules_draw_from_its_logits(int8_model):
     rule = sampling.Rule(greedy=False, top_k=40, use_top_p=True, stop_token=None)
     logits = int8_model.start(np.array([context], np.int32), np.array([len(context)], np.int32))
     for step, token in enumerate(got):
-        want = compiled_choose(tf.constant(logits), step, tf.constant([[seed, sample_number]], tf.int64),
+        want = compiled_choose(tf.constant(logits), tf.constant(step), tf.constant([[seed, sample_number]], tf.int64),
                                tf.constant(0.8), tf.constant(0.9), rule)
         assert token == want.numpy()[0], step
         logits = int8_model.step(np.array([token], np.int32), np.array([len(context) + step], np.int32))

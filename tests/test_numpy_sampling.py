@@ -4,6 +4,8 @@ import pytest
 import tensorflow as tf
 
 from gpt2 import numpy_sampling, sampling
+from gpt2.decode import row_seeds, sampling_settings
+from gpt2.folders import HParams
 from test_sampling import exact_nucleus, hard_rows
 
 
@@ -14,7 +16,7 @@ def rows_of_normal_numbers():
 
 
 def test_noise_is_gpt2_samplings():
-    row_seeds = [[7, 0], [7, 1], [2 ** 40 + 3, 5], [2 ** 63 - 1, 2 ** 62]]
+    row_seeds = [[7, 0], [7, 1], [2 ** 40 + 3, 5], [2 ** 63 - 1, 2 ** 62], [-1, 3], [-2 ** 63, 0]]
     tokens = np.array([0, 1, 7, 4000, 50255, 50256], np.int32)
     for step in (0, 3, 1023):
         want = sampling.uniform_noise(tf.constant(row_seeds, tf.int64), tf.constant(step), 50257,
@@ -31,23 +33,29 @@ def test_the_nucleus_is_that_of_float64_sums():
         np.testing.assert_array_equal(kept, exact_nucleus(probs, p), err_msg=f"top_p {p}")
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0, 0, 1.0), (1.0, 0, 1.0), (1.0, 40, 1.0), (0.7, 40, 1.0),
-                                                     (1.0, 1000, 1.0), (1.0, 0, 0.9), (0.7, 0, 0.5), (1.0, 40, 0.9)])
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (0, 0, 1.0), (1.0, 0, 1.0), (1e-9, 0, 1.0), (2.0, 0, 1.0), (1.0, 1, 1.0), (1.0, 40, 1.0), (0.7, 40, 1.0),
+    (1.0, 1000, 1.0), (1.0, 60000, 1.0), (1.0, 0, 0.9), (0.7, 0, 0.5), (1.0, 0, 1e-6), (1.0, 0, 0.999999),
+    (1.0, 40, 0.9)])
 def test_choose_draws_the_tokens_of_the_compiled_rule(temperature, top_k, top_p):
     rows = rows_of_normal_numbers()
-    row_seeds = np.array([[42, sample] for sample in range(len(rows))], np.int64)
-    rule = sampling.Rule(greedy=temperature == 0, top_k=top_k, use_top_p=top_p < 1, stop_token=None)
+    hparams = HParams(n_vocab=rows.shape[1])
+    rule, draw = sampling_settings(hparams, len(rows), temperature, top_k, top_p, seed=42, first_sample=3,
+                                   stop_token=None)
     compiled_choose = tf.function(sampling.choose, jit_compile=True)
-    for step in (0, 7):
-        want = compiled_choose(tf.constant(rows), step, tf.constant(row_seeds), tf.constant(max(temperature, 1e-9)),
-                               tf.constant(top_p), rule).numpy()
-        got = numpy_sampling.choose(rows, step, row_seeds, temperature, top_k, top_p)
-        np.testing.assert_array_equal(got, want)
+    for step in (0, 7, 1023):
+        want = compiled_choose(tf.constant(rows), tf.constant(step), draw.row_seeds, draw.temperature, draw.top_p, rule)
+        got = numpy_sampling.choose(rows, step, row_seeds(len(rows), 42, 3), temperature, top_k, top_p)
+        np.testing.assert_array_equal(got, want.numpy(), err_msg=f"step {step}")
         assert got.dtype == np.int32
 
 
-def test_a_stopped_row_repeats_the_stop_token():
-    token, done = numpy_sampling.mark_stopped(np.array([5, 9, 2], np.int32), np.array([False, False, True]), 9)
-    assert token.tolist() == [5, 9, 9] and done.tolist() == [False, True, True]
-    token, done = numpy_sampling.mark_stopped(np.array([5, 9], np.int32), np.array([False, False]), None)
-    assert token.tolist() == [5, 9] and done.tolist() == [False, False]
+@pytest.mark.parametrize("stop_token", [9, None])
+def test_a_stopped_row_repeats_the_stop_token_as_in_the_compiled_rule(stop_token):
+    token, done = np.array([5, 9, 2, 9], np.int32), np.array([False, False, True, True])
+    rule = sampling.Rule(greedy=True, top_k=0, use_top_p=False, stop_token=stop_token)
+    want_token, want_done = sampling.mark_stopped(tf.constant(token), tf.constant(done), rule)
+    got_token, got_done = numpy_sampling.mark_stopped(token, done, stop_token)
+    np.testing.assert_array_equal(got_token, want_token.numpy())
+    np.testing.assert_array_equal(got_done, want_done.numpy())
+    assert got_token.tolist() == ([5, 9, 9, 9] if stop_token else [5, 9, 2, 9])

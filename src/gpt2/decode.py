@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from .model import LayerCache, SharedPrefix, empty_cache, forward_cached, logits
-from .sampling import Rule, choose, mark_stopped
+from .sampling import MIN_TEMPERATURE, Rule, choose, mark_stopped
 
 
 class Batch(NamedTuple):
@@ -180,8 +180,13 @@ def sampling_settings(hparams, rows, temperature, top_k, top_p, seed, first_samp
     """The Rule and the Draw of `rows` rows, samples first_sample, first_sample + 1, ... of `seed`."""
     rule = Rule(greedy=temperature == 0, top_k=min(top_k, hparams.n_vocab), use_top_p=top_p < 1,
                 stop_token=stop_token)
-    row_seeds = tf.constant([[seed, first_sample + row] for row in range(rows)], tf.int64)
-    return rule, Draw(row_seeds, tf.constant(max(temperature, 1e-9), tf.float32), tf.constant(top_p, tf.float32))
+    return rule, Draw(tf.constant(row_seeds(rows, seed, first_sample)),
+                      tf.constant(max(temperature, MIN_TEMPERATURE), tf.float32), tf.constant(top_p, tf.float32))
+
+
+def row_seeds(rows, seed, first_sample):
+    """[rows, 2] int64: each row's (seed, sample number), the numbers its draws are keyed by."""
+    return np.array([[seed, first_sample + row] for row in range(rows)], np.int64)
 
 
 def sample_chunks(params, hparams, contexts, length, *, temperature=1.0, top_k=0, top_p=1.0, seed=0,

@@ -41,7 +41,7 @@ import tensorflow as tf
 
 from .checkpoint import checkpoint_files, read_checkpoint
 from . import numpy_sampling
-from .decode import bucket
+from .decode import bucket, row_seeds
 from .model import attention_weights, gelu, layer_norm, merge_heads, split_heads
 from .tensorflow_start import MIN_FREE_BYTES, abandoned, c_stderr_silenced, xla_cache_folder
 
@@ -586,16 +586,16 @@ def open_stored(folder, hparams):
 
 def sample_chunks(model, contexts, length, *, temperature=1.0, top_k=0, top_p=1.0, seed=0, first_sample=0,
                   stop_token=None, chunk_size=None):
-    """gpt2.decode.sample_chunks with an Int8Model: the same arrays of new tokens, chosen by the same rules."""
-    hparams = model.hparams
+    """gpt2.decode.sample_chunks with an Int8Model: the same arrays of new tokens, chosen by the same rules
+    in NumPy (see gpt2.numpy_sampling for where the two may differ: rarely, at the last ulp)."""
     n_tokens = np.array([len(c) for c in contexts], np.int32)
     tokens = np.zeros([len(contexts), n_tokens.max()], np.int32)
     for row, context in zip(tokens, contexts):
         row[:len(context)] = context
-    row_seeds = np.array([[seed, first_sample + row] for row in range(len(contexts))], np.int64)
+    seeds = row_seeds(len(contexts), seed, first_sample)
 
     def choose_tokens(next_logits, step, done):
-        token = numpy_sampling.choose(next_logits, step, row_seeds, temperature, top_k, top_p)
+        token = numpy_sampling.choose(next_logits, step, seeds, temperature, top_k, top_p)
         return numpy_sampling.mark_stopped(token, done, stop_token)
 
     token, done = choose_tokens(model.start(tokens, n_tokens), 0, np.zeros(len(contexts), bool))

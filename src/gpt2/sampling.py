@@ -114,6 +114,9 @@ def float_of_ordered_bits(bits):
     return tf.bitcast(tf.where(bits < 0, bits ^ 0x7FFFFFFF, bits), tf.float32)
 
 
+MIN_TEMPERATURE = 1e-9  # what a temperature above 0 divides the logits by at least
+
+
 class Rule(NamedTuple):
     """How a token is chosen: the settings that change the compiled code (not temperature or top_p)."""
     greedy: bool
