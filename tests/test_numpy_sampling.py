@@ -1,4 +1,6 @@
 """The token rules in NumPy draw the tokens that gpt2.sampling's compiled rules draw."""
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -48,6 +50,17 @@ def test_choose_draws_the_tokens_of_the_compiled_rule(temperature, top_k, top_p)
         got = numpy_sampling.choose(rows, step, row_seeds(len(rows), 42, 3), temperature, top_k, top_p)
         np.testing.assert_array_equal(got, want.numpy(), err_msg=f"step {step}")
         assert got.dtype == np.int32
+
+
+def test_a_tiny_temperature_draws_among_the_largest_logits_without_warnings():
+    rows = rows_of_normal_numbers()
+    with np.errstate(over="ignore"):
+        scaled = rows / np.float32(1e-9)  # the largest logits of some rows are all +inf now: ties
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for top_k, top_p in ((0, 1.0), (0, 0.9), (40, 0.9)):
+            tokens = numpy_sampling.choose(rows, 3, row_seeds(len(rows), 1, 0), 1e-9, top_k, top_p)
+            assert (scaled[np.arange(len(rows)), tokens] == scaled.max(axis=1)).all()
 
 
 @pytest.mark.parametrize("stop_token", [9, None])

@@ -50,6 +50,8 @@ def nucleus_threshold(logits, p):
     about 1e-6 of p may fall on the other side there.)
     """
     descending = np.sort(logits)[::-1]
+    if descending[0] == np.inf:  # (a tiny temperature) the infinite logits carry all the probability
+        return descending[0]
     # The softmax's numerators, in blocks of SUM_BLOCK (the last one filled up with zeros): np.cumsum
     # adds one number at a time (0.8 ms for 50257 float64s), so the running sums go block by block.
     weights = np.zeros(-(-len(descending) // SUM_BLOCK) * SUM_BLOCK, np.float32)
@@ -69,7 +71,8 @@ def choose(logits, step, row_seeds, temperature, top_k, top_p):
     gpt2.sampling.choose's rules; row_seeds [batch, 2] holds each row's (seed, sample number)."""
     if temperature == 0:
         return np.argmax(logits, axis=-1).astype(np.int32)
-    logits = np.asarray(logits, np.float32) / np.float32(max(temperature, MIN_TEMPERATURE))
+    with np.errstate(over="ignore"):  # a tiny temperature makes large logits +-inf, as in the compiled rule
+        logits = np.asarray(logits, np.float32) / np.float32(max(temperature, MIN_TEMPERATURE))
     n_vocab = logits.shape[1]
     kept = np.ones(logits.shape, bool)
     if 0 < top_k < n_vocab:
