@@ -5,7 +5,6 @@ The weights are a TensorFlow checkpoint (model.ckpt.*) whose variables are named
 a folder (its names, hparams.json, the vocabulary files) is gpt2.folders' job.
 """
 import concurrent.futures
-import contextlib
 import itertools
 import os
 import shutil
@@ -116,19 +115,26 @@ def read_checkpoint(model_dir, hparams, read_ahead=False):
             return tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names),
                                         dtypes=[tf.float32] * len(names))
 
-        # Each TensorFlow op lets go of the interpreter while it runs: the reads and the caller's
-        # work on the tensors read before go on at once.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) if read_ahead else contextlib.nullcontext() as reader:
-            pending = reader.submit(read, groups[0][0]) if read_ahead else None
-            for i, (names, group_shapes) in enumerate(groups):
-                values = pending.result() if read_ahead else read(names)
-                if read_ahead and i + 1 < len(groups):
-                    pending = reader.submit(read, groups[i + 1][0])
-                for name, shape, value in zip(names, group_shapes, values):
-                    if len(shape) == 3:
-                        value = tf.reshape(value, shape[1:])  # [1, n_in, n_out] -> [n_in, n_out], same buffer
-                    yield name, value
-                del values, value
+        def reads():
+            """Each group's tensors in turn. With read_ahead, the next group is read in a thread while
+            the caller works on this one: each TensorFlow op lets go of the interpreter while it runs."""
+            if not read_ahead:
+                yield from (read(names) for names, _ in groups)
+                return
+            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
+                pending = reader.submit(read, groups[0][0])
+                for names, _ in groups[1:]:
+                    values = pending.result()
+                    pending = reader.submit(read, names)
+                    yield values
+                yield pending.result()
+
+        for (names, group_shapes), values in zip(groups, reads()):
+            for name, shape, value in zip(names, group_shapes, values):
+                if len(shape) == 3:
+                    value = tf.reshape(value, shape[1:])  # [1, n_in, n_out] -> [n_in, n_out], same buffer
+                yield name, value
+            del values, value
     except tf.errors.OpError as e:
         raise GPT2Error(f"cannot read the checkpoint {prefix} ({e.message.splitlines()[0]}): "
                         "it is damaged, download the model again") from e
