@@ -41,10 +41,13 @@ def relative_error(got, want):
 
 
 @pytest.mark.parametrize("prompt_piece", [64, 5])  # the prompts in one run of each block, or in pieces of 5
-def test_logits_follow_float32_through_the_prompt_and_each_step(int8_model, full_logits, prompt_piece, monkeypatch):
+@pytest.mark.parametrize("n_shared", [0, 6])  # the rows start with 6 tokens in common: cached once for both
+def test_logits_follow_float32_through_the_prompt_and_each_step(int8_model, full_logits, prompt_piece, n_shared,
+                                                                 monkeypatch):
     monkeypatch.setattr(int8, "PROMPT_PIECE", prompt_piece)
     rng = np.random.default_rng(1)
-    rows = [rng.integers(0, 657, 20).tolist(), rng.integers(0, 657, 20).tolist()]
+    rows = [[600] + rng.integers(0, 657, 19).tolist(), [601] + rng.integers(0, 657, 19).tolist()]
+    rows[1][:n_shared] = rows[0][:n_shared]
     want = np.stack([full_logits(r) for r in rows])  # [2, 20, n_vocab]
     n_prompt = np.array([12, 7], np.int32)  # prompts of different lengths share the batch
     prompts = np.array([r[:12] for r in rows], np.int32)
@@ -56,8 +59,34 @@ def test_logits_follow_float32_through_the_prompt_and_each_step(int8_model, full
         errors += [relative_error(got[b], want[b, pos[b]]) for b in range(2)]
         assert (got.argmax(-1) == want[[0, 1], pos].argmax(-1)).all()
         pos += 1
-    assert int8_model.blocks[0].shapes["keys"][3] == 24  # it grew on the way
+    assert int8_model.blocks[0].shapes["keys"][3] == 24 if n_shared == 0 else 16  # it grew on the way, or not
+    assert int8_model.blocks[0].shapes["shared_keys"][2] == max(n_shared, 1)  # 1: an empty slot
     assert max(errors) < LOGIT_TOLERANCE, errors
+
+
+PROMPT = [5, 9, 100, 300, 2, 70, 71, 8]
+
+
+@pytest.mark.parametrize("rows, n_shared", [
+    ([PROMPT, PROMPT + [40, 41], PROMPT], len(PROMPT) - 1),  # each row runs its last prompt token: its own logits
+    ([[1] + PROMPT, PROMPT, [1] + PROMPT], 0)])  # nothing shared; two rows with the same prompt run it once
+def test_rows_get_the_logits_they_get_alone(int8_model, rows, n_shared):
+    """Several samples of a prompt (or prompts that start alike) share its cache: the same logits as each
+    row alone (equal to the bit here; other kernels may sum in another order)."""
+    tokens = np.array([r + [0] * (10 - len(r)) for r in rows], np.int32)
+    n_tokens = np.array([len(r) for r in rows], np.int32)
+    together = [int8_model.start(tokens, n_tokens)]
+    assert int8_model.n_shared() == n_shared
+    next_tokens = np.array([[7, 8, 9], [10, 11, 12], [13, 14, 15]], np.int32)  # 3 steps each
+    for step in range(3):
+        together.append(int8_model.step(next_tokens[:, step], n_tokens + step))
+    for b, row in enumerate(rows):
+        alone = [int8_model.start(np.array([row], np.int32), np.array([len(row)], np.int32))]
+        assert int8_model.n_shared() == len(row) - 1  # all of a lone row's prompt but its last token
+        for step in range(3):
+            alone.append(int8_model.step(next_tokens[b:b + 1, step], n_tokens[b:b + 1] + step))
+        for got, want in zip(alone, together):
+            np.testing.assert_allclose(got[0], want[b], rtol=0, atol=1e-4 * want[b].std())
 
 
 def test_each_block_gets_its_own_weights(int8_model, full_logits):

@@ -17,7 +17,8 @@ output layer (see piece_rows):
   them from there (`open_stored`): later loads read no checkpoint, and each program's weights are
   in memory once, in XNNPACK's layout (see Program).
 - Each block's keys and values stay in its program's input tensors between steps; a step adds the
-  new tokens' ones in place (`Int8Model.step`), so no cache is copied.
+  new tokens' ones in place (`Int8Model.step`), so no cache is copied. The tokens that all rows
+  start with (several samples of one prompt) are cached once, for all rows (`attention_after`).
 - Tokens are chosen by gpt2.sampling's rules in NumPy (gpt2.numpy_sampling: a call into
   TensorFlow between two steps costs about 1 ms), with the same seeds and sample numbers as the
   float32 decoder.
@@ -41,8 +42,8 @@ import tensorflow as tf
 
 from .checkpoint import checkpoint_files, read_checkpoint
 from . import numpy_sampling
-from .decode import bucket, row_seeds
-from .model import attention_weights, gelu, layer_norm, merge_heads, split_heads
+from .decode import bucket, row_seeds, shared_prefix_length
+from .model import LayerCache, attention_weights, gelu, layer_norm, merge_heads, split_heads
 from .tensorflow_start import MIN_FREE_BYTES, abandoned, c_stderr_silenced, xla_cache_folder
 
 # The linear layers of a block: (name, checkpoint name, [n_in, n_out] in units of n_embd).
@@ -74,25 +75,40 @@ def dense(x, w, b=None):
     return out if b is None else out + b
 
 
-def attention_after(q, k, v, keys, values, pos):
-    """Attention of tokens q, k, v [batch, n_head, seq, head_dim] that come after each row's first
-    pos[b] cached keys [batch, n_head, head_dim, cache_len] and values [batch, n_head, cache_len,
-    head_dim] (later slots are ignored).
+def attention_after(q, k, v, keys, values, pos, shared_keys, shared_values, n_shared):
+    """Attention of tokens q, k, v [batch, n_head, seq, head_dim] that come after the n_shared positions
+    that all rows share, cached once in shared_keys [n_head, head_dim, shared_len] and shared_values
+    [n_head, shared_len, head_dim], then each row's own first pos[b] cached keys [batch, n_head,
+    head_dim, cache_len] and values [batch, n_head, cache_len, head_dim] (later slots are ignored).
 
-    The cache is never joined with the new tokens' keys and values: that copied the whole cache at
-    every step (with 8 rows and 384 slots, as many bytes as 124M's int8 weights). (Keys are cached
-    transposed; values transposed instead, or neither, measured the same.)
+    The shared positions (several samples of one prompt) are one product for all rows, so each step
+    reads them once, not once per row. The cache is never joined with the new tokens' keys and
+    values: that copied the whole cache at every step (with 8 rows and 384 slots, as many bytes as
+    124M's int8 weights). (Keys are cached transposed; values transposed instead, or neither,
+    measured the same.)
     """
+    batch, n_head, seq, head_dim = tf.shape(q)[0], q.shape[1], tf.shape(q)[2], q.shape[3]
+    shared_len, cache_len = tf.shape(shared_keys)[2], tf.shape(keys)[3]
+
+    def all_rows(t):  # [batch, n_head, seq, n] -> [n_head, batch * seq, n]
+        return tf.reshape(tf.transpose(t, [1, 0, 2, 3]), tf.stack([n_head, batch * seq, -1]))
+
+    def each_row(t):  # [n_head, batch * seq, n] -> [batch, n_head, seq, n]
+        return tf.transpose(tf.reshape(t, tf.stack([n_head, batch, seq, -1])), [1, 0, 2, 3])
+
+    shared = each_row(tf.matmul(all_rows(q), shared_keys))  # [batch, n_head, seq, shared_len]
     past = tf.matmul(q, keys)  # [batch, n_head, seq, cache_len]
     new = tf.matmul(q, k, transpose_b=True)  # [batch, n_head, seq, seq]
-    seq = tf.range(tf.shape(q)[2])
-    past_visible = tf.broadcast_to(tf.range(tf.shape(keys)[3])[None, None, None, :] < pos[:, None, None, None],
+    query = tf.range(seq)
+    shared_visible = tf.broadcast_to(tf.range(shared_len) < n_shared, tf.shape(shared))
+    past_visible = tf.broadcast_to(tf.range(cache_len)[None, None, None, :] < pos[:, None, None, None],
                                    tf.shape(past))
-    new_visible = tf.broadcast_to((seq[None, :] <= seq[:, None])[None, None], tf.shape(new))
-    probs = attention_weights(tf.concat([past, new], axis=-1) / math.sqrt(q.shape[-1]),
-                              tf.concat([past_visible, new_visible], axis=-1), tf.float32)
-    past_probs, new_probs = tf.split(probs, [tf.shape(keys)[3], tf.shape(q)[2]], axis=-1)
-    return tf.matmul(past_probs, values) + tf.matmul(new_probs, v)
+    new_visible = tf.broadcast_to((query[None, :] <= query[:, None])[None, None], tf.shape(new))
+    probs = attention_weights(tf.concat([shared, past, new], axis=-1) / math.sqrt(head_dim),
+                              tf.concat([shared_visible, past_visible, new_visible], axis=-1), tf.float32)
+    shared_probs, past_probs, new_probs = tf.split(probs, tf.stack([shared_len, cache_len, seq]), axis=-1)
+    return (each_row(tf.matmul(all_rows(shared_probs), shared_values)) + tf.matmul(past_probs, values)
+            + tf.matmul(new_probs, v))
 
 
 class Template(NamedTuple):
@@ -191,23 +207,28 @@ def piece_rows(hparams):
 
 
 def block_template(hparams):
-    """The Template of one block's step: x [batch, seq, n_embd] of tokens that come after pos[b]
-    cached keys [batch, n_head, head_dim, cache_len] and values [batch, n_head, cache_len, head_dim]
-    -> the block's output (same shape as x) and the tokens' own keys and values [batch, n_head, seq,
-    head_dim]. Its other inputs are the block's VECTORS."""
+    """The Template of one block's step: x [batch, seq, n_embd] of tokens that come after n_shared
+    positions that all rows share (shared_keys [n_head, head_dim, shared_len], shared_values [n_head,
+    shared_len, head_dim]), then each row's pos[b] own cached keys [batch, n_head, head_dim,
+    cache_len] and values [batch, n_head, cache_len, head_dim] -> the block's output (same shape as
+    x) and the tokens' own keys and values [batch, n_head, seq, head_dim]. Its other inputs are the
+    block's VECTORS."""
     n_embd, n_head, shapes = hparams.n_embd, hparams.n_head, block_shapes(hparams)
     head_dim = n_embd // n_head
     signature = [tf.TensorSpec([None, None, n_embd], name="x"), tf.TensorSpec([None, n_head, head_dim, None], name="keys"),
-                 tf.TensorSpec([None, n_head, None, head_dim], name="values"), tf.TensorSpec([None], tf.int32, name="pos")]
+                 tf.TensorSpec([None, n_head, None, head_dim], name="values"), tf.TensorSpec([None], tf.int32, name="pos"),
+                 tf.TensorSpec([n_head, head_dim, None], name="shared_keys"),
+                 tf.TensorSpec([n_head, None, head_dim], name="shared_values"), tf.TensorSpec([], tf.int32, name="n_shared")]
     sizes = {"c_attn_b": 3 * n_embd, "c_fc_b": 4 * n_embd}
     signature += [tf.TensorSpec([sizes.get(name, n_embd)], name=name) for name in VECTORS]
 
     @tf.function(input_signature=signature, autograph=False)
-    def step(x, keys, values, pos, *vectors):
+    def step(x, keys, values, pos, shared_keys, shared_values, n_shared, *vectors):
         p, w = dict(zip(VECTORS, vectors)), stand_ins(shapes)
         qkv = dense(layer_norm(x, {"g": p["ln_1_g"], "b": p["ln_1_b"]}), w["c_attn"], p["c_attn_b"])
         q, k, v = (split_heads(t, n_head) for t in tf.split(qkv, 3, axis=-1))
-        x = x + dense(merge_heads(attention_after(q, k, v, keys, values, pos)), w["attn_proj"], p["attn_proj_b"])
+        attention = attention_after(q, k, v, keys, values, pos, shared_keys, shared_values, n_shared)
+        x = x + dense(merge_heads(attention), w["attn_proj"], p["attn_proj_b"])
         h = gelu(dense(layer_norm(x, {"g": p["ln_2_g"], "b": p["ln_2_b"]}), w["c_fc"], p["c_fc_b"]))
         return x + dense(h, w["mlp_proj"], p["mlp_proj_b"]), k, v
 
@@ -267,9 +288,12 @@ class Program:
         """A NumPy view of input `name`, to write in place; drop it before `run`."""
         return self.interpreter.tensor(self.inputs[name])()
 
-    def run(self, **inputs):
+    def set(self, **inputs):
         for name, value in inputs.items():
             self.interpreter.set_tensor(self.inputs[name], value)
+
+    def run(self, **inputs):
+        self.set(**inputs)
         self.interpreter.invoke()
         return [self.interpreter.get_tensor(i) for i in self.outputs]
 
@@ -368,77 +392,107 @@ class Int8Model(NamedTuple):
         the programs are then ready for `step`. Returns the logits [batch, n_vocab] after each row's
         last token.
 
-        Rows with the same prompt (several samples of it) run it once, and their caches start as
-        copies. The prompts go through each block PROMPT_PIECE tokens at a time: each program keeps
-        memory for the largest shape it ran (with 512 tokens at once, 124M's 12 programs held 14 GB).
+        The tokens that all rows start with (several samples of one prompt; all of a lone row's
+        prompt but its last token) run once, into a cache that the rows share (see attention_after);
+        the rest of each row goes into its own cache, which `step` grows as the text does. Rows with
+        the same rest run it once, and their caches start as copies.
         """
-        batch, seq = tokens.shape
-        cache_len = bucket(seq + 1, self.hparams.n_ctx)  # room for the first step's token
-        prompts, row_prompt = np.unique(np.concatenate([tokens, n_tokens[:, None]], axis=1), axis=0,
-                                        return_inverse=True)
-        row_prompt = row_prompt.reshape(-1)
-        prompts, n_tokens = prompts[:, :-1], prompts[:, -1]
-        rows, piece = len(prompts), min(seq, PROMPT_PIECE)
-        n_pieces = -(-seq // piece)
-        prompts = np.pad(prompts, [(0, 0), (0, n_pieces * piece - seq)])  # the last piece filled up with padding
-        positions = np.minimum(np.arange(prompts.shape[1]), self.hparams.n_ctx - 1)
-        x = self.embed(prompts, np.broadcast_to(positions, prompts.shape))
-        n_head, head_dim = self.hparams.n_head, self.hparams.n_embd // self.hparams.n_head
+        n_shared = shared_prefix_length([row[:n] for row, n in zip(tokens, n_tokens)])
+        n_ctx, n_head, head_dim = self.hparams.n_ctx, self.hparams.n_head, self.hparams.n_embd // self.hparams.n_head
+        rests, row_rest = np.unique(np.concatenate([tokens[:, n_shared:], n_tokens[:, None] - n_shared], axis=1),
+                                    axis=0, return_inverse=True)
+        rests, n_rest, row_rest = rests[:, :-1], rests[:, -1], row_rest.reshape(-1)
+        cache_len = bucket(rests.shape[1] + 1, n_ctx - n_shared)  # room for the first step's token
+        nothing = LayerCache(np.zeros([n_head, head_dim, 1], np.float32), np.zeros([n_head, 1, head_dim], np.float32))
+        prefix, x = self.embed_prompt(tokens[:1, :n_shared], 0), self.embed_prompt(rests, n_shared)
         for block in self.blocks:
-            keys = np.zeros([rows, n_head, head_dim, cache_len], np.float32)
-            values = np.zeros([rows, n_head, cache_len, head_dim], np.float32)
-            block.resize(x=[rows, piece, x.shape[-1]], pos=[rows], keys=keys.shape, values=values.shape)
-            out = []
-            for start in range(0, prompts.shape[1], piece):
-                y, new_keys, new_values = block.run(x=x[:, start:start + piece], keys=keys, values=values,
-                                                    pos=np.full(rows, start, np.int32))
-                end = min(start + piece, cache_len)  # the padding may run past the cache: not kept
-                keys[..., start:end] = np.swapaxes(new_keys, 2, 3)[..., :end - start]
-                values[:, :, start:end] = new_values[:, :, :end - start]
-                out.append(y)
-            x = np.concatenate(out, axis=1)
-            self.set_cache(block, keys[row_prompt], values[row_prompt])
+            shared = nothing
+            if n_shared:
+                prefix, cache = self.run_prompt(block, prefix, nothing, 0, n_shared)
+                shared = LayerCache(cache.keys[0], cache.values[0])
+            x, own = self.run_prompt(block, x, shared, n_shared, cache_len)
+            self.set_cache(block, LayerCache(own.keys[row_rest], own.values[row_rest]), shared, n_shared)
         for head_piece in self.head:
-            head_piece.resize(h=[batch, 1, x.shape[-1]])
-        return self.logits(x[np.arange(rows), n_tokens - 1][row_prompt][:, None])
+            head_piece.resize(h=[len(tokens), 1, x.shape[-1]])
+        return self.logits(x[np.arange(len(rests)), n_rest - 1][row_rest][:, None])
 
-    def set_cache(self, block, keys, values):
-        """Make `block` take one token per row with keys [batch, n_head, head_dim, cache_len] and values
-        [batch, n_head, cache_len, head_dim] as its cache (a resize leaves the inputs unwritten)."""
-        block.resize(x=[len(keys), 1, self.hparams.n_embd], pos=[len(keys)], keys=keys.shape, values=values.shape)
-        view = block.input("keys")
-        view[...] = keys
-        view = block.input("values")
-        view[...] = values
-        del view
+    def embed_prompt(self, tokens, first_position):
+        """tokens [rows, seq] at positions first_position.. -> their embeddings [rows, seq', n_embd],
+        seq' a whole number of run_prompt's pieces (the last one filled up with padding)."""
+        piece = min(tokens.shape[1], PROMPT_PIECE) or 1
+        tokens = np.pad(tokens, [(0, 0), (0, -tokens.shape[1] % piece)])
+        positions = np.minimum(first_position + np.arange(tokens.shape[1]), self.hparams.n_ctx - 1)
+        return self.embed(tokens, np.broadcast_to(positions, tokens.shape))
+
+    def run_prompt(self, block, x, shared, n_shared, cache_len):
+        """Run embedded tokens x [rows, seq, n_embd] (embed_prompt's) that come after n_shared positions
+        cached in `shared` through `block`, PROMPT_PIECE tokens at a time, into a new cache of cache_len
+        slots (later tokens are not kept). Returns the block's output [rows, seq, n_embd] and the cache
+        (keys [rows, n_head, head_dim, cache_len], values [rows, n_head, cache_len, head_dim]).
+
+        Each program keeps memory for the largest shape it ran: with 512 tokens at once, 124M's 12
+        programs held 14 GB.
+        """
+        (rows, seq, n_embd), n_head = x.shape, self.hparams.n_head
+        piece = min(seq, PROMPT_PIECE)
+        cache = LayerCache(np.zeros([rows, n_head, n_embd // n_head, cache_len], np.float32),
+                           np.zeros([rows, n_head, cache_len, n_embd // n_head], np.float32))
+        block.resize(x=[rows, piece, n_embd], pos=[rows], keys=cache.keys.shape, values=cache.values.shape,
+                     shared_keys=shared.keys.shape, shared_values=shared.values.shape)
+        out = []
+        for start in range(0, seq, piece):
+            y, keys, values = block.run(x=x[:, start:start + piece], pos=np.full(rows, start, np.int32),
+                                        keys=cache.keys, values=cache.values, shared_keys=shared.keys,
+                                        shared_values=shared.values, n_shared=np.int32(n_shared))
+            end = min(start + piece, cache_len)  # the padding may run past the cache: not kept
+            cache.keys[..., start:end] = np.swapaxes(keys, 2, 3)[..., :end - start]
+            cache.values[:, :, start:end] = values[:, :, :end - start]
+            out.append(y)
+        return np.concatenate(out, axis=1), cache
+
+    def set_cache(self, block, own, shared, n_shared):
+        """Make `block` take one token per row after n_shared positions cached in `shared` for all rows
+        and each row's own cache `own` (a resize leaves the inputs unwritten)."""
+        rows = len(own.keys)
+        block.resize(x=[rows, 1, self.hparams.n_embd], pos=[rows], keys=own.keys.shape, values=own.values.shape,
+                     shared_keys=shared.keys.shape, shared_values=shared.values.shape)
+        block.set(keys=own.keys, values=own.values, shared_keys=shared.keys, shared_values=shared.values,
+                  n_shared=np.int32(n_shared))
+
+    def n_shared(self):
+        """How many positions all rows share, before each row's own cache slots (see start)."""
+        return int(self.blocks[0].input("n_shared"))
 
     def grow_cache(self, cache_len):
-        """Give each block's cache cache_len slots, keeping what it holds."""
+        """Give each block's own caches cache_len slots, keeping what they and the shared cache hold."""
         for block in self.blocks:
             more = cache_len - block.shapes["keys"][3]
-            keys = np.pad(block.input("keys"), [(0, 0), (0, 0), (0, 0), (0, more)])  # copies: no view stays
-            values = np.pad(block.input("values"), [(0, 0), (0, 0), (0, more), (0, 0)])
-            self.set_cache(block, keys, values)
+            # Copies, so that no view stays: the resize moves the inputs.
+            own = LayerCache(np.pad(block.input("keys"), [(0, 0), (0, 0), (0, 0), (0, more)]),
+                             np.pad(block.input("values"), [(0, 0), (0, 0), (0, more), (0, 0)]))
+            shared = LayerCache(block.input("shared_keys").copy(), block.input("shared_values").copy())
+            self.set_cache(block, own, shared, int(block.input("n_shared")))
 
     def step(self, tokens, pos):
-        """Feed tokens [batch] at positions pos [batch] (their cache slots), after `start`: the logits
-        [batch, n_vocab] that follow them.
+        """Feed tokens [batch] at positions pos [batch], after `start`: the logits [batch, n_vocab] that
+        follow them.
 
         A step reads its whole cache (124M, batch 1: 8.2 ms for the blocks with 16 slots, 11.0 ms with
-        272), so the cache starts as small as the prompt allows and grows as the tokens reach its end,
-        by gpt2.decode's buckets (a few copies of the cache in all).
+        272), so the rows' own caches start as small as the prompt allows and grow as the tokens reach
+        their end, by gpt2.decode's buckets (a few copies of the cache in all).
         """
-        if pos.max() >= self.blocks[0].shapes["keys"][3]:
-            self.grow_cache(bucket(pos.max() + 1, self.hparams.n_ctx))
+        n_shared = self.n_shared()
+        slots = (pos - n_shared).astype(np.int32)
+        if slots.max() >= self.blocks[0].shapes["keys"][3]:
+            self.grow_cache(bucket(slots.max() + 1, self.hparams.n_ctx - n_shared))
         x = self.embed(tokens[:, None], pos[:, None])
         rows = np.arange(len(tokens))
-        pos = pos.astype(np.int32)
         for block in self.blocks:
-            x, keys, values = block.run(x=x, pos=pos)  # the new keys and values [batch, n_head, 1, head_dim]
+            x, keys, values = block.run(x=x, pos=slots)  # the new keys and values [batch, n_head, 1, head_dim]
             view = block.input("keys")
-            view[rows, :, :, pos] = keys[:, :, 0]
+            view[rows, :, :, slots] = keys[:, :, 0]
             view = block.input("values")
-            view[rows, :, pos] = values[:, :, 0]
+            view[rows, :, slots] = values[:, :, 0]
             del view
         return self.logits(x)
 
