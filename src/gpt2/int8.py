@@ -81,22 +81,16 @@ def attention_after(q, k, v, keys, values, pos, shared_keys, shared_values, n_sh
     [n_head, shared_len, head_dim], then each row's own first pos[b] cached keys [batch, n_head,
     head_dim, cache_len] and values [batch, n_head, cache_len, head_dim] (later slots are ignored).
 
-    The shared positions (several samples of one prompt) are one product for all rows, so each step
-    reads them once, not once per row. The cache is never joined with the new tokens' keys and
-    values: that copied the whole cache at every step (with 8 rows and 384 slots, as many bytes as
-    124M's int8 weights). (Keys are cached transposed; values transposed instead, or neither,
+    The shared positions (several samples of one prompt) are one product broadcast over the rows,
+    whose rows read them from the processor's caches: at 8 rows with 768 shared slots a step took
+    about as long as with the rows folded into one product (4 transposes more a block), and half as
+    long as with a cache of 768 slots per row. The cache is never joined with the new tokens' keys
+    and values: that copied the whole cache at every step (with 8 rows and 384 slots, as many bytes
+    as 124M's int8 weights). (Keys are cached transposed; values transposed instead, or neither,
     measured the same.)
     """
-    batch, n_head, seq, head_dim = tf.shape(q)[0], q.shape[1], tf.shape(q)[2], q.shape[3]
-    shared_len, cache_len = tf.shape(shared_keys)[2], tf.shape(keys)[3]
-
-    def all_rows(t):  # [batch, n_head, seq, n] -> [n_head, batch * seq, n]
-        return tf.reshape(tf.transpose(t, [1, 0, 2, 3]), tf.stack([n_head, batch * seq, -1]))
-
-    def each_row(t):  # [n_head, batch * seq, n] -> [batch, n_head, seq, n]
-        return tf.transpose(tf.reshape(t, tf.stack([n_head, batch, seq, -1])), [1, 0, 2, 3])
-
-    shared = each_row(tf.matmul(all_rows(q), shared_keys))  # [batch, n_head, seq, shared_len]
+    shared_len, cache_len, seq = tf.shape(shared_keys)[2], tf.shape(keys)[3], tf.shape(q)[2]
+    shared = tf.matmul(q, shared_keys)  # [batch, n_head, seq, shared_len]
     past = tf.matmul(q, keys)  # [batch, n_head, seq, cache_len]
     new = tf.matmul(q, k, transpose_b=True)  # [batch, n_head, seq, seq]
     query = tf.range(seq)
@@ -104,11 +98,10 @@ def attention_after(q, k, v, keys, values, pos, shared_keys, shared_values, n_sh
     past_visible = tf.broadcast_to(tf.range(cache_len)[None, None, None, :] < pos[:, None, None, None],
                                    tf.shape(past))
     new_visible = tf.broadcast_to((query[None, :] <= query[:, None])[None, None], tf.shape(new))
-    probs = attention_weights(tf.concat([shared, past, new], axis=-1) / math.sqrt(head_dim),
+    probs = attention_weights(tf.concat([shared, past, new], axis=-1) / math.sqrt(q.shape[-1]),
                               tf.concat([shared_visible, past_visible, new_visible], axis=-1), tf.float32)
     shared_probs, past_probs, new_probs = tf.split(probs, tf.stack([shared_len, cache_len, seq]), axis=-1)
-    return (each_row(tf.matmul(all_rows(shared_probs), shared_values)) + tf.matmul(past_probs, values)
-            + tf.matmul(new_probs, v))
+    return tf.matmul(shared_probs, shared_values) + tf.matmul(past_probs, values) + tf.matmul(new_probs, v)
 
 
 class Template(NamedTuple):
