@@ -61,9 +61,9 @@ def worker(model_dir, flag_sets, batches, prompt_len, new_tokens, runs, dtype, d
     prompts = {batch: rng.integers(0, model.hparams.n_vocab, (batch, prompt_len)).tolist() if distinct
                else [rng.integers(0, model.hparams.n_vocab, prompt_len).tolist()] * batch for batch in batches}
     # What a prefill computes: the tokens that all rows' prompts start with once, each row's own
-    # tokens (at least its last one) once per row.
-    # (int8 weights: rows with the same prompt run it once, other rows share nothing.)
-    n_shared = {batch: (prompt_len if len({tuple(p) for p in prompts[batch]}) == 1 else 0) if model.int8
+    # tokens (at least its last one) once per row; int8 runs rows with the same own tokens once, so
+    # one prompt for all rows runs once in all.
+    n_shared = {batch: prompt_len if model.int8 and len({tuple(p) for p in prompts[batch]}) == 1
                 else shared_prefix_length(prompts[batch]) for batch in batches}
     prefill_tokens = {batch: prompt_len + (batch - 1) * (prompt_len - n_shared[batch]) for batch in batches}
     gemm_flops = {batch: forward_flops(model.hparams, prompt_len) + (batch - 1) * (

@@ -46,20 +46,20 @@ def test_logits_follow_float32_through_the_prompt_and_each_step(int8_model, full
                                                                  monkeypatch):
     monkeypatch.setattr(int8, "PROMPT_PIECE", prompt_piece)
     rng = np.random.default_rng(1)
-    rows = [[600] + rng.integers(0, 657, 19).tolist(), [601] + rng.integers(0, 657, 19).tolist()]
+    rows = [[600] + rng.integers(0, 657, 25).tolist(), [601] + rng.integers(0, 657, 25).tolist()]
     rows[1][:n_shared] = rows[0][:n_shared]
-    want = np.stack([full_logits(r) for r in rows])  # [2, 20, n_vocab]
+    want = np.stack([full_logits(r) for r in rows])  # [2, 26, n_vocab]
     n_prompt = np.array([12, 7], np.int32)  # prompts of different lengths share the batch
     prompts = np.array([r[:12] for r in rows], np.int32)
-    got = int8_model.start(prompts, n_prompt)  # 16 cache slots at first
+    got = int8_model.start(prompts, n_prompt)  # 16 own cache slots at first
+    assert int8_model.n_shared() == n_shared
     errors = [relative_error(got[b], want[b, n_prompt[b] - 1]) for b in range(2)]
     pos = n_prompt.copy()
-    for _ in range(8):  # to 20 tokens: the cache grows to 24 slots
+    for _ in range(14):  # to 26 tokens: the own cache grows to 24 slots, then 32 where nothing is shared
         got = int8_model.step(np.array([rows[b][pos[b]] for b in range(2)], np.int32), pos)
         errors += [relative_error(got[b], want[b, pos[b]]) for b in range(2)]
-        assert (got.argmax(-1) == want[[0, 1], pos].argmax(-1)).all()
         pos += 1
-    assert int8_model.blocks[0].shapes["keys"][3] == 24 if n_shared == 0 else 16  # it grew on the way, or not
+    assert int8_model.blocks[0].shapes["keys"][3] == (32 if n_shared == 0 else 24)  # it grew on the way
     assert int8_model.blocks[0].shapes["shared_keys"][2] == max(n_shared, 1)  # 1: an empty slot
     assert max(errors) < LOGIT_TOLERANCE, errors
 
@@ -70,13 +70,23 @@ PROMPT = [5, 9, 100, 300, 2, 70, 71, 8]
 @pytest.mark.parametrize("rows, n_shared", [
     ([PROMPT, PROMPT + [40, 41], PROMPT], len(PROMPT) - 1),  # each row runs its last prompt token: its own logits
     ([[1] + PROMPT, PROMPT, [1] + PROMPT], 0)])  # nothing shared; two rows with the same prompt run it once
-def test_rows_get_the_logits_they_get_alone(int8_model, rows, n_shared):
+def test_rows_get_the_logits_they_get_alone(int8_model, rows, n_shared, monkeypatch):
     """Several samples of a prompt (or prompts that start alike) share its cache: the same logits as each
-    row alone (equal to the bit here; other kernels may sum in another order)."""
+    row alone (they were equal to the bit on this machine; kernels may sum in another order elsewhere)."""
     tokens = np.array([r + [0] * (10 - len(r)) for r in rows], np.int32)
     n_tokens = np.array([len(r) for r in rows], np.int32)
+    run_prompt, rows_run = int8.Int8Model.run_prompt, []
+
+    def counting_rows(model, block, x, *args):
+        rows_run.append(len(x))
+        return run_prompt(model, block, x, *args)
+
+    monkeypatch.setattr(int8.Int8Model, "run_prompt", counting_rows)
     together = [int8_model.start(tokens, n_tokens)]
+    monkeypatch.undo()
     assert int8_model.n_shared() == n_shared
+    # Each block runs the shared tokens once, then the 2 different rests: 3 rows run as 2.
+    assert rows_run == ([1, 2] if n_shared else [2]) * len(int8_model.blocks)
     next_tokens = np.array([[7, 8, 9], [10, 11, 12], [13, 14, 15]], np.int32)  # 3 steps each
     for step in range(3):
         together.append(int8_model.step(next_tokens[:, step], n_tokens + step))
@@ -167,6 +177,8 @@ def test_the_api_generates_with_int8(tiny_model):
     model = gpt2.load("tiny", str(tiny_model.parent), dtype="int8")
     float32 = gpt2.load("tiny", str(tiny_model.parent))
     assert model.generate("The river", 20, temperature=0) == float32.generate("The river", 20, temperature=0)
+    assert (model.generate("The river", 20, temperature=0, nsamples=3, batch_size=3)  # the prompt's cache shared
+            == float32.generate("The river", 20, temperature=0, nsamples=3, batch_size=3))
     texts = model.generate(["a", "The mill by the river"], 10, top_k=40, seed=4, nsamples=2, batch_size=3)
     assert [len(t) for t in texts] == [2, 2]
     assert "".join(model.stream("The river", 10, top_p=0.9, seed=4)) == model.generate("The river", 10, top_p=0.9,

@@ -50,7 +50,7 @@ from .tensorflow_start import MIN_FREE_BYTES, abandoned, c_stderr_silenced, xla_
 LAYERS = (("c_attn", "attn/c_attn", (1, 3)), ("attn_proj", "attn/c_proj", (1, 1)),
           ("c_fc", "mlp/c_fc", (1, 4)), ("mlp_proj", "mlp/c_proj", (4, 1)))
 PIECE_WEIGHTS = 12 * 1024 ** 2  # weights per program of the output layer at most (see piece_rows)
-PROMPT_PIECE = 64  # prompt tokens per run of a block (see Int8Model.start)
+PROMPT_PIECE = 64  # prompt tokens per run of a block (see Int8Model.run_prompt)
 # The block's small float tensors, each set once as an input of its program: name -> checkpoint name.
 VECTORS = {"ln_1_g": "ln_1/g", "ln_1_b": "ln_1/b", "c_attn_b": "attn/c_attn/b", "attn_proj_b": "attn/c_proj/b",
            "ln_2_g": "ln_2/g", "ln_2_b": "ln_2/b", "c_fc_b": "mlp/c_fc/b", "mlp_proj_b": "mlp/c_proj/b"}
@@ -397,7 +397,8 @@ class Int8Model(NamedTuple):
         rests, n_rest, row_rest = rests[:, :-1], rests[:, -1], row_rest.reshape(-1)
         cache_len = bucket(rests.shape[1] + 1, n_ctx - n_shared)  # room for the first step's token
         nothing = LayerCache(np.zeros([n_head, head_dim, 1], np.float32), np.zeros([n_head, 1, head_dim], np.float32))
-        prefix, x = self.embed_prompt(tokens[:1, :n_shared], 0), self.embed_prompt(rests, n_shared)
+        prefix = self.embed_prompt(tokens[:1, :n_shared], 0) if n_shared else None
+        x = self.embed_prompt(rests, n_shared)
         for block in self.blocks:
             shared = nothing
             if n_shared:
@@ -412,7 +413,7 @@ class Int8Model(NamedTuple):
     def embed_prompt(self, tokens, first_position):
         """tokens [rows, seq] at positions first_position.. -> their embeddings [rows, seq', n_embd],
         seq' a whole number of run_prompt's pieces (the last one filled up with padding)."""
-        piece = min(tokens.shape[1], PROMPT_PIECE) or 1
+        piece = min(tokens.shape[1], PROMPT_PIECE)
         tokens = np.pad(tokens, [(0, 0), (0, -tokens.shape[1] % piece)])
         positions = np.minimum(first_position + np.arange(tokens.shape[1]), self.hparams.n_ctx - 1)
         return self.embed(tokens, np.broadcast_to(positions, tokens.shape))
