@@ -431,24 +431,22 @@ class Int8Model(NamedTuple):
         piece = min(seq, PROMPT_PIECE)
         cache = LayerCache(np.zeros([rows, n_head, n_embd // n_head, cache_len], np.float32),
                            np.zeros([rows, n_head, cache_len, n_embd // n_head], np.float32))
-        block.resize(x=[rows, piece, n_embd], pos=[rows], keys=cache.keys.shape, values=cache.values.shape,
-                     shared_keys=shared.keys.shape, shared_values=shared.values.shape)
+        self.set_cache(block, cache, shared, n_shared, seq=piece)
         out = []
         for start in range(0, seq, piece):
             y, keys, values = block.run(x=x[:, start:start + piece], pos=np.full(rows, start, np.int32),
-                                        keys=cache.keys, values=cache.values, shared_keys=shared.keys,
-                                        shared_values=shared.values, n_shared=np.int32(n_shared))
+                                        keys=cache.keys, values=cache.values)
             end = min(start + piece, cache_len)  # the padding may run past the cache: not kept
             cache.keys[..., start:end] = np.swapaxes(keys, 2, 3)[..., :end - start]
             cache.values[:, :, start:end] = values[:, :, :end - start]
             out.append(y)
         return np.concatenate(out, axis=1), cache
 
-    def set_cache(self, block, own, shared, n_shared):
-        """Make `block` take one token per row after n_shared positions cached in `shared` for all rows
+    def set_cache(self, block, own, shared, n_shared, seq=1):
+        """Make `block` take seq tokens per row after n_shared positions cached in `shared` for all rows
         and each row's own cache `own` (a resize leaves the inputs unwritten)."""
         rows = len(own.keys)
-        block.resize(x=[rows, 1, self.hparams.n_embd], pos=[rows], keys=own.keys.shape, values=own.values.shape,
+        block.resize(x=[rows, seq, self.hparams.n_embd], pos=[rows], keys=own.keys.shape, values=own.values.shape,
                      shared_keys=shared.keys.shape, shared_values=shared.values.shape)
         block.set(keys=own.keys, values=own.values, shared_keys=shared.keys, shared_values=shared.values,
                   n_shared=np.int32(n_shared))
