@@ -38,11 +38,12 @@ STREAM_SECONDS = 0.2
 BATCH_CHUNK = 32
 
 
-def load(model_name="124M", models_dir=None, *, dtype="float32", base_url=None, download=True, strategy="one"):
+def load(model_name="124M", models_dir=None, *, dtype="float32", base_url=None, download=True, strategy="one",
+         progress=True):
     """The model `model_name` (124M, 355M, 774M, 1558M, or a folder name in models_dir).
 
     One of OpenAI's models that is not in models_dir yet is downloaded first, with a progress bar
-    (unless download=False). models_dir defaults to $GPT2_MODELS_DIR, else ./models. dtype:
+    (unless progress=False; download=False: not at all). models_dir defaults to $GPT2_MODELS_DIR, else ./models. dtype:
     "float32" (as stored), or "float16" / "bfloat16" for half the memory (faster on GPUs).
     strategy: the devices that `generate` spreads each batch over: "one" (the default device),
     "mirrored" (all of this machine's GPUs, each with a copy of the weights), "auto" (mirrored
@@ -56,7 +57,7 @@ def load(model_name="124M", models_dir=None, *, dtype="float32", base_url=None, 
         if not download or canonical_name(model_name) not in MODEL_NAMES:
             raise
         print(f"Fetching model {canonical_name(model_name)} into {models_dir} (only this once)", file=sys.stderr)
-        download_model(model_name, models_dir, base_url)
+        download_model(model_name, models_dir, base_url, progress=progress)
         model_dir = find_model_dir(model_name, models_dir)
     return GPT2.from_folder(model_dir, dtype, strategy)
 

@@ -14,7 +14,8 @@ import tensorflow as tf
 
 from .arguments import check_dtype
 from .errors import GPT2Error
-from .folders import VOCAB_FILES, read_error, write_hparams
+from .folders import VOCAB_FILES, check_replaceable, read_error, write_hparams
+from .storage import recover_folder, replace_folder, writing_name
 
 CKPT_PREFIX = "model.ckpt"
 
@@ -174,37 +175,33 @@ def checkpoint_variables(params, hparams):
 def save_model(model_dir, hparams, params, vocab_dir, write_more=None):
     """Write a params tree as the OpenAI model folder `model_dir`, with vocab_dir's encoder.json and vocab.bpe.
 
-    The folder is written whole beside `model_dir`, then renamed into place: a crash leaves the
-    previous folder (or none), never a half-written one. `write_more(folder)`, if given, adds
-    files to it before the rename (a fine-tuning run's state).
+    The folder is written whole beside `model_dir`, then put in its place (gpt2.storage.replace_folder):
+    a crash leaves the previous folder (or none), never a half-written one. A folder there that
+    holds other files than a model's is not replaced: an ArgumentError says so before anything is
+    written. `write_more(folder)`, if given, adds files to it first (a fine-tuning run's state).
     """
     model_dir = os.path.abspath(model_dir)
-    writing = f"{model_dir}.writing-{os.getpid()}"
+    check_replaceable(model_dir, "model_dir")
+    recover_folder(model_dir)  # what an earlier, killed save left
+    writing = writing_name(model_dir)
     shutil.rmtree(writing, ignore_errors=True)  # left by a crash of an earlier process with this pid
-    os.makedirs(writing)
     try:
+        os.makedirs(writing)
         write_checkpoint(writing, hparams, checkpoint_variables(params, hparams))
         for name in VOCAB_FILES:
             shutil.copyfile(os.path.join(vocab_dir, name), os.path.join(writing, name))
         if write_more:
             write_more(writing)
         replace_folder(writing, model_dir)
+    except (OSError, tf.errors.OpError) as e:  # a full disk, say
+        shutil.rmtree(writing, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) else e.message
+        raise GPT2Error(f"cannot save {model_dir} ({reason}): free some space, or choose another folder; what was "
+                        "there is kept as it was") from e
     except BaseException:
         shutil.rmtree(writing, ignore_errors=True)
         raise
     return model_dir
-
-
-def replace_folder(new, path):
-    """Move the folder `new` to `path`, replacing what is there (two renames: the old one is kept until then)."""
-    if not os.path.exists(path):
-        os.rename(new, path)
-        return
-    old = f"{path}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(path, old)
-    os.rename(new, path)
-    shutil.rmtree(old)
 
 
 def write_checkpoint(model_dir, hparams, variables):

@@ -17,20 +17,15 @@ import re
 import sys
 import time
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; downloads of one model at once are not kept apart there
-    fcntl = None
-
 import requests
 from tqdm.auto import tqdm  # widgets in notebooks, text bars in terminals
 
-from .folders import LEGACY_NAMES, MODEL_FILES, MODEL_NAMES, canonical_name, default_models_dir
+from .folders import DOWNLOAD_LOCK, LEGACY_NAMES, MODEL_FILES, MODEL_NAMES, canonical_name, default_models_dir
 from .errors import GPT2Error
+from .storage import try_lock, unlock
 
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2"
 CHUNK = 1 << 16  # what an interruption loses at most
-LOCK_FILE = ".download.lock"  # in the model folder while a download works in it
 LOCK_POLL = 0.2  # seconds between two looks at a lock held by another download
 
 
@@ -93,46 +88,30 @@ def _only_download(model_dir, name, lock_timeout):
     any. A lock dies with its process, so a killed download never blocks the next one. The file is
     removed, still locked, on release; a waiter that got the lock of a removed file tries again.
     """
-    if fcntl is None:
-        yield
-        return
-    path = os.path.join(model_dir, LOCK_FILE)
+    path = os.path.join(model_dir, DOWNLOAD_LOCK)
     said = False
     seen, since = None, time.monotonic()
     while True:
         try:
-            lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            lock = try_lock(path)
         except OSError as e:
             raise GPT2Error(f"cannot create {path} ({e.strerror}): check the folder's permissions") from e
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            os.close(lock)
-            if not said:
-                print(f"waiting for another download of {name} into {model_dir} to finish", file=sys.stderr,
-                      flush=True)
-                said = True
-            now, state = time.monotonic(), _folder_state(model_dir)
-            if state != seen:
-                seen, since = state, now
-            elif now - since > lock_timeout:
-                raise GPT2Error(f"another download of {name} into {model_dir} has made no progress for "
-                                f"{lock_timeout:g} s: stop it, then rerun to finish the download") from e
-            time.sleep(LOCK_POLL)
-            continue
-        try:
-            locked_the_file_there = os.path.samestat(os.fstat(lock), os.stat(path))
-        except FileNotFoundError:
-            locked_the_file_there = False
-        if locked_the_file_there:
+        if lock is not None:
             break
-        os.close(lock)
+        if not said:
+            print(f"waiting for another download of {name} into {model_dir} to finish", file=sys.stderr, flush=True)
+            said = True
+        now, state = time.monotonic(), _folder_state(model_dir)
+        if state != seen:
+            seen, since = state, now
+        elif now - since > lock_timeout:
+            raise GPT2Error(f"another download of {name} into {model_dir} has made no progress for "
+                            f"{lock_timeout:g} s: stop it, then rerun to finish the download")
+        time.sleep(LOCK_POLL)
     try:
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.remove(path)
-        os.close(lock)
+        unlock(path, lock)
 
 
 def _folder_state(model_dir):

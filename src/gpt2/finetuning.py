@@ -8,6 +8,7 @@ import os
 from typing import NamedTuple, Optional
 
 from .arguments import TRAINING_STRATEGIES, ArgumentError, check_dtype, check_seed, check_strategy, is_real, must, whole
+from .folders import REQUIRED_FILES, default_models_dir, run_folder
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 
@@ -78,7 +79,9 @@ def finetune(dataset=None, model_name="124M", run_name="run1", models_dir=None, 
     val_dataset or val_fraction (the last part of the dataset held out), val_every (steps),
     val_tokens (how many validation tokens are scored): validation loss and perplexity;
     keep_best: also save the best run so far as models_dir/<run_name>_best.
-    overwrite: allow run_name to replace a model folder that is not a fine-tuning run.
+    overwrite: allow run_name to replace a model folder that is not a fine-tuning run. A run never
+    replaces a folder that holds other files than a model's, and run_name must name a folder
+    inside models_dir. One process at a time trains a run: a second is refused with one line.
     csv_column: the text column of .csv datasets. base_url: where to fetch model_name from.
 
     Less memory (README's table says what each saves): recompute (each block's activations are
@@ -135,5 +138,9 @@ def check(settings):
             raise ArgumentError("{lora_rank} trains the adapters alone: leave out {only_train_transformer_layers}",
                                 "lora_rank", "only_train_transformer_layers")
     check_strategy(settings.strategy, TRAINING_STRATEGIES)
-    if settings.restore_from not in ("latest", "fresh") and not os.path.isdir(str(settings.restore_from)):
-        raise must("restore_from", "latest, fresh, or a model folder", settings.restore_from)
+    if settings.restore_from not in ("latest", "fresh"):
+        missing = [name for name in REQUIRED_FILES if not os.path.isfile(os.path.join(str(settings.restore_from), name))]
+        if missing:
+            raise ArgumentError(f"{{restore_from}} must be latest, fresh, or a model folder, and "
+                                f"{settings.restore_from!r} is none: it has no {', '.join(missing)}", "restore_from")
+    run_folder(settings.models_dir or default_models_dir(), settings.run_name)

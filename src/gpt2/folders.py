@@ -11,8 +11,9 @@ import os
 import stat
 from typing import NamedTuple
 
-from .arguments import is_whole, must
+from .arguments import ArgumentError, is_whole, must
 from .errors import GPT2Error
+from .storage import recover_folder
 
 
 class HParams(NamedTuple):  # a NamedTuple: tf.function keys its compiled code on these values
@@ -37,6 +38,9 @@ MODEL_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00
 # The files that loading reads (the meta graph and the `checkpoint` pointer are not needed).
 REQUIRED_FILES = ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001", "encoder.json", "vocab.bpe")
 VOCAB_FILES = ("encoder.json", "vocab.bpe")
+TRAINING = "training"  # a fine-tuning run's subfolder: what resuming needs (see gpt2.train)
+DOWNLOAD_LOCK = ".download.lock"  # in a model folder while a download works in it
+DATASETS = "datasets"  # models_dir's cache of encoded datasets (see gpt2.train)
 
 
 def default_models_dir():
@@ -68,6 +72,8 @@ def find_model_dir(model_name, models_dir=None):
     if not os.path.isdir(path):
         path = os.path.join(models_dir, canonical_name(model_name))
     if not os.path.isdir(path):
+        recover_folder(path)  # a fine-tuning run killed while it saved
+    if not os.path.isdir(path):
         if canonical_name(model_name) in MODEL_NAMES:
             raise GPT2Error(f"model {model_name} is not in {models_dir}: "
                             f"run `python download_model.py {canonical_name(model_name)}` to fetch it")
@@ -78,6 +84,45 @@ def find_model_dir(model_name, models_dir=None):
         raise GPT2Error(f"{path} is missing {', '.join(missing)}: download the model again "
                         f"(`python download_model.py {model_name}`)")
     return path
+
+
+def run_folder(models_dir, run_name):
+    """The folder models_dir/run_name, checked to lie inside models_dir: not models_dir itself, not
+    above it, not its dataset cache."""
+    relative = os.path.normpath(str(run_name)) if str(run_name).strip() else "."
+    if os.path.isabs(relative) or relative == "." or relative.split(os.sep)[0] == "..":
+        raise must("run_name", "the name of a folder inside models_dir (say run1)", run_name)
+    if relative == DATASETS:
+        raise ArgumentError(f"{{run_name}} {DATASETS} is the folder of encoded datasets, not a model: "
+                            "choose another {run_name}", "run_name")
+    return os.path.join(models_dir, relative)
+
+
+def is_run(folder):
+    """Whether `folder` is a fine-tuning run (what resuming needs is in it)."""
+    return os.path.isfile(os.path.join(folder, TRAINING, "state.npz"))
+
+
+def foreign_files(folder):
+    """The names in `folder` that no model folder holds (its files, a run's training/ folder, a
+    download's lock and parts): what replacing `folder` would delete of someone else's. [] for a
+    missing or empty folder; [its name] for a file."""
+    if not os.path.lexists(folder):
+        return []
+    if not os.path.isdir(folder):
+        return [os.path.basename(folder)]
+    ours = set(MODEL_FILES) | {TRAINING, DOWNLOAD_LOCK} | {f"{name}.part" for name in MODEL_FILES}
+    return sorted(set(os.listdir(folder)) - ours)
+
+
+def check_replaceable(folder, name):
+    """An ArgumentError (about the parameter `name`) where writing a model to `folder` would
+    replace files that are not a model's."""
+    foreign = foreign_files(folder)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ArgumentError(f"{folder} holds files that are not a model's ({shown}), which saving there would "
+                            f"delete: choose another {{{name}}}, or move them away", name)
 
 
 def is_file(folder, name):

@@ -10,6 +10,7 @@ Datasets are encoded once into a token file of uint16 (models_dir/datasets/<name
 read by memory map: a corpus larger than memory trains as well as a small one. Documents (files,
 CSV rows, JSONL records) are joined with <|endoftext|> as the token itself.
 """
+import contextlib
 import csv
 import glob
 import hashlib
@@ -19,6 +20,7 @@ import os
 import signal
 import threading
 import time
+import zipfile
 from typing import NamedTuple
 
 import numpy as np
@@ -28,8 +30,11 @@ from tqdm.auto import tqdm
 from . import tensorflow_start  # noqa: F401  (before TensorFlow's first use: quiet, with its compilation cache)
 from .arguments import ArgumentError
 from .errors import GPT2Error, Interrupted
+from .folders import (DATASETS, LEGACY_NAMES, MODEL_NAMES, TRAINING, check_replaceable, default_models_dir,
+                      foreign_files, is_run, run_folder)
 from .model import forward, logits
 from .score import score_tokens, text_pieces
+from .storage import only_writer, recover_folder, remove_dead_files
 from .strategies import distribution, is_chief
 
 TOKEN_DTYPE = np.uint16  # GPT-2's 50257 ids fit
@@ -67,30 +72,31 @@ def documents(path, csv_column="text"):
             elif path.endswith(".jsonl"):
                 for n, line in enumerate(f, 1):
                     if line.strip():
-                        record = json.loads(line)
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise GPT2Error(f"{path} line {n} is not JSON ({e.msg}, column {e.colno}): each line "
+                                            "must be an object such as {\"text\": \"...\"}") from e
                         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                             raise GPT2Error(f"{path} line {n} has no \"text\" string: each line must be "
                                             "an object such as {\"text\": \"...\"}")
                         yield [record["text"]]
             else:
-                yield text_pieces(f)
-    except UnicodeDecodeError as e:
-        raise GPT2Error(f"{path} is not UTF-8 text ({e.reason}): save it as UTF-8 first") from e
-    except json.JSONDecodeError as e:
-        raise GPT2Error(f"{path} is not JSON Lines ({e}): one JSON object per line") from e
+                yield text_pieces(f)  # read as its caller takes the pieces: see encoded_dataset
     except OSError as e:
         raise GPT2Error(f"cannot read {path}: {e.strerror}") from e
 
 
-def encoded_dataset(dataset, encoder, cache_dir, csv_column="text"):
+def encoded_dataset(dataset, encoder, cache_dir, csv_column="text", progress=True):
     """The tokens of `dataset` as a read-only memory map of uint16, encoded once into cache_dir.
 
-    A file that ends in .tokens is taken as such a token file. The cache's name holds a hash of the
-    files (paths, sizes, times), the CSV column and the vocabulary, so a changed file is encoded again.
-    Encoding streams: a piece of text at a time is read, encoded and appended to the file.
+    A file that ends in .tokens is taken as such a token file, its ids checked. The cache's name
+    holds a hash of the files (paths, sizes, times), the CSV column and the vocabulary, so a changed
+    file is encoded again. Encoding streams: a piece of text at a time is read, encoded and
+    appended to the file.
     """
     if dataset.endswith(".tokens"):
-        return np.memmap(dataset, TOKEN_DTYPE, mode="r")
+        return token_file(dataset, encoder.n_vocab)
     if encoder.n_vocab > np.iinfo(TOKEN_DTYPE).max + 1:
         raise GPT2Error(f"a vocabulary of {encoder.n_vocab} tokens does not fit the dataset file's 16-bit ids")
     files = dataset_files(dataset)
@@ -99,25 +105,50 @@ def encoded_dataset(dataset, encoder, cache_dir, csv_column="text"):
     name = os.path.basename(os.path.normpath(dataset)).replace("*", "_") or "dataset"
     path = os.path.join(cache_dir, f"{name}-{key}.tokens")
     if not os.path.isfile(path):
-        os.makedirs(cache_dir, exist_ok=True)
         writing = f"{path}.writing-{os.getpid()}"
         try:
+            os.makedirs(cache_dir, exist_ok=True)
+            remove_dead_files(cache_dir, ".writing-")  # what killed encodings left
             with open(writing, "wb") as out, tqdm(total=sum(os.path.getsize(f) for f in files), unit="B",
-                                                   unit_scale=True, desc="encoding the dataset", leave=False) as bar:
+                                                   unit_scale=True, desc="encoding the dataset", leave=False,
+                                                   disable=not progress) as bar:
                 for f in files:
-                    for document in documents(f, csv_column):
-                        for piece in document:
-                            np.array(encoder.encode(piece), TOKEN_DTYPE).tofile(out)
-                            bar.update(len(piece.encode("utf-8")))
-                        np.array([encoder.eot_token], TOKEN_DTYPE).tofile(out)
+                    try:
+                        for document in documents(f, csv_column):
+                            for piece in document:
+                                np.array(encoder.encode(piece), TOKEN_DTYPE).tofile(out)
+                                bar.update(len(piece.encode("utf-8")))
+                            np.array([encoder.eot_token], TOKEN_DTYPE).tofile(out)
+                    except UnicodeDecodeError as e:
+                        raise GPT2Error(f"{f} is not UTF-8 text ({e.reason} at byte {e.start} of a piece): "
+                                        "save it as UTF-8 first, or leave it out of the dataset") from e
             os.replace(writing, path)  # whole or not at all: a later run never reads half a dataset
-        except BaseException:
+        except OSError as e:
+            raise GPT2Error(f"cannot write the encoded dataset to {cache_dir} ({e.strerror}): free some space, "
+                            "or choose another models_dir") from e
+        finally:
             if os.path.exists(writing):
                 os.remove(writing)
-            raise
     if os.path.getsize(path) == 0:
         raise GPT2Error(f"the dataset {dataset} is too small to train on: it holds no text")
     return np.memmap(path, TOKEN_DTYPE, mode="r")
+
+
+def token_file(path, n_vocab):
+    """The .tokens file `path` (uint16 ids, as encoded_dataset writes them) as a read-only memory map,
+    checked to hold whole ids of a vocabulary of n_vocab tokens."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise GPT2Error(f"cannot read the dataset {path}: {e.strerror}") from e
+    if size == 0 or size % np.dtype(TOKEN_DTYPE).itemsize:
+        raise GPT2Error(f"{path} is not a token file: it has {size} bytes, not a whole number of 16-bit ids "
+                        "(give the text files it was made from instead)")
+    tokens = np.memmap(path, TOKEN_DTYPE, mode="r")
+    if tokens.max() >= n_vocab:
+        raise GPT2Error(f"{path} holds token ids up to {tokens.max()}, past this model's vocabulary of {n_vocab}: "
+                        "it was made for another model; give the text files it was made from instead")
+    return tokens
 
 
 def random_windows(tokens, rng, batch_size, length):
@@ -430,31 +461,53 @@ class Trainer:
 
 # Runs.
 
-TRAINING = "training"  # the subfolder of a run folder that holds what resuming needs
-
-
 def run(settings):
-    """Train as `settings` (a gpt2.finetuning.Settings, checked) say; returns the run folder."""
-    from .api import GPT2, load
-    from .folders import LEGACY_NAMES, MODEL_NAMES, default_models_dir, find_model_dir
+    """Train as `settings` (a gpt2.finetuning.Settings, checked) say; returns the run folder.
 
+    One process at a time writes a run (the others are refused with one line): its folder and
+    `<run>_best` are only written while it holds the run's lock, taken before any training.
+    """
     s = settings
     strategy = distribution(s.strategy)  # first: the multi-worker strategy must come before TensorFlow computes
     models_dir = s.models_dir or default_models_dir()
-    run_dir = os.path.join(models_dir, str(s.run_name))
+    run_dir = run_folder(models_dir, s.run_name)
+    with only_writer(run_dir) if is_chief(strategy) else contextlib.nullcontext():
+        for folder in (run_dir, f"{run_dir}_best"):
+            recover_folder(folder)  # what a save killed between its two renames left
+        return train_run(s, strategy, models_dir, run_dir)
+
+
+def check_run_folders(settings, run_dir):
+    """An ArgumentError where this run would replace what it must not: files that are not a model's,
+    a model that is not a fine-tuning run (unless `overwrite`), a `<run>_best` that is not a run."""
+    if not is_run(run_dir):
+        check_replaceable(run_dir, "run_name")
+        name = str(settings.run_name)
+        if not settings.overwrite and (name in MODEL_NAMES + tuple(LEGACY_NAMES) or os.path.isdir(run_dir)
+                                       and os.listdir(run_dir)):
+            raise ArgumentError(f"{run_dir} holds a model that is not a fine-tuning run: choose another {{run_name}}, "
+                                "or set {overwrite} to replace it", "run_name", "overwrite")
+    best = f"{run_dir}_best"
+    if settings.keep_best and os.path.lexists(best) and not is_run(best) and (foreign_files(best) or os.listdir(best)):
+        raise ArgumentError(f"{best}, where {{keep_best}} would save the best weights, holds something else than "
+                            "this run's best: choose another {run_name}, or move it away", "keep_best", "run_name")
+
+
+def train_run(s, strategy, models_dir, run_dir):
+    """run's work, in the run's folder run_dir, which no other process writes meanwhile."""
+    from .api import GPT2, load
+
+    check_run_folders(s, run_dir)
     state_file = os.path.join(run_dir, TRAINING, "state.npz")
-    is_run = os.path.isfile(state_file)
-    if not s.overwrite and (str(s.run_name) in MODEL_NAMES + tuple(LEGACY_NAMES) or os.path.isdir(run_dir) and not is_run):
-        raise ArgumentError(f"{run_dir} holds a model that is not a fine-tuning run: choose another {{run_name}}, "
-                            "or set {overwrite} to replace it", "run_name", "overwrite")
-    if s.restore_from == "latest" and is_run:
+    resume = is_run(run_dir)
+    if s.restore_from == "latest" and resume:
         model = GPT2.from_folder(run_dir)
     elif s.restore_from in ("latest", "fresh"):
-        model = load(s.model_name, models_dir, base_url=s.base_url)
-        is_run = False
+        model = load(s.model_name, models_dir, base_url=s.base_url, progress=s.progress)
+        resume = False
     else:
-        model = GPT2.from_folder(find_model_dir(os.path.basename(s.restore_from), os.path.dirname(s.restore_from)))
-        is_run = False
+        model = GPT2.from_folder(s.restore_from)
+        resume = False
     hparams, encoder = model.hparams, model.encoder
     n_ctx = hparams.n_ctx
     sequence_length = s.sequence_length or n_ctx
@@ -462,10 +515,10 @@ def run(settings):
         raise ArgumentError(f"{{sequence_length}} {sequence_length} is more than the model's context of {n_ctx} "
                             "tokens", "sequence_length")
 
-    cache_dir = os.path.join(models_dir, "datasets")
-    tokens = encoded_dataset(str(s.dataset), encoder, cache_dir, s.csv_column)
+    cache_dir = os.path.join(models_dir, DATASETS)
+    tokens = encoded_dataset(str(s.dataset), encoder, cache_dir, s.csv_column, s.progress)
     if s.val_dataset:
-        val = encoded_dataset(str(s.val_dataset), encoder, cache_dir, s.csv_column)
+        val = encoded_dataset(str(s.val_dataset), encoder, cache_dir, s.csv_column, s.progress)
     elif s.val_fraction:
         cut = int(len(tokens) * (1 - s.val_fraction))
         tokens, val = tokens[:cut], tokens[cut:]
@@ -479,7 +532,7 @@ def run(settings):
     if s.lora_rank and s.lora_rank > hparams.n_embd:
         raise ArgumentError(f"{{lora_rank}} {s.lora_rank} is more than the model's width of {hparams.n_embd}: "
                             "a rank that high adapts nothing more, give a smaller one", "lora_rank")
-    if is_run:
+    if resume:
         check_same_state(s, run_dir)
     hyper = Hyper(s.optimizer, weight_decay=s.weight_decay, clip_norm=s.clip_norm)
     memory = Memory(s.recompute, s.dtype, s.only_train_transformer_layers, s.lora_rank or 0)
@@ -489,11 +542,14 @@ def run(settings):
     del model.params  # the trainer's variables hold the weights now
     rng = np.random.default_rng(s.seed)
     metrics = []
-    if is_run:
-        with np.load(state_file, allow_pickle=False) as saved:
-            trainer.restore(dict(saved))
-            rng.bit_generator.state = json.loads(str(saved["data_rng"]))
-        metrics = read_metrics(os.path.join(run_dir, TRAINING, "metrics.csv"))
+    if resume:
+        try:
+            with np.load(state_file, allow_pickle=False) as saved:
+                trainer.restore(dict(saved))
+                rng.bit_generator.state = json.loads(str(saved["data_rng"]))
+            metrics = read_metrics(os.path.join(run_dir, TRAINING, "metrics.csv"))
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, csv.Error) as e:
+            raise damaged_run(run_dir, e) from e
     vocab_dir = model.model_dir
     trained = GPT2(hparams, trainer.params, encoder, vocab_dir)
     best = min((m["val_loss"] for m in metrics if m.get("val_loss") is not None), default=math.inf)
@@ -504,6 +560,8 @@ def run(settings):
     def save(path=run_dir):
         if not chief:  # the other workers hold the same weights: one writes them
             return
+        if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in trainer.variables):
+            raise diverged(int(trainer.step.numpy()), "weights", math.nan, last_save)
         def write_training(folder):
             os.makedirs(os.path.join(folder, TRAINING))
             np.savez(os.path.join(folder, TRAINING, "state.npz"), data_rng=json.dumps(rng.bit_generator.state),
@@ -512,13 +570,20 @@ def run(settings):
             with open(os.path.join(folder, TRAINING, "settings.json"), "w", encoding="utf-8") as f:
                 json.dump({**s._asdict(), "strategy": strategy_name}, f, indent=2)
         # With adapters, the folder holds them merged into the weights: a plain model for every script.
-        return GPT2(hparams, merge_adapters(trainer.params), encoder, vocab_dir).save(path, write_more=write_training)
+        try:
+            GPT2(hparams, merge_adapters(trainer.params), encoder, vocab_dir).save(path, write_more=write_training)
+        except GPT2Error as e:
+            raise GPT2Error(f"{e} (step {int(trainer.step.numpy())} was not saved)") from e
+        if path == run_dir:
+            last_save[0] = int(trainer.step.numpy())
 
     stop = StopRequest()
     first_step = int(trainer.step.numpy())
+    last_save = [first_step if resume else None]  # the step of the run folder's weights
     window = s.accumulate_gradients * s.batch_size
     bar = tqdm(total=s.steps, desc=f"training {s.run_name}", disable=not s.progress, dynamic_ncols=True)
-    smoothed, train_seconds = None, []
+    smoothed = metrics[-1]["smoothed_loss"] if metrics else None  # goes on where the run left it
+    train_seconds = []
     with stop:
         for _ in range(s.steps):
             if stop.requested:
@@ -528,6 +593,10 @@ def run(settings):
             batch_loss, norm = trainer.train_step(batches.reshape(s.accumulate_gradients, s.batch_size, -1))
             train_seconds.append(time.perf_counter() - start)
             step = int(trainer.step.numpy())
+            # float16 skips a step whose gradients overflowed (see Trainer): only its loss tells divergence.
+            if not math.isfinite(batch_loss) or s.dtype != "float16" and not math.isfinite(norm):
+                raise diverged(step, "loss" if not math.isfinite(batch_loss) else "gradient norm",
+                               batch_loss if not math.isfinite(batch_loss) else norm, last_save)
             smoothed = batch_loss if smoothed is None else 0.9 * smoothed + 0.1 * batch_loss
             # Training steps only (not validation or samples), after the first one, which compiles.
             tokens_per_s = ((len(train_seconds) - 1) * window * sequence_length / sum(train_seconds[1:])
@@ -559,14 +628,32 @@ def run(settings):
     return run_dir
 
 
+def diverged(step, what, value, last_save):
+    """The GPT2Error for training whose `what` became `value` (not finite) at `step`."""
+    kept = (f"the run folder keeps step {last_save[0]}" if last_save[0] is not None
+            else "nothing was saved")
+    return GPT2Error(f"training diverged at step {step} (its {what} is {value}): {kept}; lower --learning_rate "
+                     "(or set --clip_norm), then run again")
+
+
+def damaged_run(run_dir, error):
+    """The GPT2Error for a run folder whose training state cannot be read."""
+    return GPT2Error(f"{os.path.join(run_dir, TRAINING)} is damaged ({type(error).__name__}: {error}): set "
+                     f"restore_from to {run_dir} to go on from its weights with a new optimizer state, or to fresh "
+                     "to start again")
+
+
 # The settings that shape what state.npz holds: a run resumes with the ones it started with.
 STATE_SETTINGS = {"optimizer": "adamw", "lora_rank": None, "only_train_transformer_layers": False}
 
 
 def check_same_state(settings, run_dir):
     """An ArgumentError if the run in run_dir was started with other STATE_SETTINGS than `settings`."""
-    with open(os.path.join(run_dir, TRAINING, "settings.json"), encoding="utf-8") as f:
-        started = json.load(f)
+    try:
+        with open(os.path.join(run_dir, TRAINING, "settings.json"), encoding="utf-8") as f:
+            started = json.load(f)
+    except (OSError, ValueError) as e:
+        raise damaged_run(run_dir, e) from e
     for name, default in STATE_SETTINGS.items():
         before, now = started.get(name, default), getattr(settings, name)
         if before != now:
