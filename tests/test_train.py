@@ -402,3 +402,247 @@ def test_two_worker_processes_train_as_one_device(models_dir):
     one, multi = (load_params(models_dir / name, hparams) for name in ("one", "multi"))
     tf.nest.map_structure(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), multi, one)
     assert not np.allclose(one["wte"], load_params(models_dir / "tiny", hparams)["wte"], atol=1e-3)
+
+
+# Nothing lost: which folders a run may replace, one writer, kills, divergence, damaged files.
+
+def small_run(models_dir, run_name="run", **flags):
+    """gpt2.finetune on TEXT with the tiny model: one short step unless flags say otherwise."""
+    text = models_dir.parent / "text.txt"
+    if not text.exists():
+        text.write_text(TEXT * 4, encoding="utf-8")
+    arguments = dict(dataset=str(text), steps=1, sequence_length=16, learning_rate=1e-3, progress=False)
+    return gpt2.finetune(model_name="tiny", run_name=run_name, models_dir=str(models_dir), **{**arguments, **flags})
+
+
+def tree_digest(folder):
+    """{relative path: sha256} of every file under `folder`."""
+    return {os.path.relpath(os.path.join(root, name), folder):
+            hashlib.sha256(open(os.path.join(root, name), "rb").read()).hexdigest()
+            for root, _, names in os.walk(folder) for name in names}
+
+
+@pytest.mark.parametrize("run_name", ["", " ", ".", "..", "../elsewhere", "sub/../.."])
+def test_a_run_name_must_name_a_folder_inside_models_dir(models_dir, run_name):
+    (models_dir / "keep.txt").write_text("a user's file", encoding="utf-8")
+    small_run(models_dir, "run1")
+    before = tree_digest(models_dir.parent)
+    with pytest.raises(GPT2Error, match="run_name must be the name of a folder inside models_dir"):
+        small_run(models_dir, run_name, overwrite=True)
+    assert tree_digest(models_dir.parent) == before  # today's code deleted the whole models folder for "" and "."
+
+
+def test_an_empty_run_name_is_refused_before_tensorflow_starts():
+    assert exit_without_tensorflow("finetune_main", ["--dataset", "x.txt", "--run_name", "", "--overwrite"]) == \
+        "error: --run_name must be the name of a folder inside models_dir (say run1), not '' | False"
+
+
+def test_folders_that_are_not_models_are_never_replaced(models_dir, tmp_path):
+    (models_dir / "notes").mkdir()
+    (models_dir / "notes" / "todo.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(GPT2Error, match=r"notes holds files that are not a model's \(todo.txt\), which saving "
+                                        "there would delete: choose another run_name"):
+        small_run(models_dir, "notes", overwrite=True)
+    with pytest.raises(GPT2Error, match="datasets is the folder of encoded datasets, not a model"):
+        small_run(models_dir, "datasets", overwrite=True)
+    (models_dir / "run_best").mkdir()
+    (models_dir / "run_best" / "plot.png").write_bytes(b"\x89PNG")
+    with pytest.raises(GPT2Error, match="run_best, where keep_best would save the best weights, holds something"):
+        small_run(models_dir, "run", keep_best=True, val_fraction=0.3, val_every=1)
+    assert not (models_dir / "run").exists()  # refused before training
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "a.txt").write_text("mine", encoding="utf-8")
+    model = gpt2.load("tiny", str(models_dir))
+    with pytest.raises(GPT2Error, match=r"mine holds files that are not a model's \(a.txt\)"):
+        model.save(mine)
+    assert os.listdir(models_dir / "notes") == ["todo.txt"] and os.listdir(mine) == ["a.txt"]
+    assert os.listdir(models_dir / "run_best") == ["plot.png"]
+    model.save(tmp_path / "saved")
+    model.save(tmp_path / "saved")  # a model folder is replaced
+    assert gpt2.load("saved", str(tmp_path)).hparams == model.hparams
+
+
+def test_one_process_at_a_time_writes_a_run(models_dir):
+    from gpt2.storage import only_writer
+
+    with only_writer(str(models_dir / "run")):  # as a second finetune.py would find it
+        with pytest.raises(GPT2Error, match=rf"another process \(process {os.getpid()}\) is writing .*run: wait"):
+            small_run(models_dir)
+    assert small_run(models_dir) == str(models_dir / "run")
+    assert not [name for name in os.listdir(models_dir) if name.endswith(".lock")]
+
+
+@pytest.fixture
+def read_only_models_dir(models_dir, tmp_path):
+    """models_dir mounted read-only at tmp_path/read-only; skipped where it cannot be mounted."""
+    mount = tmp_path / "read-only"
+    mount.mkdir()
+    result = subprocess.run(["mount", "--bind", "-o", "ro", str(models_dir), str(mount)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot bind-mount a folder read-only here (it needs root): {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_read_only_models_folder_is_refused_before_training(read_only_models_dir):
+    (read_only_models_dir.parent / "text.txt").write_text(TEXT, encoding="utf-8")
+    with pytest.raises(GPT2Error, match=r"cannot write in .*read-only \(Read-only file system\): choose a folder"):
+        small_run(read_only_models_dir, steps=1000)
+
+
+KILLED_SAVE = """
+import os, signal, sys
+import gpt2
+from gpt2 import storage
+
+storage._RENAMEAT2 = None  # as on a system without an atomic exchange: two renames
+rename = os.rename
+def rename_then_die(source, target):
+    rename(source, target)
+    if ".old-" in target:  # between the two renames
+        os.kill(os.getpid(), signal.SIGKILL)
+os.rename = rename_then_die
+model = gpt2.GPT2.from_folder(sys.argv[1])
+model.params["wte"] = model.params["wte"] * 2
+model.save(sys.argv[2])
+"""
+
+
+def test_a_save_killed_between_its_two_renames_is_found_whole(models_dir, tiny_model):
+    gpt2.load("tiny", str(models_dir)).save(models_dir / "run")
+    process = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(tiny_model), str(models_dir / "run")],
+                             capture_output=True, text=True, timeout=120)
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    assert not (models_dir / "run").exists()  # what the kill left: run.old-PID and run.writing-PID
+    assert sorted(name.split("-")[0] for name in os.listdir(models_dir) if name.startswith("run.")) == \
+        ["run.old", "run.writing"]
+    recovered = gpt2.load("run", str(models_dir))  # the newest save, whole
+    expected = load_params(tiny_model, read_hparams(tiny_model))["wte"] * 2
+    np.testing.assert_array_equal(recovered.params["wte"], expected)
+    assert sorted(os.listdir(models_dir)) == ["run", "tiny"]  # the leftovers are gone
+
+
+def test_a_save_replaces_the_folder_in_one_atomic_exchange(tmp_path):
+    from gpt2 import storage
+
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "x").write_text("new")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "x").write_text("old")
+    if not storage.exchange(str(tmp_path / "new"), str(tmp_path / "old")):
+        pytest.skip("this system or file system has no atomic exchange of two paths")
+    assert (tmp_path / "old" / "x").read_text() == "new" and (tmp_path / "new" / "x").read_text() == "old"
+
+
+def test_training_that_diverges_stops_and_keeps_the_last_good_save(models_dir):
+    small_run(models_dir, steps=2)
+    before = tree_digest(models_dir / "run")
+    with pytest.raises(GPT2Error, match=r"training diverged at step [34] \(its (loss|gradient norm|weights) is "
+                                        r"(nan|inf)\): the run folder keeps step 2; lower learning_rate"):
+        small_run(models_dir, steps=20, learning_rate=1e30, warmup_steps=0)
+    assert tree_digest(models_dir / "run") == before
+    with pytest.raises(GPT2Error, match=r"training diverged at step [12] .*: nothing was saved"):
+        small_run(models_dir, "fresh_run", steps=20, learning_rate=1e30, warmup_steps=0)
+    assert not (models_dir / "fresh_run").exists()
+
+
+@pytest.mark.parametrize("content,message", [
+    (np.array([1, 2, 657], np.uint16).tobytes(), r"holds token ids up to 657, past this model's vocabulary of 657"),
+    (b"\x01\x00\x02", r"has 3 bytes, not a whole number of 16-bit ids"),
+    (b"", r"has 0 bytes"),
+])
+def test_token_files_are_checked(models_dir, content, message):
+    tokens = models_dir.parent / "data.tokens"
+    tokens.write_bytes(content)
+    with pytest.raises(GPT2Error, match=message):
+        small_run(models_dir, dataset=str(tokens))
+
+
+def test_text_that_cannot_be_read_names_its_file_and_line(models_dir, tmp_path):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text(TEXT, encoding="utf-8")
+    (texts / "b.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary")
+    with pytest.raises(GPT2Error, match=r"b.txt is not UTF-8 text .*: save it as UTF-8 first"):
+        small_run(models_dir, dataset=str(texts))
+    (tmp_path / "c.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n{"text": tw\n', encoding="utf-8")
+    with pytest.raises(GPT2Error, match=r"c.jsonl line 4 is not JSON \(Expecting value, column 10\)"):
+        small_run(models_dir, dataset=str(tmp_path / "c.jsonl"))
+    assert [name for name in os.listdir(models_dir / "datasets")] == []  # nothing half-encoded is kept
+
+
+@pytest.mark.parametrize("damage", [
+    lambda training: (training / "state.npz").write_bytes((training / "state.npz").read_bytes()[:500]),
+    lambda training: (training / "metrics.csv").write_text(
+        (training / "metrics.csv").read_text()[:len((training / "metrics.csv").read_text()) - 30]),
+    lambda training: (training / "settings.json").unlink(),
+])
+def test_a_damaged_run_folder_is_one_line_that_says_what_to_do(models_dir, damage):
+    small_run(models_dir, steps=2)
+    damage(models_dir / "run" / "training")
+    with pytest.raises(GPT2Error, match=r"run/training is damaged .*: set restore_from to .*run to go on from its "
+                                        "weights with a new optimizer state, or to fresh"):
+        small_run(models_dir)
+    small_run(models_dir, restore_from=str(models_dir / "run"))  # as the message says
+    assert saved_step(models_dir / "run") == 1
+
+
+def test_restore_from_a_folder_that_is_not_a_model_says_so(models_dir, tmp_path):
+    with pytest.raises(GPT2Error, match=r"restore_from must be latest, fresh, or a model folder, and '.*' is none: "
+                                        "it has no hparams.json, model.ckpt.index"):
+        small_run(models_dir, restore_from=str(tmp_path))
+
+
+def test_the_smoothed_loss_goes_on_across_resumes(models_dir):
+    small_run(models_dir, steps=3)
+    small_run(models_dir, steps=2)
+    metrics = train.read_metrics(str(models_dir / "run" / "training" / "metrics.csv"))
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    for before, now in zip(metrics, metrics[1:]):
+        assert now["smoothed_loss"] == pytest.approx(0.9 * before["smoothed_loss"] + 0.1 * now["loss"], rel=1e-6)
+
+
+def test_progress_false_shows_no_bar(models_dir, capfd):
+    small_run(models_dir)  # the dataset is encoded here, the first time
+    _, err = capfd.readouterr()
+    assert err == ""
+
+
+@pytest.fixture
+def full_filesystem(tmp_path):
+    """A 1 MiB tmpfs at tmp_path/full, filled up to its last 4 KiB page; skipped where it cannot be mounted."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (it needs root): {result.stderr.strip()}")
+    try:
+        stats = os.statvfs(mount)
+        (mount / "filler").write_bytes(b"x" * (stats.f_bavail * stats.f_frsize - 4096))
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_while_encoding_or_saving_is_one_line(models_dir, tiny_model, full_filesystem):
+    full_models = full_filesystem / "models"
+    full_models.mkdir()
+    os.symlink(tiny_model, full_models / "tiny")
+    text = models_dir.parent / "text.txt"
+    text.write_text(TEXT * 200, encoding="utf-8")  # its tokens need more than the last page
+    with pytest.raises(GPT2Error, match=r"cannot write the encoded dataset to .*datasets \(No space left on device\)"
+                                        ": free some space"):
+        small_run(full_models, dataset=str(text))
+    assert os.listdir(full_models / "datasets") == []
+    encoder = gpt2.load("tiny", str(models_dir)).encoder
+    tokens = train.encoded_dataset(str(text), encoder, str(models_dir / "datasets"))
+    with pytest.raises(GPT2Error, match=r"cannot save .*run \(No space left on device\): free some space, or "
+                                        r"choose another folder; what was there is kept as it was \(step 1 was not "
+                                        r"saved\)"):
+        small_run(full_models, dataset=tokens.filename)
+    assert sorted(os.listdir(full_models)) == ["datasets", "tiny"]

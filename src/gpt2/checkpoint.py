@@ -195,7 +195,8 @@ def save_model(model_dir, hparams, params, vocab_dir, write_more=None):
         replace_folder(writing, model_dir)
     except (OSError, tf.errors.OpError) as e:  # a full disk, say
         shutil.rmtree(writing, ignore_errors=True)
-        reason = e.strerror if isinstance(e, OSError) else e.message
+        # TensorFlow's message ends "<file>; No space left on device [Op:SaveV2]": the reason alone
+        reason = e.strerror if isinstance(e, OSError) else e.message.split(" [Op:")[0].rsplit("; ", 1)[-1]
         raise GPT2Error(f"cannot save {model_dir} ({reason}): free some space, or choose another folder; what was "
                         "there is kept as it was") from e
     except BaseException:

@@ -79,9 +79,9 @@ def only_writer(folder):
         except (OSError, ValueError):
             holder = ""
         raise GPT2Error(f"another process{holder} is writing {folder}: wait until it ends, or choose another name")
-    try:
-        os.ftruncate(lock, 0)
+    with contextlib.suppress(OSError):  # for the message above; a full disk leaves it empty
         os.write(lock, str(os.getpid()).encode())
+    try:
         yield
     finally:
         unlock(path, lock)

@@ -115,10 +115,11 @@ def encoded_dataset(dataset, encoder, cache_dir, csv_column="text", progress=Tru
                 for f in files:
                     try:
                         for document in documents(f, csv_column):
+                            # out.write, not ndarray.tofile, which loses what a full disk refuses without a word
                             for piece in document:
-                                np.array(encoder.encode(piece), TOKEN_DTYPE).tofile(out)
+                                out.write(np.array(encoder.encode(piece), TOKEN_DTYPE).tobytes())
                                 bar.update(len(piece.encode("utf-8")))
-                            np.array([encoder.eot_token], TOKEN_DTYPE).tofile(out)
+                            out.write(np.array([encoder.eot_token], TOKEN_DTYPE).tobytes())
                     except UnicodeDecodeError as e:
                         raise GPT2Error(f"{f} is not UTF-8 text ({e.reason} at byte {e.start} of a piece): "
                                         "save it as UTF-8 first, or leave it out of the dataset") from e
@@ -632,8 +633,8 @@ def diverged(step, what, value, last_save):
     """The GPT2Error for training whose `what` became `value` (not finite) at `step`."""
     kept = (f"the run folder keeps step {last_save[0]}" if last_save[0] is not None
             else "nothing was saved")
-    return GPT2Error(f"training diverged at step {step} (its {what} is {value}): {kept}; lower --learning_rate "
-                     "(or set --clip_norm), then run again")
+    return ArgumentError(f"training diverged at step {step} (its {what} is {value}): {kept}; lower "
+                         "{learning_rate}, then run again", "learning_rate")
 
 
 def damaged_run(run_dir, error):
