@@ -162,3 +162,27 @@ def test_script_bad_input_is_one_line(tiny_model, tmp_path, content, flags, mess
     result = run_score(str(path), *flags, models_dir=tiny_model.parent)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr, result.stderr
+
+
+def test_output_that_is_also_an_input_is_refused_before_anything_is_written(tiny_model, tmp_path):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("the mill by the river", encoding="utf-8")
+    (texts / "scores.jsonl").write_text('{"kept": true}\n', encoding="utf-8")  # a first run's records
+    for output in (texts / "scores.jsonl", tmp_path / "link.jsonl"):
+        if output.name == "link.jsonl":
+            os.symlink(texts / "scores.jsonl", output)
+        result = run_score(*sorted(str(p) for p in texts.iterdir()), "--output", str(output),
+                           models_dir=tiny_model.parent)
+        assert result.returncode == 1 and result.stderr.strip().count("\n") == 0, result.stderr
+        assert f"--output {output} is also a file to score" in result.stderr
+        assert (texts / "scores.jsonl").read_text(encoding="utf-8") == '{"kept": true}\n'
+
+
+def test_standard_input_closed_is_one_line(tiny_model):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "score.py"), "-", "--model_name", "tiny",
+                             "--models_dir", str(tiny_model.parent)], stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True, timeout=120, preexec_fn=lambda: os.close(0))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == ("error: standard input is closed: pipe the text into the command, or name files "
+                                     "to score")

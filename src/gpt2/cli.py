@@ -271,8 +271,10 @@ def score_files(*files, model_name="124M", models_dir=None, stride=None, batch_s
         raise ArgumentError(f"{{output}} must end in .jsonl (a record per token) or .json (a summary per file), "
                             f"not {output!r}", "output")
     for name in files:
-        if name != "-":
-            open_text(name).close()
+        open_text(name).close()  # stdin's wrapper leaves it open
+        if name != "-" and output is not None and is_same_file(name, output):
+            raise ArgumentError(f"{{output}} {output} is also a file to score, which writing it would change as it "
+                                "is read: choose another {output}", "output")
     model = load_model(model_name, models_dir, dtype)
     from .score import text_pieces  # after gpt2.api, which starts TensorFlow without its C++ start-up lines
 
@@ -328,10 +330,21 @@ def score_files(*files, model_name="124M", models_dir=None, stride=None, batch_s
             out_file.close()
 
 
+def is_same_file(a, b):
+    """Whether the paths a and b name one file (b may not exist yet)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
 def open_text(name):
     """The file `name` (or stdin for -) open as UTF-8 text; a one-line error if it cannot be read."""
     if name == "-":
-        return open(sys.stdin.fileno(), encoding="utf-8", closefd=False)
+        try:
+            return open(sys.stdin.fileno(), encoding="utf-8", closefd=False)
+        except (AttributeError, OSError, ValueError) as e:  # no stdin at all (None), or its descriptor closed
+            raise GPT2Error("standard input is closed: pipe the text into the command, or name files to score") from e
     try:
         return open(name, encoding="utf-8")
     except OSError as e:
