@@ -139,7 +139,7 @@ class GPT2:
 
         A list of prompts gives a list with one such list per prompt; prompts of different lengths
         share batches. `length`: new tokens per sample (default: n_ctx // 2, or n_ctx without a
-        prompt). `temperature`, `top_k`, `top_p`: see README.md. `seed`: the same seed gives the same
+        prompt). `temperature`, `top_k`, `top_p`: see docs/commands.md. `seed`: the same seed gives the same
         samples (None: a fresh one); sample i of a seed is the same whatever the batch size, and
         `first_sample` starts the numbering elsewhere. `batch_size`: rows computed at once.
         `stop`: a string or list of strings that ends a sample (not included). A sample also ends
