@@ -31,8 +31,8 @@ from .score import Score, score_tokens
 from .strategies import distribution
 
 # Seconds of decoding per compiled call while streaming: text comes five times a second and
-# Ctrl-C is felt at once, while a call's own cost, 7-8 ms for 124M on 2 cores (mostly handling its
-# 130 arguments), is shared by the tokens of a fifth of a second instead of paid for each.
+# Ctrl-C is felt at once, while a call's own cost (mostly handling its 130 arguments; timed in
+# docs/performance.md) is shared by the tokens of a fifth of a second instead of paid for each.
 STREAM_SECONDS = 0.2
 # Tokens per compiled call otherwise: large enough that the calls cost nothing, small enough to stop soon.
 BATCH_CHUNK = 32
@@ -225,8 +225,8 @@ class GPT2:
     def _check_memory(self, rows, context_len, length, batch_size):
         """Refuse a batch that would not fit in memory, before TensorFlow allocates it.
 
-        Without this, a batch of 4096 rows of 1024 tokens on 124M (about 600 GB) grew for a minute
-        toward the machine's limit. On a GPU the memory that counts is the GPU's, which TensorFlow
+        Without this, a batch of 4096 rows of 1024 tokens on 124M (about 600 GB) grows toward the
+        machine's limit instead of failing at once. On a GPU the memory that counts is the GPU's, which TensorFlow
         does not tell, and its allocation fails at once instead.
         """
         available = None if not self.int8 and "GPU" in self.params["wte"].device else available_memory()

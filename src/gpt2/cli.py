@@ -134,7 +134,7 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
     stop: a string, or a list of strings, that ends a sample where it appears (it is not printed).
     prompt_file: read the first prompt from this file, then go on with prompts from stdin.
     dtype: float32 (the checkpoint's), float16 / bfloat16: half the memory, faster on GPUs, or int8: a
-    quarter of the memory and about twice float32's speed on a CPU (weights quantized as they load).
+    quarter of the memory and faster than float32 on a CPU (weights quantized as they load).
 
     A prompt line that ends with a backslash continues on the next line. Ctrl-C while a sample is
     being written stops that sample and returns to the prompt.
@@ -510,7 +510,7 @@ def run(command, argv=None):
         sys.stdout.flush()  # what print left in the buffer goes out now, where a failure is still reported
         if whole_process:
             # Everything is written and closed: skip the interpreter's teardown of TensorFlow, which
-            # took 1.4-1.6 s after a 124M answer, a tenth of the command's time.
+            # is slow enough to lengthen a short command noticeably.
             sys.stderr.flush()
             os._exit(0)
     except Interrupted as e:
