@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fine-tune GPT-2 on your own text: python finetune.py --dataset my.txt --run_name mine. Flags: README.md or --help."""
+"""Fine-tune GPT-2 on your own text: python finetune.py --dataset my.txt --run_name mine. Flags: docs/commands.md or --help."""
 import os
 import sys
 

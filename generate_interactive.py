@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Continue prompts typed or piped in with GPT-2. Flags: see README.md or --help."""
+"""Continue prompts typed or piped in with GPT-2. Flags: see docs/commands.md or --help."""
 import os
 import sys
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write unconditional samples with GPT-2. Flags: see README.md or --help."""
+"""Write unconditional samples with GPT-2. Flags: see docs/commands.md or --help."""
 import os
 import sys
 

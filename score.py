@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Score text files with GPT-2: tokens, nats per token, perplexity, bits per byte. Flags: see README.md or --help."""
+"""Score text files with GPT-2: tokens, nats per token, perplexity, bits per byte. Flags: see docs/commands.md or --help."""
 import os
 import sys
 

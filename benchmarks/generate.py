@@ -24,8 +24,8 @@ as a fraction of the bandwidth ceiling (every weight is read once per step), eac
 (prompt tokens computed per second) as a fraction of the GEMM rate: medians of the per-run
 fractions. Speed does not depend on the weights' values, so random ones measure it. The model
 folders are made once, in --models_dir. With --dtype int8 the ceiling is over one byte a weight,
-and the int8 programs are kept in the compilation cache (converting and quantizing 124M took
-4.7 s, once): load s then reads them from there. int8 compiles nothing, so its compile s is
+and the int8 programs are kept in the compilation cache (converted and quantized once): load s
+then reads them from there. int8 compiles nothing, so its compile s is
 only what its first call took beyond the later ones.
 """
 import argparse

@@ -31,8 +31,8 @@ from .score import Score, score_tokens
 from .strategies import distribution
 
 # Seconds of decoding per compiled call while streaming: text comes five times a second and
-# Ctrl-C is felt at once, while a call's own cost, 7-8 ms for 124M on 2 cores (mostly handling its
-# 130 arguments), is shared by the tokens of a fifth of a second instead of paid for each.
+# Ctrl-C is felt at once, while a call's own cost (mostly handling its 130 arguments; timed in
+# docs/performance.md) is shared by the tokens of a fifth of a second instead of paid for each.
 STREAM_SECONDS = 0.2
 # Tokens per compiled call otherwise: large enough that the calls cost nothing, small enough to stop soon.
 BATCH_CHUNK = 32
@@ -140,7 +140,7 @@ class GPT2:
 
         A list of prompts gives a list with one such list per prompt; prompts of different lengths
         share batches. `length`: new tokens per sample (default: n_ctx // 2, or n_ctx without a
-        prompt). `temperature`, `top_k`, `top_p`: see README.md. `seed`: the same seed gives the same
+        prompt). `temperature`, `top_k`, `top_p`: see docs/commands.md. `seed`: the same seed gives the same
         samples (None: a fresh one); sample i of a seed is the same whatever the batch size, and
         `first_sample` starts the numbering elsewhere. `batch_size`: rows computed at once.
         `stop`: a string or list of strings that ends a sample (not included). A sample also ends
@@ -226,8 +226,8 @@ class GPT2:
     def _check_memory(self, rows, context_len, length, batch_size):
         """Refuse a batch that would not fit in memory, before TensorFlow allocates it.
 
-        Without this, a batch of 4096 rows of 1024 tokens on 124M (about 600 GB) grew for a minute
-        toward the machine's limit. On a GPU the memory that counts is the GPU's, which TensorFlow
+        Without this, a batch of 4096 rows of 1024 tokens on 124M (about 600 GB) grows toward the
+        machine's limit instead of failing at once. On a GPU the memory that counts is the GPU's, which TensorFlow
         does not tell, and its allocation fails at once instead.
         """
         available = None if not self.int8 and "GPU" in self.params["wte"].device else available_memory()

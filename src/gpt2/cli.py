@@ -134,7 +134,7 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
     stop: a string, or a list of strings, that ends a sample where it appears (it is not printed).
     prompt_file: read the first prompt from this file, then go on with prompts from stdin.
     dtype: float32 (the checkpoint's), float16 / bfloat16: half the memory, faster on GPUs, or int8: a
-    quarter of the memory and about twice float32's speed on a CPU (weights quantized as they load).
+    quarter of the memory and faster than float32 on a CPU (weights quantized as they load).
 
     A prompt line that ends with a backslash continues on the next line. Ctrl-C while a sample is
     being written stops that sample and returns to the prompt.
@@ -208,7 +208,7 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
     shard: K/N, to share the samples among N processes or machines: this one makes batches K,
     K + N, K + 2N, ... (from 0) of the batches one process would make, with the same numbers and
     texts. With the same --seed for all, give each its own --output (.jsonl) and merge them in
-    order (README.md).
+    order (docs/devices.md).
     strategy: the devices that share each batch: one (the default device), mirrored (all of this
     machine's GPUs), auto (mirrored where there are several GPUs). Samples are the same texts.
     """
@@ -252,7 +252,7 @@ def score_files(*files, model_name="124M", models_dir=None, stride=None, batch_s
     """Score text files: for each FILE (UTF-8 text; - reads stdin) one line with its tokens, the mean
     negative log-likelihood (nats per token), perplexity and bits per byte; a total line for several.
 
-    Each token is scored once, the first given <|endoftext|> alone (see README.md).
+    Each token is scored once, the first given <|endoftext|> alone (see docs/scoring.md).
     stride: windows of the model's context (n_ctx tokens) start this many tokens apart, so each
     token has at least n_ctx - stride tokens before it; default n_ctx // 2.
     batch_size: windows computed at once (the scores do not change).
@@ -523,7 +523,7 @@ def run(command, argv=None):
         sys.stdout.flush()  # what print left in the buffer goes out now, where a failure is still reported
         if whole_process:
             # Everything is written and closed: skip the interpreter's teardown of TensorFlow, which
-            # took 1.4-1.6 s after a 124M answer, a tenth of the command's time.
+            # is slow enough to lengthen a short command noticeably.
             sys.stderr.flush()
             os._exit(0)
     except Interrupted as e:

@@ -76,7 +76,7 @@ def plan_batch(contexts, length, n_ctx):
         # The API's checks keep this from happening; a compiled scatter would clamp the slots silently.
         raise ValueError(f"contexts of 1..{n_ctx + 1 - length} tokens are needed for {length} new ones")
     # Rows share the cache of what their prompts start with. A lone row would read as many bytes
-    # either way, and the split attention's extra steps cost it about 5% of its speed.
+    # either way, and the split attention's extra steps would only slow it down.
     n_shared = shared_prefix_length(contexts) if len(contexts) > 1 else 0
     rests = [c[n_shared:] for c in contexts]
     rest = np.zeros([len(contexts), max(len(r) for r in rests)], np.int32)
@@ -93,8 +93,8 @@ def decoding_memory(hparams, rows, context_len, length, itemsize):
     new ones needs beyond the weights, in weights of `itemsize` bytes; it grows with the rows.
 
     The cache dominates: keys and values of every layer and slot, twice while a compiled call
-    returns the updated copy of its input (1558M at batch 1: a 0.47 GB cache, 1.66 GB at its peak
-    beyond the loaded weights, TensorFlow's own included). Then the prompt's pass, whose largest
+    returns the updated copy of its input (docs/performance.md has 1558M's measured peak). Then
+    the prompt's pass, whose largest
     pieces are one layer's attention scores (float32, and the softmax of them) and MLP activations,
     and each step's float32 logits with the copies that sampling makes of them.
     """
@@ -129,7 +129,7 @@ def raises_ctrl_c(function):
 
 # Not a tf.function: the prompt's pass is a few large products per block, which run as fast
 # eagerly (each block a call of model.cached_block's graph, built once for all blocks), while
-# building the whole pass's graph took 2-3 s at every start of a command (124M).
+# building the whole pass's graph would be paid again at every start of a command.
 @raises_ctrl_c
 def _start(params, prefix, rest, n_rest, draw, *, hparams, rule, shared_len, cache_len):
     """Run the prompts through the model and pick each row's first token.
@@ -153,8 +153,8 @@ def _start(params, prefix, rest, n_rest, draw, *, hparams, rule, shared_len, cac
 
 
 # autograph=False here and on gpt2's other compiled functions: their loops and branches are
-# tf.while_loop and tf.cond already, and autograph's rewriting of every function they call took
-# 3 of the decoding loop's 5 s of tracing (124M).
+# tf.while_loop and tf.cond already, and autograph's rewriting of every function they call was
+# most of the decoding loop's tracing time.
 @raises_ctrl_c
 @tf.function(jit_compile=True, autograph=False)
 def _advance(params, shared, state, first_step, n_steps, draw, *, hparams, rule):

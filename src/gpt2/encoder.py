@@ -49,8 +49,8 @@ TO_BYTE_CHARS = {**{code: 0xFFFF for code in range(256)}, **{ord(char): byte for
 def to_bytes(strings):
     """The bytes that each vocabulary string stands for (in GPT-2's byte alphabet, see bytes_to_unicode).
 
-    All strings in one translate (one character, one byte): with a Python call per string, reading
-    124M's vocabulary took 0.28-0.31 s, now 0.21-0.25 s (a part of every command's start-up).
+    All strings in one translate (one character, one byte), not a Python call per string: reading
+    the vocabulary is a part of every command's start-up.
     """
     try:
         joined = "".join(strings).translate(TO_BYTE_CHARS).encode("latin-1")
@@ -139,8 +139,8 @@ def encoder_read_ahead(model_dir):
     takes it; one not taken is dropped at its end.
 
     The commands read it while TensorFlow imports, which leaves the interpreter free for part of
-    its 4-5 s: reading 124M's takes 0.3 s, and TensorFlow's import and the read together took
-    0.3 s less this way (mean of 8 alternating runs on 2 cores). A failure is raised by that
+    its import, so that the import and the read together take less time than one after the
+    other (docs/performance.md). A failure is raised by that
     read_encoder, as reading there would have raised it.
     """
     future = concurrent.futures.Future()

@@ -84,7 +84,7 @@ def finetune(dataset=None, model_name="124M", run_name="run1", models_dir=None, 
     inside models_dir. One process at a time trains a run: a second is refused with one line.
     csv_column: the text column of .csv datasets. base_url: where to fetch model_name from.
 
-    Less memory (README's table says what each saves): recompute (each block's activations are
+    Less memory (docs/finetuning.md says what each saves): recompute (each block's activations are
     computed again in the backward pass instead of kept: a third more computation); dtype
     bfloat16 or float16 (computed in it from float32 weights; float16 with dynamic loss scaling);
     optimizer sgd or adafactor (less optimizer state than Adam's two numbers per weight);

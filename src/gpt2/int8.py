@@ -20,7 +20,7 @@ output layer (see piece_rows):
   new tokens' ones in place (`Int8Model.step`), so no cache is copied. The tokens that all rows
   start with (several samples of one prompt) are cached once, for all rows (`attention_after`).
 - Tokens are chosen by gpt2.sampling's rules in NumPy (gpt2.numpy_sampling: a call into
-  TensorFlow between two steps costs about 1 ms), with the same seeds and sample numbers as the
+  TensorFlow between two steps is slow), with the same seeds and sample numbers as the
   float32 decoder.
 """
 import contextlib
@@ -124,8 +124,8 @@ def stand_ins(shapes):
     different), to build in the function that `template` converts.
 
     Each is one number filled in: the converter keeps it as that number until it writes the int8
-    program. (Random stand-ins made it hold about 95 bytes a weight: converting 1558M's block
-    peaked at 2.8 GB.) Their signs alternate, so that no two of the same size quantize to the same
+    program. (Random stand-ins made it hold many bytes a weight: converting 1558M's block needed
+    gigabytes.) Their signs alternate, so that no two of the same size quantize to the same
     bytes, which the converter would store once for both.
     """
     return {name: tf.fill(shape[::-1], 0.5 if i % 2 == 0 else -0.5) for i, (name, shape) in enumerate(shapes.items())}
@@ -189,10 +189,9 @@ def piece_rows(hparams):
     """Tokens per piece of the output layer: the vocabulary in equal pieces of at most PIECE_WEIGHTS weights.
 
     Each piece is quantized on its own (with float32 temporaries of a few times its size: 1558M's
-    whole output layer at once would add about 1 GB to its first load) and runs as its own
-    program. Fewer pieces ran a little faster: 124M's 50257 tokens took 2.56-2.95 ms a step in 7
-    pieces, 2.42-2.59 in 4 and 2.31-2.46 in 2 (in another run 4, 2 and 1 piece were within 0.05
-    ms of each other). So 124M has 4 pieces of 12565 tokens, 1558M 7 of 7180; the last piece is
+    whole output layer at once would raise its first load's peak) and runs as its own
+    program. Fewer pieces ran a little faster, and a few pieces about as fast as one (timed in
+    docs/performance.md). So 124M has 4 pieces of 12565 tokens, 1558M 7 of 7180; the last piece is
     padded by a row or a few.
     """
     pieces = -(-hparams.n_vocab * hparams.n_embd // PIECE_WEIGHTS)
@@ -253,7 +252,7 @@ class Program:
 
     def __init__(self, program, constants):
         # tf.lite.Interpreter warns that it moves to the ai-edge-litert package (the same class there);
-        # TensorFlow 2.21's is the one this was measured with (ai-edge-litert 2.3's ran 10-15% slower).
+        # TensorFlow 2.21's is the one this was measured with (ai-edge-litert 2.3's ran slower).
         source = dict(model_content=program) if isinstance(program, bytes) else dict(model_path=program)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -294,8 +293,8 @@ class Program:
 def release_freed_memory():
     """Give the memory that the C library keeps after frees back to the system (glibc; elsewhere nothing).
 
-    After quantizing 1558M, glibc kept about 0.5 GB of freed checkpoint tensors, and XNNPACK's copies of
-    the weights went on top: the load's peak was 2.7 GB with it, 2.1 GB without.
+    After quantizing, glibc keeps the memory of the freed checkpoint tensors, and XNNPACK's copies of
+    the weights would go on top of it: giving it back lowers the load's peak.
     """
     try:
         ctypes.CDLL(None).malloc_trim(0)
@@ -338,8 +337,7 @@ def version():
 
 def cached_template(hparams, kind):
     """The Template of `kind` (see TEMPLATES), kept in the compilation cache's folder
-    (gpt2.tensorflow_start) for later loads: converting takes seconds (1558M: 1.8 s a block),
-    reading it milliseconds."""
+    (gpt2.tensorflow_start) for later loads: converting takes seconds, reading it milliseconds."""
     make, shapes = TEMPLATES[kind]
     folder = xla_cache_folder()
     name = f"int8-{kind}-{hparams.n_embd}-{hparams.n_head}-{piece_rows(hparams)}-{version()}.tflite"
@@ -424,8 +422,8 @@ class Int8Model(NamedTuple):
         slots (later tokens are not kept). Returns the block's output [rows, seq, n_embd] and the cache
         (keys [rows, n_head, head_dim, cache_len], values [rows, n_head, cache_len, head_dim]).
 
-        Each program keeps memory for the largest shape it ran: with 512 tokens at once, 124M's 12
-        programs held 14 GB.
+        Each program keeps memory for the largest shape it ran: a whole long prompt at once would
+        leave every block's program holding memory for it.
         """
         (rows, seq, n_embd), n_head = x.shape, self.hparams.n_head
         piece = min(seq, PROMPT_PIECE)
@@ -469,8 +467,8 @@ class Int8Model(NamedTuple):
         """Feed tokens [batch] at positions pos [batch], after `start`: the logits [batch, n_vocab] that
         follow them.
 
-        A step reads its whole cache (124M, batch 1: 8.2 ms for the blocks with 16 slots, 11.0 ms with
-        272), so the rows' own caches start as small as the prompt allows and grow as the tokens reach
+        A step reads its whole cache (the larger it is, the slower every step), so the rows' own caches
+        start as small as the prompt allows and grow as the tokens reach
         their end, by gpt2.decode's buckets (a few copies of the cache in all).
         """
         n_shared = self.n_shared()

@@ -60,7 +60,7 @@ def linear(x, p):
     """[..., n_in] -> [..., n_out]: x @ w + b, as one product of [x, 1] and p["w"], whose last row is b.
 
     A bias added after the product is fused into it by XLA on a CPU, which then runs a slower
-    matrix-vector kernel: one row per step decodes about 10% faster this way.
+    matrix-vector kernel: one row per step decodes faster this way.
     """
     out = tf.matmul(tf.pad(x, [[0, 0]] * (len(x.shape) - 1) + [[0, 1]], constant_values=1), p["w"])
     if "lora_a" in p:  # through the rank-r bottleneck: no [n_in, n_out] product is formed
@@ -209,7 +209,7 @@ def forward_cached(params, hparams, tokens, past, pos, shared=None):
 def cached_block_graph(x, p, past, slots, shared, n_head):
     """cached_block's graph for arguments like these of any batch size, number of tokens and cache
     size: built once (per dtype, and with or without a shared prefix), for every block, the prompt's
-    pass and the decoding loop alike (each of these traces took about 0.18 s; 124M).
+    pass and the decoding loop alike (each trace adds to a command's start-up).
 
     A tf.function builds a graph for the shapes of its first call, and a second, general one at
     the first call of other shapes: every command made both, the prompt's pass then a step.
@@ -226,8 +226,8 @@ def cached_block_graph(x, p, past, slots, shared, n_head):
 
 # One function for every block: inside the compiled decoding loop, its graph is built once, not
 # once per block. And lowered to XLA once, not once per block: TensorFlow inlines a function's
-# calls before lowering unless it is marked _noinline, and lowering the loop took 0.7-0.9 s with
-# the 12 calls inlined (tanh, rsqrt and exp take about 10 ms each), 0.2 s without. XLA inlines
+# calls before lowering unless it is marked _noinline, and lowering the loop with the 12 calls
+# inlined lowered each block again (tanh, rsqrt and exp are slow to lower). XLA inlines
 # the calls as it compiles, so the compiled program is the same.
 @tf.function(autograph=False, experimental_attributes={"_noinline": True})
 def cached_block(x, p, past, slots, shared, *, n_head):

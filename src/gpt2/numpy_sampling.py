@@ -9,11 +9,8 @@ about 1e-6 of top_p may fall on either side), and NumPy's float32 log is not XLA
 whose noisy scores are within an ulp may swap).
 
 Why a second form of them: between two steps of TensorFlow Lite programs, which stream every
-weight through the processor's caches, a call into TensorFlow is slow. At 124M, batch 1, the
-compiled top_k 40 rule took 1.5 ms after a step (0.6 ms back to back), and even an eager argmax
-0.9 ms (0.2), where a step takes 10-13 ms. After a step these take 0.06 ms (greedy), 0.55 ms
-(top_k 40) and 1.6-1.7 ms (top_p 0.9 on random weights, whose nucleus holds thousands of tokens;
-the compiled rule took 4.3 ms back to back).
+weight through the processor's caches, a call into TensorFlow is slow, even an eager argmax; these
+NumPy rules take less of a step (the timings are in docs/performance.md).
 """
 import numpy as np
 
@@ -53,7 +50,7 @@ def nucleus_threshold(logits, p):
     if descending[0] == np.inf:  # (a tiny temperature) the infinite logits carry all the probability
         return descending[0]
     # The softmax's numerators, in blocks of SUM_BLOCK (the last one filled up with zeros): np.cumsum
-    # adds one number at a time (0.8 ms for 50257 float64s), so the running sums go block by block.
+    # adds one number at a time, which is slow, so the running sums go block by block.
     weights = np.zeros(-(-len(descending) // SUM_BLOCK) * SUM_BLOCK, np.float32)
     weights[:len(descending)] = np.exp(descending - descending[0])
     weights = weights.reshape(-1, SUM_BLOCK)

@@ -179,7 +179,7 @@ def uniform_noise(row_seeds, step, n, tokens=None):
     number does not depend on which others are drawn with it.
     """
     # In a compiled function (the decoding loop) it is part of its program: a tf.function called
-    # there would be traced once more for each shape of `tokens` (about 0.06 s each).
+    # there would be traced once more for each shape of `tokens`.
     return _uniform_noise(row_seeds, step, n, tokens) if tf.inside_function() else \
         compiled_uniform_noise(row_seeds, step, n, tokens)
 

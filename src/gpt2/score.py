@@ -98,7 +98,7 @@ def windows(tokens, n_ctx, stride):
         held_from = start
 
 
-# XLA: a 1024-token window of 124M in 2.5 s instead of 3.7 as a plain graph
+# XLA: a window runs faster than as a plain graph
 @tf.function(jit_compile=True, autograph=False)
 def _window_logprobs(params, tokens, lengths, *, hparams, n_scored):
     """log p of the last n_scored tokens of each window: tokens [batch, seq] (row b's first lengths[b]

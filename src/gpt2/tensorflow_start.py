@@ -4,8 +4,8 @@ programs on disk from one run to the next.
 TensorFlow's C++ start-up lines (CUDA probing on a machine without a GPU, CPU features) are noise
 to someone generating text. gpt2.api, gpt2.train and gpt2.finetuning import this first.
 
-Compiling the decoding loop with XLA takes most of a command's first answer (124M on 2 CPU
-cores: about 8 of 13 s). TensorFlow's persistent compilation cache keeps each compiled program in
+Compiling the decoding loop with XLA takes most of a command's first answer. TensorFlow's
+persistent compilation cache keeps each compiled program in
 a folder and loads it in later runs instead of compiling again; it is on unless GPT2_XLA_CACHE is
 "off" (GPT2_XLA_CACHE=<folder> puts it elsewhere). Three things about it shape this module:
 - A program compiled for one processor (or GPU) may use instructions another lacks, and one
@@ -140,7 +140,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if _folder else "2")
 
 @contextlib.contextmanager
 def keras_left_for_later():
-    """TensorFlow imports Keras's optimizers as it starts (0.4-0.6 s of a 2-core machine's 4-5 s),
+    """TensorFlow imports Keras's optimizers as it starts (a noticeable part of its import time),
     for SavedModels of Keras models, which gpt2 never reads; `tf.keras` stays Keras 3 either way,
     imported on its first use.
 

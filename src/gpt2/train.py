@@ -262,7 +262,7 @@ def leaves(tree, path=()):
 
 
 class Memory(NamedTuple):
-    """What a Trainer does to need less memory: the ladder of README's fine-tuning section."""
+    """What a Trainer does to need less memory: the ladder of docs/finetuning.md's Less memory section."""
     recompute: bool = False  # each block's activations computed again in the backward pass
     dtype: str = "float32"  # bfloat16 or float16: computed in it, from float32 weights
     only_train_transformer_layers: bool = False  # wte, wpe and ln_f frozen, as nshepperd's flag
