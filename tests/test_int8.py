@@ -201,10 +201,12 @@ def test_a_damaged_cached_program_is_made_again(model, tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path))
     made = int8.cached_template(hparams, "block")
     [path] = tmp_path.glob("*/int8-block-*.tflite")
-    assert path.read_bytes() == made.program
-    path.write_bytes(made.program[:1000])  # cut off
-    again = int8.cached_template(hparams, "block")
-    assert again == made and path.read_bytes() == made.program
+    assert path.read_bytes()[:len(made.program)] == made.program
+    stored = path.read_bytes()
+    for damage in (lambda: path.write_bytes(stored[:1000]), lambda: changed(path, 1.0), lambda: changed(path, 0.5)):
+        damage()  # cut off, or bytes changed at its end (segmentation fault) or in its middle (other numbers)
+        again = int8.cached_template(hparams, "block")
+        assert again == made and path.read_bytes() == stored
     monkeypatch.setitem(int8.TEMPLATES, "block", (lambda hparams: pytest.fail("converted again"), int8.block_shapes))
     read = int8.cached_template(hparams, "block")
     assert read == made
@@ -309,9 +311,23 @@ def test_a_nearly_full_disk_stores_nothing(model, tiny_model, int8_model, tmp_pa
     assert stored_folders(tmp_path) == []
 
 
+def changed(path, where):
+    """Flip 64 bytes of the file at `where` (a fraction of its size), in place."""
+    data = bytearray(path.read_bytes())
+    start = min(int(len(data) * where), len(data) - 64)
+    data[start:start + 64] = bytes(b ^ 0x5A for b in data[start:start + 64])
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize("damage", [lambda folder: (folder / "block1.tflite").unlink(),
                                     lambda folder: (folder / "wte.npy").write_bytes(b""),
-                                    lambda folder: (folder / "vectors.npz").write_bytes(b"PK\x03\x04 cut off")])
+                                    lambda folder: (folder / "vectors.npz").write_bytes(b"PK\x03\x04 cut off"),
+                                    # each of these crashed the process (a segmentation fault) or gave other text:
+                                    lambda folder: (folder / "block1.tflite").write_bytes(
+                                        (folder / "block1.tflite").read_bytes()[:-100]),
+                                    lambda folder: changed(folder / "block0.tflite", 1.0),
+                                    lambda folder: changed(folder / "head0.tflite", 0.5),
+                                    lambda folder: changed(folder / "wpe.npy", 0.5)])
 def test_a_damaged_stored_model_is_quantized_again(model, tiny_model, int8_model, tmp_path, monkeypatch, damage):
     hparams, _ = model
     monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path))

@@ -28,6 +28,7 @@ import ctypes
 import functools
 import glob
 import hashlib
+import json
 import logging
 import math
 import os
@@ -44,6 +45,7 @@ from .checkpoint import checkpoint_files, read_checkpoint
 from . import numpy_sampling
 from .decode import bucket, row_seeds, shared_prefix_length
 from .model import LayerCache, attention_weights, gelu, layer_norm, merge_heads, split_heads
+from .storage import checked, file_checksum, with_checksum
 from .tensorflow_start import MIN_FREE_BYTES, abandoned, c_stderr_silenced, xla_cache_folder
 
 # The linear layers of a block: (name, checkpoint name, [n_in, n_out] in units of n_embd).
@@ -345,8 +347,9 @@ def cached_template(hparams, kind):
     if path and os.path.exists(path):
         try:
             with open(path, "rb") as f:
-                program = f.read()
-            return Template(program, find_weights(program, shapes(hparams)))
+                program = checked(f.read())
+            if program is not None:  # else cut off or changed: made again below
+                return Template(program, find_weights(program, shapes(hparams)))
         except (OSError, RuntimeError, ValueError, IndexError, TypeError, struct.error):
             pass  # unreadable or damaged: made again below
     made = make(hparams)
@@ -354,7 +357,7 @@ def cached_template(hparams, kind):
         try:
             temporary = f"{path}.{os.getpid()}.tmp"
             with open(temporary, "wb") as f:
-                f.write(made.program)
+                f.write(with_checksum(made.program))
             os.replace(temporary, path)  # whole or not at all
             for older in glob.glob(os.path.join(glob.escape(folder), "int8-*.tflite")):  # other versions', any size
                 if not older.endswith(f"-{version()}.tflite"):
@@ -547,6 +550,7 @@ def quantized(model_dir, hparams, keep):
 
 
 ARRAYS = ("wte", "wte_scale", "wpe", "ln_f_g", "ln_f_b")  # what an Int8Model keeps beside its programs
+CHECKSUMS = "checksums.json"  # a stored folder's files' sizes and CRC-32s
 
 
 def build_model(hparams, blocks, head, arrays):
@@ -580,10 +584,12 @@ def store(model_dir, hparams, folder):
     folder's older checkpoints', abandoned temporary ones. Nothing is written where the disk would
     keep less than MIN_FREE_BYTES free. `folder` is whole or absent, also after a full disk, Ctrl-C
     or a power cut: it is written under another name, each file synced to the disk, and renamed.
+    CHECKSUMS records each file's size and CRC-32, for open_stored to check.
     """
     parent = os.path.dirname(folder)
     version_and_model = os.path.basename(folder).rsplit("-", 1)[0] + "-"
     temporary = f"{folder}.{os.getpid()}.tmp"
+    checksums = {}  # name -> (size, CRC-32), checked by open_stored before a file is used
 
     def write(name, save):
         path = os.path.join(temporary, name)
@@ -591,6 +597,7 @@ def store(model_dir, hparams, folder):
             save(f)
             f.flush()
             os.fsync(f.fileno())
+        checksums[name] = file_checksum(path)
         return path
 
     try:
@@ -611,6 +618,7 @@ def store(model_dir, hparams, folder):
             write(name + ".npy", lambda f: np.save(f, arrays[name]))
         write("vectors.npz", lambda f: np.savez(f, **{f"{i}/{name}": value for i, (_, vectors) in enumerate(blocks)
                                                        for name, value in vectors.items()}))
+        write(CHECKSUMS, lambda f: f.write(json.dumps(checksums).encode()))
         os.rename(temporary, folder)
     except OSError:
         pass  # a full or read-only disk: load_int8 keeps the programs in memory
@@ -619,7 +627,16 @@ def store(model_dir, hparams, folder):
 
 
 def open_stored(folder, hparams):
-    """The Int8Model that `store` wrote to `folder`: its programs mapped from their files, its arrays too."""
+    """The Int8Model that `store` wrote to `folder`: its programs mapped from their files, its arrays too.
+
+    Each file's size and CRC-32 are checked first: TensorFlow Lite's interpreter crashes the whole
+    process on a program cut off, and computes other numbers from one whose bytes changed. A
+    ValueError where one differs."""
+    with open(os.path.join(folder, CHECKSUMS), encoding="utf-8") as f:
+        checksums = json.load(f)
+    for name, expected in checksums.items():
+        if list(file_checksum(os.path.join(folder, name))) != expected:
+            raise ValueError(f"{name} in {folder} is damaged")
     with np.load(os.path.join(folder, "vectors.npz")) as vectors:
         blocks = [(os.path.join(folder, f"block{i}.tflite"), {name: vectors[f"{i}/{name}"] for name in VECTORS})
                   for i in range(hparams.n_layer)]

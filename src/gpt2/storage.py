@@ -17,6 +17,7 @@ import errno
 import os
 import re
 import shutil
+import struct
 import zlib
 
 try:
@@ -190,9 +191,20 @@ def remove_dead_files(folder, suffix):
 
 # Checksummed cache files.
 
-def checksum(data):
-    """(size, CRC-32) of bytes."""
-    return len(data), zlib.crc32(data)
+CHECKSUM = struct.Struct("<QI")  # size and CRC-32 of what comes before it
+
+
+def with_checksum(data):
+    """bytes followed by their size and CRC-32: a file of them can be checked whole (`checked`)."""
+    return data + CHECKSUM.pack(len(data), zlib.crc32(data))
+
+
+def checked(data):
+    """The bytes that `with_checksum` was given, or None where `data` is cut off or changed."""
+    if len(data) < CHECKSUM.size:
+        return None
+    body = data[:-CHECKSUM.size]
+    return body if CHECKSUM.unpack(data[-CHECKSUM.size:]) == (len(body), zlib.crc32(body)) else None
 
 
 def file_checksum(path):
