@@ -195,7 +195,7 @@ def test_saving_replaces_a_folder_whole_or_not_at_all(tiny_model, tmp_path, monk
     def crash(*args):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(checkpoint, "write_hparams", crash)  # after the weights, before the rename
-    with pytest.raises(OSError):
+    with pytest.raises(GPT2Error, match=r"cannot save .*run \(No space left on device\): free some space"):
         model.save(target)
     assert {name: (target / name).read_bytes() for name in os.listdir(target)} == before
     assert os.listdir(tmp_path) == ["run"]  # nothing half-written left beside it

@@ -177,14 +177,15 @@ def test_a_prompt_of_another_length_in_the_same_cache_bucket_compiles_nothing_ne
     """Prompts of 5, 9 and 7 tokens with 6 new ones all fit a 16-slot cache: one decoding loop serves them,
     and the prompt's pass (op by op) draws its first token with the same compiled noise."""
     hparams, params = model
-    advance = decode._advance.__wrapped__  # the tf.function
+    advance = decode._advance.__wrapped__.function  # the tf.function
+    noise = compiled_uniform_noise.function
     sample(params, hparams, PROMPT[:5], 6, top_k=3, seed=1)
-    loops, noises = advance.experimental_get_tracing_count(), compiled_uniform_noise.experimental_get_tracing_count()
+    loops, noises = advance.experimental_get_tracing_count(), noise.experimental_get_tracing_count()
     blocks = cached_block.experimental_get_tracing_count()
     for prompt in (PROMPT + [1, 2, 3], PROMPT + [4]):
         sample(params, hparams, prompt, 6, top_k=3, seed=2)
         assert advance.experimental_get_tracing_count() == loops
-        assert compiled_uniform_noise.experimental_get_tracing_count() == noises
+        assert noise.experimental_get_tracing_count() == noises
     # Another cache size and another batch (of prompts that share no start) need a loop of their
     # own, but not another graph of the block.
     list(sample_chunks(params, hparams, [PROMPT, [PROMPT[0] + 1] + PROMPT], 30, top_k=3, seed=2))

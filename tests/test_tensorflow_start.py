@@ -2,12 +2,14 @@
 import glob
 import importlib.util
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
 import time
 
 import pytest
+import tensorflow as tf
 
 from gpt2 import tensorflow_start
 from gpt2.tensorflow_start import is_whole_protobuf, xla_cache_folder
@@ -48,6 +50,70 @@ def test_an_entry_cut_off_is_compiled_again_instead_of_failing(tiny_model, tmp_p
     assert is_whole_protobuf(entries[-1])
 
 
+def changed(path, start, end):
+    data = bytearray(path.read_bytes())
+    data[start:end] = bytes(b ^ 0x33 for b in data[start:end])
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_entries_are_compiled_again_instead_of_failing(tiny_model, tmp_path):
+    """Each of these failed every later generation with a TensorFlow traceback, until the folder was deleted."""
+    cache = str(tmp_path / "xla")
+    first, _ = answer(tiny_model.parent, cache)
+    answer(tiny_model.parent, cache)  # the second start records each entry's size and CRC-32
+    entries = sorted(glob.glob(os.path.join(cache, "*", "*.pb")), key=os.path.getsize)
+    assert all(os.path.exists(entry + ".crc") for entry in entries)
+    loop = pathlib.Path(entries[-1])
+    damages = [lambda: loop.write_bytes(b""),  # "Serialized cache key does not match"
+               lambda: changed(loop, 1000, 1100),  # "Can't parse ... as binary proto"
+               lambda: changed(loop, loop.stat().st_size - 100, loop.stat().st_size),
+               # changed before any start saw it: found when TensorFlow fails on it, and compiled again
+               lambda: (changed(loop, 2000, 2100), os.remove(f"{loop}.crc"))]
+    for damage in damages:
+        answer(tiny_model.parent, cache)  # whole again, with its .crc
+        damage()
+        again, stderr = answer(tiny_model.parent, cache)
+        assert again == first and stderr == ""
+
+
+@pytest.fixture
+def full_folder(tmp_path):
+    """A folder on a 1 MiB tmpfs with no room left; skipped where it cannot be mounted."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (it needs root): {result.stderr.strip()}")
+    try:
+        stats = os.statvfs(mount)
+        (mount / "filler").write_bytes(b"x" * (stats.f_bavail * stats.f_frsize))
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_disk_that_fills_while_compiling_goes_on_without_the_cache(full_folder, capfd):
+    link = tensorflow_start._link
+    if link is None:
+        pytest.skip("the compilation cache is off in this test session")
+    os.remove(link)
+    os.symlink(full_folder, link)  # TensorFlow writes this process's programs to a full disk now
+    try:
+        capfd.readouterr()
+        times_seven = tensorflow_start.Compiled(lambda x: x * 7.0 + 3.0, jit_compile=True)  # a program of its own
+        assert times_seven(tf.constant([1.0, 2.0])).numpy().tolist() == [10.0, 17.0]
+        assert tensorflow_start.Compiled(lambda x: x * 5.0, jit_compile=True)(tf.constant(2.0)).numpy() == 10.0
+        # (TensorFlow's C++ lines show here: the test session imported TensorFlow before gpt2 quietened it)
+        warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1 and warnings[0].startswith("warning: the compiled-program cache ")
+        assert warnings[0].endswith("No space left on device): compiling without it in this run")
+        assert os.readlink(link) == tensorflow_start._own_cache and os.listdir(tensorflow_start._own_cache)
+    finally:
+        os.remove(link)
+        os.symlink(".", link)
+
+
 def test_whole_and_cut_protobufs(tmp_path):
     message = bytes([0x0A, 3]) + b"abc" + bytes([0x10, 0x96, 0x01]) + bytes([0x1D]) + b"\0\0\0\0"  # fields 1, 2, 3
     for length, whole in [(len(message), True), (0, True), (4, False), (7, False), (9, False), (11, False)]:
@@ -67,6 +133,7 @@ def test_the_cache_folder_and_when_it_stays_off(tmp_path, monkeypatch):
         open(path, "w").close()
     os.utime(old_tmp, (time.time() - 7200,) * 2)
     assert xla_cache_folder() == folder
+    tensorflow_start.check_entries(folder)  # as the start of a process does
     assert not os.path.exists(old_tmp) and os.path.exists(new_tmp)  # the other may be a write under way
 
     monkeypatch.setenv("GPT2_XLA_CACHE", "off")

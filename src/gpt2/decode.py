@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from .model import LayerCache, SharedPrefix, empty_cache, forward_cached, logits
 from .sampling import MIN_TEMPERATURE, Rule, choose, mark_stopped
+from .tensorflow_start import compiled
 
 
 class Batch(NamedTuple):
@@ -156,7 +157,7 @@ def _start(params, prefix, rest, n_rest, draw, *, hparams, rule, shared_len, cac
 # tf.while_loop and tf.cond already, and autograph's rewriting of every function they call was
 # most of the decoding loop's tracing time.
 @raises_ctrl_c
-@tf.function(jit_compile=True, autograph=False)
+@compiled(jit_compile=True)
 def _advance(params, shared, state, first_step, n_steps, draw, *, hparams, rule):
     """Up to n_steps more tokens in one loop, fewer if every row is done.
 

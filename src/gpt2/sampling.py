@@ -11,6 +11,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 import tensorflow as tf
 
+from .tensorflow_start import Compiled
+
 
 def top_k_filter(logits, k):
     """Logits [batch, n_vocab] with all but the k largest of each row set to -inf (ties with the k-th kept)."""
@@ -195,7 +197,7 @@ def _uniform_noise(row_seeds, step, n, tokens):
 
 
 # The noise op by op (the prompt's pass): compiled on its own.
-compiled_uniform_noise = tf.function(_uniform_noise, jit_compile=True, autograph=False)
+compiled_uniform_noise = Compiled(_uniform_noise, jit_compile=True)
 
 
 def mark_stopped(token, done, rule):

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from .decode import bucket
 from .model import forward
+from .tensorflow_start import compiled
 
 # Characters of text read and encoded at a time: about 250,000 tokens of English.
 PIECE_CHARS = 1 << 20
@@ -99,7 +100,7 @@ def windows(tokens, n_ctx, stride):
 
 
 # XLA: a window runs faster than as a plain graph
-@tf.function(jit_compile=True, autograph=False)
+@compiled(jit_compile=True)
 def _window_logprobs(params, tokens, lengths, *, hparams, n_scored):
     """log p of the last n_scored tokens of each window: tokens [batch, seq] (row b's first lengths[b]
     are its window, then padding) -> [batch, n_scored] float32 (a row that scores fewer has its

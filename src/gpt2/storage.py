@@ -180,13 +180,15 @@ def recover_folder(path):
 
 
 def remove_dead_files(folder, suffix):
-    """Remove files in `folder` named <anything><suffix><pid> (say `.writing-`) whose process is dead."""
+    """Remove the files, links and folders in `folder` named <anything><suffix><pid> (say `.writing-`)
+    whose process is dead."""
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
             head, found, pid = name.rpartition(suffix)
             if found and pid.isdigit() and not is_alive(int(pid)):
+                path = os.path.join(folder, name)
                 with contextlib.suppress(OSError):
-                    os.remove(os.path.join(folder, name))
+                    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 
 
 # Checksummed cache files.

@@ -12,23 +12,36 @@ a folder and loads it in later runs instead of compiling again; it is on unless 
   TensorFlow version cannot read another's programs: each TensorFlow installation and machine
   gets a folder of its own.
 - TensorFlow fails the compiled call, instead of compiling again, when an entry cannot be read or
-  written: a cut-off entry is deleted here before TensorFlow starts, and the cache is left off
-  where its folder cannot be written or its disk is nearly full.
+  written. So, before TensorFlow starts, an entry cut off, emptied or changed since it was first
+  seen (each then gets a `<entry>.crc` of its size and CRC-32) is deleted, and the cache is left
+  off where its folder cannot be written or its disk is nearly full. And each compiled function
+  is called through `Compiled`: a call that fails on an entry all the same (damaged
+  after the check, or a disk that fills while compiling) has the bad entries removed and is
+  compiled again; if it fails again, the process goes on with a cache of its own in memory, with
+  one warning. TensorFlow's flag names a link (`.pid-<pid>` in the folder) so that this process
+  alone can be pointed elsewhere.
 - TensorFlow first tries to read each entry as text and logs an error line before reading it as
   the binary it is: with the cache on, TensorFlow's C++ errors are not shown (its errors still
   reach Python as exceptions, with their messages).
 """
+import atexit
 import contextlib
+import functools
 import glob
 import hashlib
 import importlib.util
 import os
 import platform
+import re
 import shutil
 import sys
+import tempfile
 import time
 
+from .storage import file_checksum, remove_dead_files
+
 MIN_FREE_BYTES = 256 << 20  # an entry is a few MB; below this the cache stays off
+OWN_CACHES = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()  # in memory where there is one
 
 
 def machine_key():
@@ -58,18 +71,52 @@ def xla_cache_folder():
         os.makedirs(folder, exist_ok=True)
         if not os.access(folder, os.W_OK | os.X_OK) or shutil.disk_usage(folder).free < MIN_FREE_BYTES:
             return None
-        remove_broken_entries(folder)
     except (OSError, AttributeError):
         return None
     return folder
 
 
-def remove_broken_entries(folder):
-    """Delete entries cut off by a crash or a full disk, and abandoned temporary files."""
-    for name in os.listdir(folder):
+def check_entries(folder):
+    """Delete what TensorFlow would fail on: entries cut off, emptied or changed since they were
+    first seen (each gets a .crc file then); and what dead processes left: temporary files, links."""
+    names = set(os.listdir(folder))
+    for name in names:
         path = os.path.join(folder, name)
-        if name.endswith(".pb") and not is_whole_protobuf(path) or abandoned(path):
-            os.remove(path)
+        with contextlib.suppress(FileNotFoundError):  # another process removed it first
+            if name.endswith(".pb"):
+                if not is_sound_entry(path):
+                    os.remove(path)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path + ".crc")
+                elif name + ".crc" not in names:
+                    write_entry_checksum(path)
+            elif name.endswith(".crc") and name[:-4] not in names or abandoned(path):
+                os.remove(path)
+    remove_dead_files(folder, ".pid-")
+    remove_dead_files(OWN_CACHES, "gpt2-xla-")  # left by processes that ended without Python's exit
+
+
+def is_sound_entry(path):
+    """Whether the entry can be handed to TensorFlow: a whole protobuf, not empty (TensorFlow reads
+    an empty file as an entry of another program), with the size and CRC-32 it was first seen with."""
+    if os.path.getsize(path) == 0 or not is_whole_protobuf(path):
+        return False
+    try:
+        with open(path + ".crc", encoding="ascii") as f:
+            recorded = tuple(int(n) for n in f.read().split())
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return recorded == file_checksum(path)
+
+
+def write_entry_checksum(path):
+    temporary = f"{path}.crc.{os.getpid()}.tmp"
+    with contextlib.suppress(OSError):  # a full disk: checked again next time
+        with open(temporary, "w", encoding="ascii") as f:
+            f.write("%d %d" % file_checksum(path))
+        os.replace(temporary, path + ".crc")
 
 
 def abandoned(path):
@@ -132,9 +179,87 @@ def c_stderr_silenced():
         os.close(devnull)
 
 
+def process_link(folder):
+    """The link `folder`/.pid-<pid> to `folder` itself, which TensorFlow's flag names: pointed at
+    another folder, it moves this process's cache alone (a live process's link is its own)."""
+    link = os.path.join(folder, f".pid-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(link)  # an earlier process's with this number
+    os.symlink(".", link)
+    return link
+
+
+class Compiled:
+    """tf.function(python_function, autograph=False, **options), called so that the compilation cache
+    never stops it.
+
+    A call that fails on the cache (an entry TensorFlow cannot read, or cannot write: a full disk)
+    is made again after the bad entries are removed; a second failure points this process's link to
+    a folder in memory, with one warning, and calls once more. TensorFlow keeps a failed
+    compilation's error for the traced function, so each new try traces it anew (`function`).
+    """
+
+    def __init__(self, python_function, **options):
+        self.python_function, self.options = python_function, options
+        self.function = tf.function(python_function, autograph=False, **options)
+
+    def __call__(self, *args, **kwargs):
+        for fix in (remove_bad_entries, use_a_cache_of_its_own, None):
+            try:
+                return self.function(*args, **kwargs)
+            except Exception as error:
+                if fix is None or _link is None or not is_cache_failure(error):
+                    raise
+                fix(error)
+                self.function = tf.function(self.python_function, autograph=False, **self.options)
+
+
+def compiled(**options):
+    """A decorator: Compiled(function, **options)."""
+    return functools.partial(Compiled, **options)
+
+
+def is_cache_failure(error):
+    message = str(error)
+    return "xla_compile_cache__" in message or "Serialized cache key does not match" in message
+
+
+def remove_bad_entries(error):
+    """Remove the entry (or temporary file) that `error` names, and every entry check_entries finds bad."""
+    named = re.search(r"(xla_compile_cache__[^\s;]+)", str(error))
+    if named:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(_folder, named.group(1)))
+    check_entries(_folder)
+
+
+def use_a_cache_of_its_own(error):
+    """Point this process's link at a new folder in memory (removed at exit), with one warning."""
+    global _own_cache
+    if _own_cache is None:
+        _own_cache = os.path.join(OWN_CACHES, f"gpt2-xla-{os.getpid()}")
+        shutil.rmtree(_own_cache, ignore_errors=True)  # a dead process's with this number
+        os.makedirs(_own_cache)
+        atexit.register(shutil.rmtree, _own_cache, ignore_errors=True)  # and the next start's check_entries
+        print(f"warning: the compiled-program cache {_folder} failed ({str(error).split(' [Op:')[0][-200:]}): "
+              "compiling without it in this run", file=sys.stderr, flush=True)
+    temporary = f"{_link}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(temporary)
+    os.symlink(_own_cache, temporary)
+    os.replace(temporary, _link)
+
+
 _folder = xla_cache_folder()
+_link = _own_cache = None
 if _folder:
-    os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_persistent_cache_directory={_folder}"
+    try:
+        check_entries(_folder)
+        _link = process_link(_folder)
+    except OSError:
+        _folder = None
+if _folder:
+    os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_persistent_cache_directory={_link}"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if _folder else "2")
 
 

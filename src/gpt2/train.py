@@ -36,6 +36,7 @@ from .model import forward, logits
 from .score import score_tokens, text_pieces
 from .storage import only_writer, recover_folder, remove_dead_files
 from .strategies import distribution, is_chief
+from .tensorflow_start import Compiled
 
 TOKEN_DTYPE = np.uint16  # GPT-2's 50257 ids fit
 TEXT_SUFFIXES = (".txt", ".csv", ".jsonl")
@@ -355,7 +356,7 @@ class Trainer:
         self.schedule = (learning_rate, warmup_steps, decay_steps)
         # Several replicas sum their gradients, which XLA does not compile here: a plain graph then
         # (TPUStrategy compiles it with XLA, as it compiles everything).
-        self._train = tf.function(self._train_step, jit_compile=self.strategy is default, autograph=False)
+        self._train = Compiled(self._train_step, jit_compile=self.strategy is default)
 
     def _replica_gradients(self, batch, global_tokens):
         """(this replica's part of the loss, its gradients of the trained variables) for one batch
