@@ -646,3 +646,24 @@ def test_a_full_disk_while_encoding_or_saving_is_one_line(models_dir, tiny_model
                                         r"saved\)"):
         small_run(full_models, dataset=tokens.filename)
     assert sorted(os.listdir(full_models)) == ["datasets", "tiny"]
+
+
+@pytest.mark.parametrize("scales", [(1.0, 1e-3, 0.0), (0.0, 0.0, 1.0)])
+def test_adafactor_steps_equal_a_float64_reference(scales):
+    """Factored second moments (Shazeer and Stern, 2018), with update clipping at 1. Gradients of
+    zero from the first step (LoRA's lora_a, whose lora_b starts at zero) made NaN weights."""
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((5, 3)).astype(np.float32)
+    variable = tf.Variable(w0)
+    slots = {name: tf.Variable(tf.zeros(shape)) for name, shape in train.slot_shapes([5, 3], "adafactor").items()}
+    hyper = train.Hyper("adafactor", clip_norm=0)
+    w, row, col = w0.astype(np.float64), np.zeros(5), np.zeros(3)
+    for step, scale in enumerate(scales, 1):
+        g = (rng.standard_normal((5, 3)) * scale).astype(np.float32)
+        train.update(variable, tf.constant(g), slots, tf.constant(float(step)), 0.01, hyper, ("h", "0", "lora_a"))
+        beta2 = 1 - step ** -0.8
+        g2 = g.astype(np.float64) ** 2 + 1e-30
+        row, col = beta2 * row + (1 - beta2) * g2.mean(-1), beta2 * col + (1 - beta2) * g2.mean(-2)
+        delta = g / np.sqrt(row[:, None] * col[None, :] / row.mean())
+        w -= 0.01 * delta / max(1.0, np.sqrt(np.mean(delta ** 2)))
+        np.testing.assert_allclose(variable.numpy(), w, rtol=1e-5, atol=1e-6, err_msg=f"step {step}")

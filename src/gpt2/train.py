@@ -230,8 +230,10 @@ def update(variable, gradient, slots, step, learning_rate, hyper, path):
         else:
             slots["row"].assign(beta2 * slots["row"] + (1 - beta2) * tf.reduce_mean(g2, axis=-1))
             slots["col"].assign(beta2 * slots["col"] + (1 - beta2) * tf.reduce_mean(g2, axis=-2))
-            v = (slots["row"][..., None] * slots["col"][..., None, :]
-                 / tf.reduce_mean(slots["row"], axis=-1, keepdims=True)[..., None])
+            # row / mean(row) first: row * col of gradients near zero (LoRA's lora_a at the start)
+            # underflows float32 to 0, and rsqrt(0) * 0 is NaN
+            v = ((slots["row"] / tf.reduce_mean(slots["row"], axis=-1, keepdims=True))[..., None]
+                 * slots["col"][..., None, :])
         delta = g * tf.math.rsqrt(v)
         delta /= tf.maximum(1.0, tf.sqrt(tf.reduce_mean(tf.square(delta))))
     if hyper.optimizer == "adamw" and decays(path):
