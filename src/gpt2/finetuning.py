@@ -78,7 +78,7 @@ def finetune(dataset=None, model_name="124M", run_name="run1", models_dir=None, 
     the first line of the validation text, else of the training text).
     val_dataset or val_fraction (the last part of the dataset held out), val_every (steps),
     val_tokens (how many validation tokens are scored): validation loss and perplexity;
-    keep_best: also save the best run so far as models_dir/<run_name>_best.
+    keep_best: also save the best run so far as `models_dir/<run_name>_best`.
     overwrite: allow run_name to replace a model folder that is not a fine-tuning run. A run never
     replaces a folder that holds other files than a model's, and run_name must name a folder
     inside models_dir. One process at a time trains a run: a second is refused with one line.
