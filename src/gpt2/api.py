@@ -43,8 +43,8 @@ def load(model_name="124M", models_dir=None, *, dtype="float32", base_url=None, 
     """The model `model_name` (124M, 355M, 774M, 1558M, or a folder name in models_dir).
 
     One of OpenAI's models that is not in models_dir yet is downloaded first, with a progress bar
-    (unless progress=False; download=False: not at all). models_dir defaults to $GPT2_MODELS_DIR, else ./models. dtype:
-    "float32" (as stored), "float16" / "bfloat16" for half the memory (faster on GPUs), or "int8"
+    (unless progress=False; download=False: not at all). models_dir defaults to $GPT2_MODELS_DIR,
+    else ./models. dtype: "float32" (as stored), "float16" / "bfloat16" for half the memory (faster on GPUs), or "int8"
     (weights quantized to int8: a quarter of the memory, faster on a CPU; for generating only).
     strategy: the devices that `generate` spreads each batch over: "one" (the default device),
     "mirrored" (all of this machine's GPUs, each with a copy of the weights), "auto" (mirrored
