@@ -254,8 +254,8 @@ def test_a_stored_model_loads_again_without_reading_its_checkpoint(model, tiny_m
     first = int8.load_int8(tiny_model, hparams)
     [folder] = stored_folders(tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == [
-        "block0.tflite", "block1.tflite", "checksums.json", "head0.tflite", "ln_f_b.npy", "ln_f_g.npy", "vectors.npz", "wpe.npy",
-        "wte.npy", "wte_scale.npy"]
+        "block0.tflite", "block1.tflite", "checksums.json", "head0.tflite", "ln_f_b.npy", "ln_f_g.npy", "vectors.npz",
+        "wpe.npy", "wte.npy", "wte_scale.npy"]
     monkeypatch.setattr(int8, "read_checkpoint", lambda *args: pytest.fail("the checkpoint was read"))
     again = int8.load_int8(tiny_model, hparams)
     assert (prompt_logits(again) == prompt_logits(first)).all()

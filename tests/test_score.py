@@ -177,6 +177,12 @@ def test_output_that_is_also_an_input_is_refused_before_anything_is_written(tiny
         assert result.returncode == 1 and result.stderr.strip().count("\n") == 0, result.stderr
         assert f"--output {output} is also a file to score" in result.stderr
         assert (texts / "scores.jsonl").read_text(encoding="utf-8") == '{"kept": true}\n'
+    with open(texts / "scores.jsonl", encoding="utf-8") as stdin:  # score.py - --output x < x
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "score.py"), "-", "--output",
+                                 str(texts / "scores.jsonl"), "--model_name", "tiny", "--models_dir",
+                                 str(tiny_model.parent)], stdin=stdin, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "is also a file to score" in result.stderr, result.stderr
+    assert (texts / "scores.jsonl").read_text(encoding="utf-8") == '{"kept": true}\n'
 
 
 def test_standard_input_closed_is_one_line(tiny_model):

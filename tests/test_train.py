@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -463,12 +464,24 @@ def test_folders_that_are_not_models_are_never_replaced(models_dir, tmp_path):
     assert gpt2.load("saved", str(tmp_path)).hparams == model.hparams
 
 
-def test_one_process_at_a_time_writes_a_run(models_dir):
-    from gpt2.storage import only_writer
+HOLD_THE_LOCK = """
+import sys
+from gpt2.storage import only_writer
+with only_writer(sys.argv[1]):  # as a finetune.py training this run holds it
+    print("holding", flush=True)
+    sys.stdin.read()
+"""
 
-    with only_writer(str(models_dir / "run")):  # as a second finetune.py would find it
-        with pytest.raises(GPT2Error, match=rf"another process \(process {os.getpid()}\) is writing .*run: wait"):
+
+def test_one_process_at_a_time_writes_a_run(models_dir):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(models_dir / "run")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        with pytest.raises(GPT2Error, match=rf"another process \(process {holder.pid}\) is writing .*run: wait"):
             small_run(models_dir)
+    finally:
+        holder.communicate("", timeout=60)
     assert small_run(models_dir) == str(models_dir / "run")
     assert not [name for name in os.listdir(models_dir) if name.endswith(".lock")]
 
@@ -526,7 +539,7 @@ def test_a_save_killed_between_its_two_renames_is_found_whole(models_dir, tiny_m
     assert sorted(os.listdir(models_dir)) == ["run", "tiny"]  # the leftovers are gone
 
 
-def test_a_save_replaces_the_folder_in_one_atomic_exchange(tmp_path):
+def test_a_save_replaces_the_folder_in_one_atomic_exchange(tiny_model, tmp_path, monkeypatch):
     from gpt2 import storage
 
     (tmp_path / "new").mkdir()
@@ -536,6 +549,28 @@ def test_a_save_replaces_the_folder_in_one_atomic_exchange(tmp_path):
     if not storage.exchange(str(tmp_path / "new"), str(tmp_path / "old")):
         pytest.skip("this system or file system has no atomic exchange of two paths")
     assert (tmp_path / "old" / "x").read_text() == "new" and (tmp_path / "new" / "x").read_text() == "old"
+    model = gpt2.load("tiny", str(tiny_model.parent))
+    model.save(tmp_path / "saved")
+
+    def no_renames(source, target):
+        raise AssertionError(f"renamed {source} to {target}: the folder was missing between two renames")
+    monkeypatch.setattr(storage.os, "rename", no_renames)
+    model.params["wte"] = model.params["wte"] * 2
+    model.save(tmp_path / "saved")  # over the folder: one exchange, no rename
+    assert sorted(os.listdir(tmp_path)) == ["new", "old", "saved"]
+    np.testing.assert_array_equal(load_params(tmp_path / "saved", model.hparams)["wte"], model.params["wte"])
+
+
+def test_leftovers_are_repaired_whatever_their_process_number_and_users_folders_are_kept(models_dir, tiny_model):
+    """A restarted container often gives the new process the killed one's number: under the run's lock,
+    every leftover is a dead writer's. A folder of the user's with a leftover's name is not touched."""
+    gpt2.load("tiny", str(models_dir)).save(models_dir / "run")
+    os.rename(models_dir / "run", models_dir / f"run.writing-{os.getpid()}")  # as a kill between the renames
+    shutil.copytree(models_dir / f"run.writing-{os.getpid()}", models_dir / f"run.old-{os.getpid()}")
+    (models_dir / "run.old-2023").mkdir()
+    (models_dir / "run.old-2023" / "notes.txt").write_text("a user's backup", encoding="utf-8")
+    assert gpt2.load("run", str(models_dir)).hparams == read_hparams(tiny_model)
+    assert sorted(os.listdir(models_dir)) == ["run", "run.old-2023", "tiny"]
 
 
 def test_training_that_diverges_stops_and_keeps_the_last_good_save(models_dir):

@@ -14,8 +14,9 @@ import tensorflow as tf
 
 from .arguments import check_dtype
 from .errors import GPT2Error
+from . import folders
 from .folders import VOCAB_FILES, check_replaceable, read_error, write_hparams
-from .storage import recover_folder, replace_folder, writing_name
+from .storage import replace_folder, writing_name
 
 CKPT_PREFIX = "model.ckpt"
 
@@ -182,21 +183,20 @@ def save_model(model_dir, hparams, params, vocab_dir, write_more=None):
     """
     model_dir = os.path.abspath(model_dir)
     check_replaceable(model_dir, "model_dir")
-    recover_folder(model_dir)  # what an earlier, killed save left
     writing = writing_name(model_dir)
-    shutil.rmtree(writing, ignore_errors=True)  # left by a crash of an earlier process with this pid
     try:
-        os.makedirs(writing)
-        write_checkpoint(writing, hparams, checkpoint_variables(params, hparams))
-        for name in VOCAB_FILES:
-            shutil.copyfile(os.path.join(vocab_dir, name), os.path.join(writing, name))
-        if write_more:
-            write_more(writing)
-        replace_folder(writing, model_dir)
+        with folders.writing(model_dir):  # one writer at a time, after what a killed one left is repaired
+            os.makedirs(writing)
+            write_checkpoint(writing, hparams, checkpoint_variables(params, hparams))
+            for name in VOCAB_FILES:
+                shutil.copyfile(os.path.join(vocab_dir, name), os.path.join(writing, name))
+            if write_more:
+                write_more(writing)
+            replace_folder(writing, model_dir)
     except (OSError, tf.errors.OpError) as e:  # a full disk, say
         shutil.rmtree(writing, ignore_errors=True)
         # TensorFlow's message ends "<file>; No space left on device [Op:SaveV2]": the reason alone
-        reason = e.strerror if isinstance(e, OSError) else e.message.split(" [Op:")[0].rsplit("; ", 1)[-1]
+        reason = (e.strerror or e) if isinstance(e, OSError) else e.message.split(" [Op:")[0].rsplit("; ", 1)[-1]
         raise GPT2Error(f"cannot save {model_dir} ({reason}): free some space, or choose another folder; what was "
                         "there is kept as it was") from e
     except BaseException:

@@ -272,7 +272,7 @@ def score_files(*files, model_name="124M", models_dir=None, stride=None, batch_s
                             f"not {output!r}", "output")
     for name in files:
         open_text(name).close()  # stdin's wrapper leaves it open
-        if name != "-" and output is not None and is_same_file(name, output):
+        if output is not None and is_same_file(name, output):
             raise ArgumentError(f"{{output}} {output} is also a file to score, which writing it would change as it "
                                 "is read: choose another {output}", "output")
     model = load_model(model_name, models_dir, dtype)
@@ -330,12 +330,12 @@ def score_files(*files, model_name="124M", models_dir=None, stride=None, batch_s
             out_file.close()
 
 
-def is_same_file(a, b):
-    """Whether the paths a and b name one file (b may not exist yet)."""
+def is_same_file(name, path):
+    """Whether the input `name` (a path, or - for stdin) and the file `path` (which may not exist yet) are one file."""
     try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
+        return os.path.samestat(os.fstat(sys.stdin.fileno()) if name == "-" else os.stat(name), os.stat(path))
+    except (OSError, AttributeError, ValueError):  # `path` does not exist yet, or there is no stdin
+        return name != "-" and os.path.realpath(name) == os.path.realpath(path)
 
 
 def open_text(name):

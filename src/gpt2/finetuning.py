@@ -139,7 +139,8 @@ def check(settings):
                                 "lora_rank", "only_train_transformer_layers")
     check_strategy(settings.strategy, TRAINING_STRATEGIES)
     if settings.restore_from not in ("latest", "fresh"):
-        missing = [name for name in REQUIRED_FILES if not os.path.isfile(os.path.join(str(settings.restore_from), name))]
+        folder = str(settings.restore_from)
+        missing = [name for name in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, name))]
         if missing:
             raise ArgumentError(f"{{restore_from}} must be latest, fresh, or a model folder, and "
                                 f"{settings.restore_from!r} is none: it has no {', '.join(missing)}", "restore_from")

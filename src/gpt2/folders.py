@@ -6,14 +6,17 @@ A model folder holds, exactly as OpenAI publishes it:
 gpt2.checkpoint reads and writes the weights (model.ckpt.*); this module knows the rest, so that
 downloading and the commands' start-up need no TensorFlow.
 """
+import contextlib
 import json
 import os
+import re
+import shutil
 import stat
 from typing import NamedTuple
 
 from .arguments import ArgumentError, is_whole, must
 from .errors import GPT2Error
-from .storage import recover_folder
+from .storage import only_writer
 
 
 class HParams(NamedTuple):  # a NamedTuple: tf.function keys its compiled code on these values
@@ -71,8 +74,10 @@ def find_model_dir(model_name, models_dir=None):
     path = os.path.join(models_dir, model_name)
     if not os.path.isdir(path):
         path = os.path.join(models_dir, canonical_name(model_name))
-    if not os.path.isdir(path):
-        recover_folder(path)  # a fine-tuning run killed while it saved
+    if not os.path.isdir(path) and leftovers(path):  # a save killed between its two renames, say
+        with contextlib.suppress(GPT2Error):  # another process writes it, or the folder is read-only
+            with writing(path):  # which puts the newest save back
+                pass
     if not os.path.isdir(path):
         if canonical_name(model_name) in MODEL_NAMES:
             raise GPT2Error(f"model {model_name} is not in {models_dir}: "
@@ -123,6 +128,49 @@ def check_replaceable(folder, name):
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise ArgumentError(f"{folder} holds files that are not a model's ({shown}), which saving there would "
                             f"delete: choose another {{{name}}}, or move them away", name)
+
+
+@contextlib.contextmanager
+def writing(folder):
+    """Hold the lock of the model folder `folder` while the block writes it (gpt2.storage.only_writer),
+    after repairing what a writer killed before left (recover_folder)."""
+    with only_writer(folder):
+        recover_folder(folder)
+        yield
+
+
+LEFTOVER = r"\.(writing|old)-\d+"  # after a folder's name: gpt2.storage.replace_folder's temporary names
+
+
+def recover_folder(folder):
+    """Undo what a writer of `folder` killed while saving left beside it (the caller holds its lock,
+    so every such folder is a dead writer's): where `folder` is missing, killed between the two
+    renames of replace_folder, the newest complete save takes its place; then the other leftovers
+    are removed. Only folders of a model's files are taken or removed: a user's own are left."""
+    found = leftovers(folder)
+    olds = [path for path, kind in found.items() if kind == "old"]
+    if olds and not os.path.exists(folder):
+        # an `old` is left only once its process's `writing` was complete: that one is the newest save
+        newest = olds[0].rsplit(".old-", 1)[0] + ".writing-" + olds[0].rsplit("-", 1)[1]
+        os.rename(newest if newest in found else olds[0], folder)
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def leftovers(folder):
+    """{path: "writing" or "old"} of the folders of a model's files that replace_folder's writers left
+    beside `folder`, newest first."""
+    parent, name = os.path.split(os.path.abspath(folder))
+    try:
+        names = sorted(os.listdir(parent), key=lambda n: -os.path.getmtime(os.path.join(parent, n)))
+    except OSError:
+        return {}
+    found = {}
+    for other in names:
+        match = re.fullmatch(re.escape(name) + LEFTOVER, other)
+        if match and not foreign_files(os.path.join(parent, other)):
+            found[os.path.join(parent, other)] = match.group(1)
+    return found
 
 
 def is_file(folder, name):

@@ -3,10 +3,8 @@
 - A lock is flock on a file: it dies with its process, so a killed command never blocks the next.
 - `replace_folder` puts a finished folder in the place of an old one with one atomic exchange
   where the system has it (Linux's renameat2 RENAME_EXCHANGE): a kill at any instant leaves the
-  old folder or the new one, whole. Elsewhere it takes two renames, and `recover_folder` puts
-  back what a kill between them left; it also removes what dead processes left half-written.
-- Only a folder that gpt2 wrote (a model folder, see gpt2.folders.foreign_files) is ever replaced:
-  a user's own files are never deleted by a save.
+  old folder or the new one, whole. Elsewhere it takes two renames, and
+  gpt2.folders.recover_folder puts back what a kill between them left.
 - Cache files (compiled programs) carry a CRC-32 of their bytes, checked before they are used:
   a file cut off or changed on disk is made again instead of crashing the program that reads it.
   CRC-32 finds damage, not tampering; it is the fastest check in Python's standard library.
@@ -59,6 +57,9 @@ def unlock(path, lock):
     os.close(lock)
 
 
+_held = set()  # the folders whose lock this process holds: only_writer is re-entrant
+
+
 @contextlib.contextmanager
 def only_writer(folder):
     """Hold `.<name>.lock`, beside `folder`, while the block runs: one process writes `folder` at a time.
@@ -66,7 +67,11 @@ def only_writer(folder):
     The holder's process number is in the file; a second writer is refused with one line, and so
     is a folder whose parent cannot be written (checked now, before any work that would be lost).
     """
-    parent = os.path.dirname(folder) or "."
+    folder = os.path.abspath(folder)
+    if folder in _held:
+        yield
+        return
+    parent = os.path.dirname(folder)
     path = os.path.join(parent, f".{os.path.basename(folder)}.lock")
     try:
         os.makedirs(parent, exist_ok=True)
@@ -81,10 +86,13 @@ def only_writer(folder):
             holder = ""
         raise GPT2Error(f"another process{holder} is writing {folder}: wait until it ends, or choose another name")
     with contextlib.suppress(OSError):  # for the message above; a full disk leaves it empty
+        os.ftruncate(lock, 0)
         os.write(lock, str(os.getpid()).encode())
+    _held.add(folder)
     try:
         yield
     finally:
+        _held.discard(folder)
         unlock(path, lock)
 
 
@@ -122,30 +130,34 @@ def writing_name(path):
 
 
 def replace_folder(new, path):
-    """Move the folder `new` (from writing_name) to `path`, replacing the folder there, if any."""
+    """Move the folder `new` (from writing_name) to `path`, replacing the folder there, if any.
+    The caller holds path's lock (only_writer)."""
     if not os.path.exists(path):
         os.rename(new, path)
-    elif exchange(new, path):
-        remove(new)  # the old folder, now under the new one's temporary name
+        return
+    if exchange(new, path):
+        old = new  # the old folder, now under the new one's temporary name
     else:
         old = f"{path}.old-{os.getpid()}"
+        remove(old)  # left by a dead process with this number
         os.rename(path, old)
-        os.rename(new, path)  # a kill before this leaves both whole: recover_folder puts `new` in place
-        remove(old)
+        os.rename(new, path)  # a kill before this leaves both whole: folders.recover_folder puts `new` in place
+    remove(old)  # the new folder is in place: what is left of the old one is the next writer's to remove
 
 
 def remove(path):
-    """Remove a folder, or a link to one (not what it points to)."""
+    """Remove a folder, or a link to one (not what it points to); what cannot be removed stays."""
     if os.path.islink(path):
-        os.remove(path)
+        with contextlib.suppress(OSError):
+            os.remove(path)
     else:
-        shutil.rmtree(path)
-
-
-LEFTOVER = re.compile(r"\.(writing|old)-(\d+)$")
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def is_alive(pid):
+    """Whether process `pid` runs on this machine (on Windows, always taken to: os.kill would signal it)."""
+    if os.name == "nt":
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -155,40 +167,19 @@ def is_alive(pid):
     return True
 
 
-def recover_folder(path):
-    """Undo what a process killed while replacing the folder `path` left: where `path` is missing
-    between replace_folder's two renames, the new folder (written whole before the first) takes
-    its place; then the dead processes' other leftovers beside it are removed."""
-    parent, name = os.path.split(os.path.abspath(path))
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return
-    dead = {}
-    for other in names:
-        match = LEFTOVER.search(other)
-        if match and other[:match.start()] == name and not is_alive(int(match.group(2))):
-            dead[match.group(1), match.group(2)] = os.path.join(parent, other)
-    if not os.path.exists(path):
-        for (kind, pid), leftover in dead.items():
-            if kind == "old":  # killed between the two renames: its writing folder is complete
-                newest = dead.pop(("writing", pid), leftover)
-                os.rename(newest, path)
-                break
-    for leftover in dead.values():
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def remove_dead_files(folder, suffix):
-    """Remove the files, links and folders in `folder` named <anything><suffix><pid> (say `.writing-`)
-    whose process is dead."""
+def remove_dead_files(folder, pattern):
+    """Remove the files, links and folders in `folder` whose whole name matches `pattern` (a regular
+    expression whose group 1 is a process number) and whose process is dead."""
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
-            head, found, pid = name.rpartition(suffix)
-            if found and pid.isdigit() and not is_alive(int(pid)):
+            match = re.fullmatch(pattern, name)
+            if match and not is_alive(int(match.group(1))):
                 path = os.path.join(folder, name)
-                with contextlib.suppress(OSError):
-                    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
 
 
 # Checksummed cache files.

@@ -92,8 +92,8 @@ def check_entries(folder):
                     write_entry_checksum(path)
             elif name.endswith(".crc") and name[:-4] not in names or abandoned(path):
                 os.remove(path)
-    remove_dead_files(folder, ".pid-")
-    remove_dead_files(OWN_CACHES, "gpt2-xla-")  # left by processes that ended without Python's exit
+    remove_dead_files(folder, r"\.pid-(\d+)")
+    remove_dead_files(OWN_CACHES, r"gpt2-xla-(\d+)")  # left by processes that ended without Python's exit
 
 
 def is_sound_entry(path):
@@ -208,7 +208,7 @@ class Compiled:
             try:
                 return self.function(*args, **kwargs)
             except Exception as error:
-                if fix is None or _link is None or not is_cache_failure(error):
+                if fix is None or _folder is None or not is_cache_failure(error):
                     raise
                 fix(error)
                 self.function = tf.function(self.python_function, autograph=False, **self.options)
@@ -236,6 +236,8 @@ def remove_bad_entries(error):
 def use_a_cache_of_its_own(error):
     """Point this process's link at a new folder in memory (removed at exit), with one warning."""
     global _own_cache
+    if _link is None:
+        raise error
     if _own_cache is None:
         _own_cache = os.path.join(OWN_CACHES, f"gpt2-xla-{os.getpid()}")
         shutil.rmtree(_own_cache, ignore_errors=True)  # a dead process's with this number
@@ -255,11 +257,13 @@ _link = _own_cache = None
 if _folder:
     try:
         check_entries(_folder)
-        _link = process_link(_folder)
     except OSError:
         _folder = None
 if _folder:
-    os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_persistent_cache_directory={_link}"
+    with contextlib.suppress(OSError):  # no links (Windows without the privilege): no cache of its own either
+        _link = process_link(_folder)
+    os.environ["TF_XLA_FLAGS"] = (f"{os.environ.get('TF_XLA_FLAGS', '')} "
+                                  f"--tf_xla_persistent_cache_directory={_link or _folder}")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if _folder else "2")
 
 

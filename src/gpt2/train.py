@@ -31,10 +31,10 @@ from . import tensorflow_start  # noqa: F401  (before TensorFlow's first use: qu
 from .arguments import ArgumentError
 from .errors import GPT2Error, Interrupted
 from .folders import (DATASETS, LEGACY_NAMES, MODEL_NAMES, TRAINING, check_replaceable, default_models_dir,
-                      foreign_files, is_run, run_folder)
+                      foreign_files, is_run, run_folder, writing)
 from .model import forward, logits
 from .score import score_tokens, text_pieces
-from .storage import only_writer, recover_folder, remove_dead_files
+from .storage import remove_dead_files, writing_name
 from .strategies import distribution, is_chief
 from .tensorflow_start import Compiled
 
@@ -106,11 +106,11 @@ def encoded_dataset(dataset, encoder, cache_dir, csv_column="text", progress=Tru
     name = os.path.basename(os.path.normpath(dataset)).replace("*", "_") or "dataset"
     path = os.path.join(cache_dir, f"{name}-{key}.tokens")
     if not os.path.isfile(path):
-        writing = f"{path}.writing-{os.getpid()}"
+        partial = writing_name(path)
         try:
             os.makedirs(cache_dir, exist_ok=True)
-            remove_dead_files(cache_dir, ".writing-")  # what killed encodings left
-            with open(writing, "wb") as out, tqdm(total=sum(os.path.getsize(f) for f in files), unit="B",
+            remove_dead_files(cache_dir, r".+\.tokens\.writing-(\d+)")  # what killed encodings left
+            with open(partial, "wb") as out, tqdm(total=sum(os.path.getsize(f) for f in files), unit="B",
                                                    unit_scale=True, desc="encoding the dataset", leave=False,
                                                    disable=not progress) as bar:
                 for f in files:
@@ -124,13 +124,13 @@ def encoded_dataset(dataset, encoder, cache_dir, csv_column="text", progress=Tru
                     except UnicodeDecodeError as e:
                         raise GPT2Error(f"{f} is not UTF-8 text ({e.reason} at byte {e.start} of a piece): "
                                         "save it as UTF-8 first, or leave it out of the dataset") from e
-            os.replace(writing, path)  # whole or not at all: a later run never reads half a dataset
+            os.replace(partial, path)  # whole or not at all: a later run never reads half a dataset
         except OSError as e:
             raise GPT2Error(f"cannot write the encoded dataset to {cache_dir} ({e.strerror}): free some space, "
                             "or choose another models_dir") from e
         finally:
-            if os.path.exists(writing):
-                os.remove(writing)
+            if os.path.exists(partial):
+                os.remove(partial)
     if os.path.getsize(path) == 0:
         raise GPT2Error(f"the dataset {dataset} is too small to train on: it holds no text")
     return np.memmap(path, TOKEN_DTYPE, mode="r")
@@ -475,24 +475,23 @@ def run(settings):
     strategy = distribution(s.strategy)  # first: the multi-worker strategy must come before TensorFlow computes
     models_dir = s.models_dir or default_models_dir()
     run_dir = run_folder(models_dir, s.run_name)
-    with only_writer(run_dir) if is_chief(strategy) else contextlib.nullcontext():
-        for folder in (run_dir, f"{run_dir}_best"):
-            recover_folder(folder)  # what a save killed between its two renames left
+    # The chief alone writes (see save): it repairs what a killed run left, and holds the lock.
+    with writing(run_dir) if is_chief(strategy) else contextlib.nullcontext():
         return train_run(s, strategy, models_dir, run_dir)
 
 
 def check_run_folders(settings, run_dir):
     """An ArgumentError where this run would replace what it must not: files that are not a model's,
     a model that is not a fine-tuning run (unless `overwrite`), a `<run>_best` that is not a run."""
+    check_replaceable(run_dir, "run_name")
     if not is_run(run_dir):
-        check_replaceable(run_dir, "run_name")
         name = str(settings.run_name)
         if not settings.overwrite and (name in MODEL_NAMES + tuple(LEGACY_NAMES) or os.path.isdir(run_dir)
                                        and os.listdir(run_dir)):
             raise ArgumentError(f"{run_dir} holds a model that is not a fine-tuning run: choose another {{run_name}}, "
                                 "or set {overwrite} to replace it", "run_name", "overwrite")
     best = f"{run_dir}_best"
-    if settings.keep_best and os.path.lexists(best) and not is_run(best) and (foreign_files(best) or os.listdir(best)):
+    if settings.keep_best and (foreign_files(best) or not is_run(best) and os.path.isdir(best) and os.listdir(best)):
         raise ArgumentError(f"{best}, where {{keep_best}} would save the best weights, holds something else than "
                             "this run's best: choose another {run_name}, or move it away", "keep_best", "run_name")
 
@@ -562,10 +561,10 @@ def train_run(s, strategy, models_dir, run_dir):
     strategy_name = s.strategy if isinstance(s.strategy, str) else type(s.strategy).__name__
 
     def save(path=run_dir):
-        if not chief:  # the other workers hold the same weights: one writes them
-            return
         if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in trainer.variables):
             raise diverged(int(trainer.step.numpy()), "weights", math.nan, last_save)
+        if not chief:  # the other workers hold the same weights: one writes them
+            return
         def write_training(folder):
             os.makedirs(os.path.join(folder, TRAINING))
             np.savez(os.path.join(folder, TRAINING, "state.npz"), data_rng=json.dumps(rng.bit_generator.state),
