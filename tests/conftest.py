@@ -1,6 +1,7 @@
 import atexit
 import os
 import shutil
+import subprocess
 import tempfile
 
 # XLA programs compiled by the tests (and the scripts they run) go to a folder of this session,
@@ -41,3 +42,20 @@ def full_logits(model):
         return logits(params, forward(params, hparams, tf.constant([tokens])))[0].numpy()
 
     return compute
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 256 KiB tmpfs at tmp_path/small, filled up to its last 4 KiB page; skipped where it cannot be mounted."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (it needs root): {result.stderr.strip()}")
+    try:
+        stats = os.statvfs(mount)
+        (mount / "filler").write_bytes(b"x" * (stats.f_bavail * stats.f_frsize - 4096))
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

@@ -425,23 +425,6 @@ def test_unconditional_to_a_full_stdout_ends_in_one_line(models_dir):
                              "free some space and run again\n")
 
 
-@pytest.fixture
-def small_filesystem(tmp_path):
-    """A 256 KiB tmpfs at tmp_path/small, filled up to its last 4 KiB page; skipped where it cannot be mounted."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (it needs root): {result.stderr.strip()}")
-    try:
-        stats = os.statvfs(mount)
-        (mount / "filler").write_bytes(b"x" * (stats.f_bavail * stats.f_frsize - 4096))
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-
-
 def test_output_on_a_full_filesystem_keeps_whole_samples(models_dir, small_filesystem):
     output = small_filesystem / "samples.jsonl"
     result = run("generate_unconditional.py", "--nsamples", "100", "--batch_size", "4", "--length", "60",
