@@ -10,13 +10,12 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import stat
 from typing import NamedTuple
 
 from .arguments import ArgumentError, is_whole, must
 from .errors import GPT2Error
-from .storage import only_writer
+from .storage import only_writer, remove
 
 
 class HParams(NamedTuple):  # a NamedTuple: tf.function keys its compiled code on these values
@@ -152,9 +151,14 @@ def recover_folder(folder):
     if olds and not os.path.exists(folder):
         # an `old` is left only once its process's `writing` was complete: that one is the newest save
         newest = olds[0].rsplit(".old-", 1)[0] + ".writing-" + olds[0].rsplit("-", 1)[1]
-        os.rename(newest if newest in found else olds[0], folder)
+        newest = newest if newest in found else olds[0]
+        try:
+            os.rename(newest, folder)
+        except OSError as e:  # nothing is removed then: the save stays where it is
+            raise GPT2Error(f"cannot move the last save {newest} back to {folder} ({e.strerror}): move it there "
+                            "yourself") from e
     for path in found:
-        shutil.rmtree(path, ignore_errors=True)
+        remove(path)
 
 
 def leftovers(folder):
@@ -162,7 +166,7 @@ def leftovers(folder):
     beside `folder`, newest first."""
     parent, name = os.path.split(os.path.abspath(folder))
     try:
-        names = sorted(os.listdir(parent), key=lambda n: -os.path.getmtime(os.path.join(parent, n)))
+        names = os.listdir(parent)
     except OSError:
         return {}
     found = {}
@@ -170,7 +174,7 @@ def leftovers(folder):
         match = re.fullmatch(re.escape(name) + LEFTOVER, other)
         if match and not foreign_files(os.path.join(parent, other)):
             found[os.path.join(parent, other)] = match.group(1)
-    return found
+    return dict(sorted(found.items(), key=lambda item: -os.path.getmtime(item[0])))
 
 
 def is_file(folder, name):

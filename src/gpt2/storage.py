@@ -146,12 +146,12 @@ def replace_folder(new, path):
 
 
 def remove(path):
-    """Remove a folder, or a link to one (not what it points to); what cannot be removed stays."""
-    if os.path.islink(path):
+    """Remove a file, a folder, or a link (not what it points to); what cannot be removed stays."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
         with contextlib.suppress(OSError):
             os.remove(path)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def is_alive(pid):
@@ -174,12 +174,7 @@ def remove_dead_files(folder, pattern):
         for name in os.listdir(folder):
             match = re.fullmatch(pattern, name)
             if match and not is_alive(int(match.group(1))):
-                path = os.path.join(folder, name)
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    with contextlib.suppress(OSError):
-                        os.remove(path)
+                remove(os.path.join(folder, name))
 
 
 # Checksummed cache files.
