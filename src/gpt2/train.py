@@ -561,6 +561,7 @@ def train_run(s, strategy, models_dir, run_dir):
     strategy_name = s.strategy if isinstance(s.strategy, str) else type(s.strategy).__name__
 
     def save(path=run_dir):
+        nonlocal last_save
         if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in trainer.variables):
             raise diverged(int(trainer.step.numpy()), "weights", math.nan, last_save)
         if not chief:  # the other workers hold the same weights: one writes them
@@ -578,11 +579,11 @@ def train_run(s, strategy, models_dir, run_dir):
         except GPT2Error as e:
             raise GPT2Error(f"{e} (step {int(trainer.step.numpy())} was not saved)") from e
         if path == run_dir:
-            last_save[0] = int(trainer.step.numpy())
+            last_save = int(trainer.step.numpy())
 
     stop = StopRequest()
     first_step = int(trainer.step.numpy())
-    last_save = [first_step if resume else None]  # the step of the run folder's weights
+    last_save = first_step if resume else None  # the step of the run folder's weights
     window = s.accumulate_gradients * s.batch_size
     bar = tqdm(total=s.steps, desc=f"training {s.run_name}", disable=not s.progress, dynamic_ncols=True)
     smoothed = metrics[-1]["smoothed_loss"] if metrics else None  # goes on where the run left it
@@ -633,7 +634,7 @@ def train_run(s, strategy, models_dir, run_dir):
 
 def diverged(step, what, value, last_save):
     """The GPT2Error for training whose `what` became `value` (not finite) at `step`."""
-    kept = (f"the run folder keeps step {last_save[0]}" if last_save[0] is not None
+    kept = (f"the run folder keeps step {last_save}" if last_save is not None
             else "nothing was saved")
     return ArgumentError(f"training diverged at step {step} (its {what} is {value}): {kept}; lower "
                          "{learning_rate}, then run again", "learning_rate")
