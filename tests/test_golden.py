@@ -11,13 +11,10 @@ import json
 import os
 import sys
 
-import numpy as np
 import pytest
 
 import gpt2
-from gpt2 import int8
-from gpt2.decode import sample
-from gpt2.testing import make_model_folder
+from gpt2.testing import make_model_folder, sample
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "samples.json")
 
@@ -48,16 +45,10 @@ def key(name, dtype, prompt, flags, seed, first):
 
 def samples(model, prompt, flags, seed, first):
     """The token ids of samples first .. first + NSAMPLES - 1 of `seed`, each cut at <|endoftext|>."""
-    settings = {**dict(temperature=1.0, top_k=0, top_p=1.0), **flags}
     context = model.context(prompt, LENGTH)
-    eot = model.encoder.eot_token
-    if model.int8:
-        chunks = int8.sample_chunks(model.params, [context] * NSAMPLES, LENGTH, seed=seed, first_sample=first,
-                                    stop_token=eot, **settings)
-        rows = np.concatenate(list(chunks), axis=1).tolist()
-        return [row[:row.index(eot)] if eot in row else row for row in rows]
-    return sample(model.params, model.hparams, context, LENGTH, batch_size=NSAMPLES, seed=seed, first_sample=first,
-                  stop_token=eot, **settings)
+    engine = model.engine(NSAMPLES, context[:-1])
+    return sample(engine, [context] * NSAMPLES, LENGTH, seed=seed, sample=first, stop_token=model.encoder.eot_token,
+                  **flags)
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,13 @@ from . import tensorflow_start  # noqa: F401  (first: TensorFlow starts quietly,
 from .arguments import (GENERATION_STRATEGIES, ArgumentError, check_first_sample, check_generation, check_path,
                         check_sampling, check_seed, check_stop, check_text, new_seed, whole)
 from .checkpoint import load_params, save_model
-from .decode import decoding_memory, replicated, sample_chunks
+from .decode import XlaEngine, decoding_memory, replicated
 from .download import download_model
 from .encoder import read_encoder
 from .errors import GPT2Error
 from .folders import MODEL_NAMES, canonical_name, default_models_dir, find_model_dir, read_hparams
-from .int8 import Int8Model, load_int8
-from .int8 import sample_chunks as int8_sample_chunks
+from .engine import Replicas, Request, Settings, decode_requests, shared_prefix_length
+from .int8 import Int8Engine, Int8Model, load_int8
 from .score import Score, score_tokens
 from .strategies import distribution
 
@@ -156,17 +156,16 @@ class GPT2:
         replicas = self.strategy.num_replicas_in_sync  # each takes an equal share of a batch's rows
         self._check_memory(-(-min(batch_size, len(rows)) // replicas), max(len(context) for _, context in rows),
                            length, batch_size)
-        texts = []
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
-            streams = [TextStream(self.encoder, flags["stop"], self._stop_token(ignore_eot)) for _ in batch]
-            for chunk in self._chunks([context for _, context in batch], length, flags, first_sample + start,
-                                      ignore_eot, streaming=False, strategy=self.strategy):
-                for text_stream, tokens in zip(streams, chunk):
-                    text_stream.feed(tokens)
-                if all(s.finished for s in streams):
-                    break
-            texts += [s.finish() for s in streams]
+        contexts = [context for _, context in rows]
+        requests = [Request(context, length, self._settings(flags, first_sample + i, ignore_eot))
+                    for i, context in enumerate(contexts)]
+        streams = [TextStream(self.encoder, flags["stop"], self._stop_token(ignore_eot)) for _ in rows]
+        # The rows take turns in batch_size rows: a row that ends makes room for the next at once.
+        engine = self.engine(min(batch_size, len(rows)), contexts[0][:shared_prefix_length(contexts)])
+        for made in decode_requests(engine, requests, chunk_size=BATCH_CHUNK,
+                                    is_finished=lambda index: streams[index].finished):
+            streams[made.index].feed(made.tokens)
+        texts = [s.finish() for s in streams]
         if isinstance(prompt, str):
             return texts
         return [texts[i * nsamples:(i + 1) * nsamples] for i in range(len(prompts))]
@@ -183,13 +182,11 @@ class GPT2:
         length = self.sample_length(length, prompt)
         context = self.context(prompt, length, truncate_prompt)
         text_stream = TextStream(self.encoder, flags["stop"], self._stop_token(ignore_eot))
-        chunks = iter(self._chunks([context], length, flags, first_sample, ignore_eot, streaming=True))
-        # The first token comes from the prompt's pass, before the loop that makes the others is
-        # compiled (or read from the compilation cache): shown alone, it would stand there for that
-        # time. It waits for the loop's first step, and the text then flows without a pause.
-        first = next(chunks)
-        for chunk in itertools.chain([np.concatenate([first, next(chunks, first[:, :0])], axis=1)], chunks):
-            piece = text_stream.feed(chunk[0])
+        request = Request(context, length, self._settings(flags, first_sample, ignore_eot))
+        # A fifth of a second's tokens a step: the first step (the first token) compiles the loop
+        # or reads it from the compilation cache, and the text then flows without a pause.
+        for made in decode_requests(self.engine(1, context[:-1]), [request], chunk_seconds=STREAM_SECONDS):
+            piece = text_stream.feed(made.tokens)
             if piece:
                 yield piece
             if text_stream.finished:
@@ -207,17 +204,24 @@ class GPT2:
         return dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=new_seed() if seed is None else seed,
                     stop=check_stop(stop))
 
-    def _chunks(self, contexts, length, flags, first_sample, ignore_eot, streaming, strategy=None):
-        """sample_chunks of `contexts`, spread over the replicas of `strategy` (default: the default
-        device); when `streaming`, in chunks of a fifth of a second."""
-        settings = dict(temperature=flags["temperature"], top_k=flags["top_k"], top_p=flags["top_p"],
-                        seed=flags["seed"], first_sample=first_sample, stop_token=self._stop_token(ignore_eot))
-        if self.int8:  # each token is a call of its own there: every one can be yielded
-            return int8_sample_chunks(self.params, contexts, length, chunk_size=1 if streaming else BATCH_CHUNK,
-                                      **settings)
-        params = self.params if strategy is None else self._replica_params
-        chunking = dict(chunk_seconds=STREAM_SECONDS) if streaming else dict(chunk_size=BATCH_CHUNK)
-        return sample_chunks(params, self.hparams, contexts, length, strategy=strategy, **chunking, **settings)
+    def _settings(self, flags, sample, ignore_eot):
+        return Settings(temperature=flags["temperature"], top_k=flags["top_k"], top_p=flags["top_p"],
+                        seed=flags["seed"], sample=sample, stop_token=self._stop_token(ignore_eot))
+
+    def engine(self, rows, prefix=()):
+        """A gpt2.engine engine of `rows` rows on this model's weights, spread over the strategy's
+        replicas, each with its copy of the weights. Its rows must start with `prefix`, which runs
+        once for all of them (where that is faster)."""
+        if self.int8:
+            return Int8Engine(self.params, rows, prefix)
+        replicas = self.strategy.num_replicas_in_sync
+        if replicas == 1:
+            return XlaEngine(self.params, self.hparams, rows, prefix)
+        copies = self.strategy.experimental_local_results(self._replica_params)
+        devices = self.strategy.extended.worker_devices
+        shares = [rows // replicas + (i < rows % replicas) for i in range(replicas)]
+        return Replicas([XlaEngine(params, self.hparams, share, prefix, device)
+                         for params, share, device in zip(copies, shares, devices) if share])
 
     def _need_float(self, what):
         if self.int8:

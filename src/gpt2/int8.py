@@ -34,6 +34,7 @@ import math
 import os
 import shutil
 import struct
+import threading
 import warnings
 import zipfile
 from typing import List, NamedTuple
@@ -43,7 +44,7 @@ import tensorflow as tf
 
 from .checkpoint import checkpoint_files, read_checkpoint
 from . import numpy_sampling
-from .decode import bucket, row_seeds, shared_prefix_length
+from .engine import Engine, Rows, bucket
 from .model import LayerCache, attention_weights, gelu, layer_norm, merge_heads, split_heads
 from .storage import checked, file_checksum, with_checksum
 from .tensorflow_start import MIN_FREE_BYTES, abandoned, c_stderr_silenced, xla_cache_folder
@@ -368,48 +369,27 @@ def cached_template(hparams, kind):
     return made
 
 
-class Int8Model(NamedTuple):
-    """GPT-2 with int8 weights: a Program per block and per piece of the output layer, and the embeddings."""
-    hparams: object
-    blocks: List[Program]
-    head: List[Program]  # the logits of tokens 0.., piece_rows.., ...
-    wte: np.ndarray  # [n_vocab, n_embd] int8: the head's weights, which also embed the tokens
-    wte_scale: np.ndarray  # [n_vocab] float32
-    wpe: np.ndarray  # [n_ctx, n_embd] float32
+class Int8Model:
+    """GPT-2 with int8 weights: a Program per block and per piece of the output layer, and the embeddings.
+
+    The block programs' cache inputs hold the caches of one Int8Engine at a time, the `bound`
+    one, so that a step writes its keys and values in place; `lock` makes the engines on this
+    model take turns (see Int8Engine.bind).
+    """
+
+    def __init__(self, hparams, blocks, head, wte, wte_scale, wpe):
+        self.hparams = hparams
+        self.blocks: List[Program] = blocks
+        self.head: List[Program] = head  # the logits of tokens 0.., piece_rows.., ...
+        self.wte = wte  # [n_vocab, n_embd] int8: the head's weights, which also embed the tokens
+        self.wte_scale = wte_scale  # [n_vocab] float32
+        self.wpe = wpe  # [n_ctx, n_embd] float32
+        self.lock = threading.RLock()
+        self.bound = None
 
     def embed(self, tokens, positions):
         # tokens, positions [batch, seq] -> [batch, seq, n_embd]
         return self.wte[tokens] * self.wte_scale[tokens][..., None] + self.wpe[positions]
-
-    def start(self, tokens, n_tokens):
-        """Run rows of tokens [batch, seq] (row b's first n_tokens[b], then padding) into a new cache;
-        the programs are then ready for `step`. Returns the logits [batch, n_vocab] after each row's
-        last token.
-
-        The tokens that all rows start with (several samples of one prompt; all of a lone row's
-        prompt but its last token) run once, into a cache that the rows share (see attention_after);
-        the rest of each row goes into its own cache, which `step` grows as the text does. Rows with
-        the same rest run it once, and their caches start as copies.
-        """
-        n_shared = shared_prefix_length([row[:n] for row, n in zip(tokens, n_tokens)])
-        n_ctx, n_head, head_dim = self.hparams.n_ctx, self.hparams.n_head, self.hparams.n_embd // self.hparams.n_head
-        rests, row_rest = np.unique(np.concatenate([tokens[:, n_shared:], n_tokens[:, None] - n_shared], axis=1),
-                                    axis=0, return_inverse=True)
-        rests, n_rest, row_rest = rests[:, :-1], rests[:, -1], row_rest.reshape(-1)
-        cache_len = bucket(rests.shape[1] + 1, n_ctx - n_shared)  # room for the first step's token
-        nothing = LayerCache(np.zeros([n_head, head_dim, 1], np.float32), np.zeros([n_head, 1, head_dim], np.float32))
-        prefix = self.embed_prompt(tokens[:1, :n_shared], 0) if n_shared else None
-        x = self.embed_prompt(rests, n_shared)
-        for block in self.blocks:
-            shared = nothing
-            if n_shared:
-                prefix, cache = self.run_prompt(block, prefix, nothing, 0, n_shared)
-                shared = LayerCache(cache.keys[0], cache.values[0])
-            x, own = self.run_prompt(block, x, shared, n_shared, cache_len)
-            self.set_cache(block, LayerCache(own.keys[row_rest], own.values[row_rest]), shared, n_shared)
-        for head_piece in self.head:
-            head_piece.resize(h=[len(tokens), 1, x.shape[-1]])
-        return self.logits(x[np.arange(len(rests)), n_rest - 1][row_rest][:, None])
 
     def embed_prompt(self, tokens, first_position):
         """tokens [rows, seq] at positions first_position.. -> their embeddings [rows, seq', n_embd],
@@ -452,45 +432,10 @@ class Int8Model(NamedTuple):
         block.set(keys=own.keys, values=own.values, shared_keys=shared.keys, shared_values=shared.values,
                   n_shared=np.int32(n_shared))
 
-    def n_shared(self):
-        """How many positions all rows share, before each row's own cache slots (see start)."""
-        return int(self.blocks[0].input("n_shared"))
-
-    def grow_cache(self, cache_len):
-        """Give each block's own caches cache_len slots, keeping what they and the shared cache hold."""
-        for block in self.blocks:
-            more = cache_len - block.shapes["keys"][3]
-            # Copies, so that no view stays: the resize moves the inputs.
-            own = LayerCache(np.pad(block.input("keys"), [(0, 0), (0, 0), (0, 0), (0, more)]),
-                             np.pad(block.input("values"), [(0, 0), (0, 0), (0, more), (0, 0)]))
-            shared = LayerCache(block.input("shared_keys").copy(), block.input("shared_values").copy())
-            self.set_cache(block, own, shared, int(block.input("n_shared")))
-
-    def step(self, tokens, pos):
-        """Feed tokens [batch] at positions pos [batch], after `start`: the logits [batch, n_vocab] that
-        follow them.
-
-        A step reads its whole cache (the larger it is, the slower every step), so the rows' own caches
-        start as small as the prompt allows and grow as the tokens reach
-        their end, by gpt2.decode's buckets (a few copies of the cache in all).
-        """
-        n_shared = self.n_shared()
-        slots = (pos - n_shared).astype(np.int32)
-        if slots.max() >= self.blocks[0].shapes["keys"][3]:
-            self.grow_cache(bucket(slots.max() + 1, self.hparams.n_ctx - n_shared))
-        x = self.embed(tokens[:, None], pos[:, None])
-        rows = np.arange(len(tokens))
-        for block in self.blocks:
-            x, keys, values = block.run(x=x, pos=slots)  # the new keys and values [batch, n_head, 1, head_dim]
-            view = block.input("keys")
-            view[rows, :, :, slots] = keys[:, :, 0]
-            view = block.input("values")
-            view[rows, :, slots] = values[:, :, 0]
-            del view
-        return self.logits(x)
-
     def logits(self, h):
         # hidden states [batch, 1, n_embd] -> logits [batch, n_vocab]
+        for piece in self.head:
+            piece.resize(h=list(h.shape))
         return np.concatenate([piece.run(h=h)[0][:, 0] for piece in self.head], axis=-1)[:, :self.hparams.n_vocab]
 
 
@@ -645,27 +590,124 @@ def open_stored(folder, hparams):
     return build_model(hparams, blocks, head, arrays)
 
 
-def sample_chunks(model, contexts, length, *, temperature=1.0, top_k=0, top_p=1.0, seed=0, first_sample=0,
-                  stop_token=None, chunk_size=None):
-    """gpt2.decode.sample_chunks with an Int8Model: the same arrays of new tokens, chosen by the same rules
-    in NumPy (see gpt2.numpy_sampling for where the two may differ: rarely, at the last ulp)."""
-    n_tokens = np.array([len(c) for c in contexts], np.int32)
-    tokens = np.zeros([len(contexts), n_tokens.max()], np.int32)
-    for row, context in zip(tokens, contexts):
-        row[:len(context)] = context
-    seeds = row_seeds(len(contexts), seed, first_sample)
+class Int8Engine(Engine):
+    """gpt2.engine's interface on an Int8Model: its rows' caches are NumPy arrays while another
+    engine of the model is bound to its programs, and its programs' input tensors while it is
+    bound itself; tokens are chosen by gpt2.sampling's rules in NumPy (gpt2.numpy_sampling: rarely,
+    they differ from the compiled rules' at the last ulp)."""
 
-    def choose_tokens(next_logits, step, done):
-        token = numpy_sampling.choose(next_logits, step, seeds, temperature, top_k, top_p)
-        return numpy_sampling.mark_stopped(token, done, stop_token)
+    fused_steps = False  # each step is a call of each program anyway
 
-    token, done = choose_tokens(model.start(tokens, n_tokens), 0, np.zeros(len(contexts), bool))
-    yield token[:, None]
-    pos, made, chunk = n_tokens, 1, []
-    while made < length and not done.all():
-        token, done = choose_tokens(model.step(token, pos), made, done)
-        pos, made = pos + 1, made + 1
-        chunk.append(token)
-        if len(chunk) == chunk_size or made == length or done.all():
-            yield np.stack(chunk, axis=1)
-            chunk = []
+    def __init__(self, model, rows, prefix=()):
+        super().__init__(model.hparams, rows, prefix)
+        self.model = model
+        hparams = model.hparams
+        n_head, head_dim = hparams.n_head, hparams.n_embd // hparams.n_head
+        self.values = Rows.empty(rows)
+        # The rows' own caches while this engine is not bound (None while it is), and the prefix's
+        # cache, which every row reads: a LayerCache per block.
+        self.own = [LayerCache(np.zeros([rows, n_head, head_dim, bucket(1, hparams.n_ctx)], np.float32),
+                               np.zeros([rows, n_head, bucket(1, hparams.n_ctx), head_dim], np.float32))
+                    for _ in model.blocks]
+        nothing = LayerCache(np.zeros([n_head, head_dim, 1], np.float32), np.zeros([n_head, 1, head_dim], np.float32))
+        self.shared = [nothing] * len(model.blocks)
+        if self.prefix:
+            with model.lock:
+                self.unbind_all()  # running the prompt resizes the programs
+                x = model.embed_prompt(np.array([self.prefix], np.int32), 0)
+                for i, block in enumerate(model.blocks):
+                    x, cache = model.run_prompt(block, x, nothing, 0, len(self.prefix))
+                    self.shared[i] = LayerCache(cache.keys[0], cache.values[0])
+
+    def unbind_all(self):
+        """Move the bound engine's caches (if any) out of the programs, into its own arrays."""
+        bound = self.model.bound
+        if bound is not None:
+            bound.own = [LayerCache(block.input("keys").copy(), block.input("values").copy())
+                         for block in self.model.blocks]
+            self.model.bound = None
+
+    def bind(self):
+        """Put this engine's caches into the programs' inputs, where its steps write in place."""
+        if self.model.bound is self:
+            return
+        self.unbind_all()
+        for block, own, shared in zip(self.model.blocks, self.own, self.shared):
+            self.model.set_cache(block, own, shared, len(self.prefix))
+        self.own, self.model.bound = None, self
+
+    def cache_len(self):
+        return (self.model.blocks[0].shapes["keys"] if self.own is None else self.own[0].keys.shape)[3]
+
+    def _admit(self, rows, requests):
+        model, n_prefix = self.model, len(self.prefix)
+        own_tokens = [list(request.tokens)[n_prefix:] for request in requests]
+        self.values.admit(rows, own_tokens, requests, self.hparams.n_vocab)
+        with model.lock:
+            self.unbind_all()
+            # Room for the first step's token; steps grow the caches as the text does (a step reads
+            # its whole cache: the smaller, the faster).
+            cache_len = max(self.cache_len(), bucket(int(self.values.pos.max()) + 1, self.hparams.n_ctx - n_prefix))
+            self.grow(cache_len)
+            rests = [tokens[:-1] for tokens in own_tokens]
+            longest = max(len(rest) for rest in rests)
+            if longest:
+                # Rows with the same rest run it once, and their caches start as copies.
+                padded = np.array([rest + [0] * (longest - len(rest)) + [len(rest)] for rest in rests], np.int32)
+                unique, row_rest = np.unique(padded, axis=0, return_inverse=True)
+                x = model.embed_prompt(unique[:, :-1], n_prefix)
+                for block, own, shared in zip(model.blocks, self.own, self.shared):
+                    x, cache = model.run_prompt(block, x, shared, n_prefix, cache_len)
+                    own.keys[rows], own.values[rows] = cache.keys[row_rest.reshape(-1)], cache.values[row_rest.reshape(-1)]
+            self.bind()
+
+    def grow(self, cache_len):
+        """Give the rows' own caches cache_len slots (unbound), keeping what they hold."""
+        more = cache_len - self.own[0].keys.shape[3]
+        if more > 0:
+            self.own = [LayerCache(np.pad(own.keys, [(0, 0), (0, 0), (0, 0), (0, more)]),
+                                   np.pad(own.values, [(0, 0), (0, 0), (0, more), (0, 0)])) for own in self.own]
+
+    def _step(self, n):
+        values, rows = self.values, np.arange(self.rows)
+        out = np.full([self.rows, n], -1, np.int32)
+        with self.model.lock:
+            self.bind()
+            for i in range(n):
+                live = values.left > 0
+                if not live.any():
+                    return out[:, :i], live
+                next_logits = self.forward(values.token, values.pos, live)
+                token = numpy_sampling.choose(next_logits, values.made, values.row_seeds, values.temperature,
+                                              values.top_k, values.top_p)
+                token = np.where(live, token, -1).astype(np.int32)
+                stepped = live.astype(np.int32)
+                values.left[:] = np.where(token == values.stop_token, 0, values.left - stepped)
+                values.token[:] = np.where(live, token, values.token)
+                values.pos[:] += stepped
+                values.made[:] += stepped
+                values.temperature[values.left == 0] = 0
+                out[rows, i] = token
+        return out, values.left > 0
+
+    def forward(self, tokens, pos, live):
+        """Feed tokens [rows] into slots pos [rows] of the rows' own caches (bound): the logits
+        [rows, n_vocab] that follow them. Rows not live are fed too, into a slot no live query sees."""
+        model = self.model
+        cache_len = self.cache_len()
+        if pos[live].max() >= cache_len:  # a live row reached the end of its slots
+            self.unbind_all()
+            self.grow(bucket(int(pos[live].max()) + 1, self.hparams.n_ctx - len(self.prefix)))
+            self.bind()
+            cache_len = self.cache_len()
+        slots = np.minimum(pos, cache_len - 1).astype(np.int32)
+        x = model.embed(tokens[:, None], np.minimum(slots + len(self.prefix), self.hparams.n_ctx - 1)[:, None])
+        rows = np.arange(len(tokens))
+        for block in model.blocks:
+            x, keys, values = block.run(x=x, pos=slots)  # the new keys and values [rows, n_head, 1, head_dim]
+            view = block.input("keys")
+            view[rows, :, :, slots] = keys[:, :, 0]
+            view = block.input("values")
+            view[rows, :, slots] = values[:, :, 0]
+            del view
+        return model.logits(x)

@@ -63,31 +63,23 @@ def nucleus_threshold(logits, p):
     return descending[min(block * SUM_BLOCK + min(within, SUM_BLOCK - 1), len(descending) - 1)]
 
 
-def choose(logits, step, row_seeds, temperature, top_k, top_p):
-    """Tokens [batch] int32 picked from logits [batch, n_vocab] at generation step `step`, by
-    gpt2.sampling.choose's rules; row_seeds [batch, 2] holds each row's (seed, sample number)."""
-    if temperature == 0:
-        return np.argmax(logits, axis=-1).astype(np.int32)
-    with np.errstate(over="ignore"):  # a tiny temperature makes large logits +-inf, as in the compiled rule
-        logits = np.asarray(logits, np.float32) / np.float32(max(temperature, MIN_TEMPERATURE))
-    n_vocab = logits.shape[1]
-    kept = np.ones(logits.shape, bool)
-    if 0 < top_k < n_vocab:
-        kth_largest = np.partition(logits, -top_k, axis=-1)[:, -top_k]  # ties with it are kept
-        kept = logits >= kth_largest[:, None]
-    tokens = []
-    for row, row_kept, row_seed in zip(logits, kept, row_seeds):
-        if top_p < 1:
-            row_kept &= row >= nucleus_threshold(np.where(row_kept, row, np.float32(-np.inf)), top_p)
-        candidates = np.flatnonzero(row_kept)  # in token order: the first of equal scores wins, as in choose
-        scores = row[candidates] - np.log(-np.log(uniform_noise(row_seed, step, n_vocab, candidates)))
-        tokens.append(candidates[np.argmax(scores)])
-    return np.array(tokens, np.int32)
-
-
-def mark_stopped(token, done, stop_token):
-    """gpt2.sampling.mark_stopped: rows that drew the stop token are done; finished rows only repeat it."""
-    if stop_token is None:
-        return token, done
-    token = np.where(done, stop_token, token).astype(np.int32)
-    return token, done | (token == stop_token)
+def choose(logits, steps, row_seeds, temperature, top_k, top_p):
+    """Tokens [batch] int32 picked from logits [batch, n_vocab] by gpt2.sampling.choose's rules: row b
+    at generation step steps[b] with its (seed, sample number) row_seeds[b] and its flags
+    temperature[b] (0: greedy), top_k[b] (0: all tokens) and top_p[b] (1: all tokens); each of
+    steps and the flags may also be one number for all rows."""
+    batch, n_vocab = logits.shape
+    steps, temperature, top_k, top_p = (np.broadcast_to(x, [batch]) for x in (steps, temperature, top_k, top_p))
+    tokens = np.argmax(logits, axis=-1).astype(np.int32)
+    for b in np.flatnonzero(temperature > 0):
+        with np.errstate(over="ignore"):  # a tiny temperature makes large logits +-inf, as in the compiled rule
+            row = np.asarray(logits[b], np.float32) / np.float32(max(temperature[b], MIN_TEMPERATURE))
+        kept = np.ones(n_vocab, bool)
+        if 0 < top_k[b] < n_vocab:
+            kept = row >= np.partition(row, -top_k[b])[-top_k[b]]  # ties with the k-th largest are kept
+        if top_p[b] < 1:
+            kept &= row >= nucleus_threshold(np.where(kept, row, np.float32(-np.inf)), top_p[b])
+        candidates = np.flatnonzero(kept)  # in token order: the first of equal scores wins, as in choose
+        scores = row[candidates] - np.log(-np.log(uniform_noise(row_seeds[b], steps[b], n_vocab, candidates)))
+        tokens[b] = candidates[np.argmax(scores)]
+    return tokens

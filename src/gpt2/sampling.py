@@ -6,7 +6,7 @@ tokens and to the top_p nucleus, then a draw with noise from a counter-based ran
 whatever the batch size or the chunks. gpt2.decode runs these rules inside its compiled loop, so
 none of them sorts the row of n_vocab logits: XLA does that slowly on the CPU.
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -15,17 +15,25 @@ from .tensorflow_start import Compiled
 
 
 def top_k_filter(logits, k):
-    """Logits [batch, n_vocab] with all but the k largest of each row set to -inf (ties with the k-th kept)."""
-    # The k-th largest logit is also the k-th largest in the k lanes with the largest maxima: they
-    # hold k numbers >= the k-th largest maximum m, and every number above m.
-    candidates = top_lanes(logits, k).logits if k <= LANES // 4 else in_lanes(logits, -np.inf)
-    kth_largest = largest_threshold(
-        candidates, lambda above: tf.reduce_sum(tf.cast(above, tf.int32), axis=[1, 2]) >= k)  # [batch]
-    return tf.where(logits < kth_largest[:, None], tf.constant(-np.inf, logits.dtype), logits)
+    """Logits [batch, n_vocab] with all but the k largest of each row set to -inf (ties with the k-th
+    kept); k is one number for all rows or one per row [batch], 0 keeping every token."""
+    k = tf.broadcast_to(k, tf.shape(logits)[:1])
+
+    def kth_largest(candidates):  # [batch]
+        return largest_threshold(candidates, lambda above: tf.reduce_sum(tf.cast(above, tf.int32), axis=[1, 2]) >= k)
+
+    # The k-th largest logit is also the k-th largest in the FEW_LANES lanes with the largest maxima
+    # when k <= FEW_LANES: they hold FEW_LANES numbers >= the FEW_LANES-th largest maximum m, and
+    # every number above m.
+    threshold = tf.cond(tf.reduce_all(k <= FEW_LANES), lambda: kth_largest(top_lanes(logits, FEW_LANES).logits),
+                        lambda: kth_largest(in_lanes(logits, -np.inf)))
+    threshold = tf.where(k > 0, threshold, -np.inf)
+    return tf.where(logits < threshold[:, None], tf.constant(-np.inf, logits.dtype), logits)
 
 
 def top_p_filter(logits, p):
-    """Logits [batch, columns] (a row's tokens, or some of them) cut to the nucleus of Holtzman et al. (2019).
+    """Logits [batch, columns] (a row's tokens, or some of them) cut to the nucleus of Holtzman et al. (2019),
+    p being one number for all rows or one per row [batch].
 
     The nucleus is the smallest set of most likely tokens whose probabilities add up to at least p:
     it includes the token whose probability crosses p. (OpenAI's original code stopped just
@@ -45,6 +53,9 @@ def top_p_filter(logits, p):
 # time of sums along the whole n_vocab in XLA on the CPU (top_p at batch 1; the same at batch 8).
 # For top_k, n_vocab / LANES numbers a lane (25 of GPT-2's 50257) leave few to search.
 LANES = 2048
+# A top_k of at most this many tokens is found, and drawn from, in the FEW_LANES lanes with the
+# largest maxima (1600 of GPT-2's 50257 tokens); a larger one in the whole row.
+FEW_LANES = 64
 
 
 def in_lanes(x, fill):
@@ -119,47 +130,61 @@ def float_of_ordered_bits(bits):
 MIN_TEMPERATURE = 1e-9  # what a temperature above 0 divides the logits by at least
 
 
-class Rule(NamedTuple):
-    """How a token is chosen: the settings that change the compiled code (not temperature or top_p)."""
-    greedy: bool
-    top_k: int
-    use_top_p: bool
-    stop_token: Optional[int]
+class Draws(NamedTuple):
+    """What each row's next token depends on, [batch] each: data that the compiled step reads, so
+    that rows of other flags share one program."""
+    row_seeds: tf.Tensor  # [batch, 2] int64: the row's (seed, sample number)
+    step: tf.Tensor  # int32: tokens the row has made before this one
+    temperature: tf.Tensor  # float32; 0: greedy (the most likely token)
+    top_k: tf.Tensor  # int32; 0: no cut
+    top_p: tf.Tensor  # float32; 1: no cut
 
 
-def choose(next_logits, step, row_seeds, temperature, top_p, rule):
-    """Tokens [batch] picked from logits [batch, n_vocab] at generation step `step`.
+def choose(next_logits, draws):
+    """Tokens [batch] int32 picked from logits [batch, n_vocab] by each row's Draws.
 
-    Each row draws with its own seed (row_seeds [batch, 2]), by the Gumbel-max trick: the argmax
-    of logits plus Gumbel noise is a draw from their softmax. So a sample's tokens depend on its
-    seed alone, not on which batch it shares or how large that batch is.
+    Each row draws with its own seed, by the Gumbel-max trick: the argmax of logits plus Gumbel
+    noise is a draw from their softmax. So a sample's tokens depend on its seed, sample number and
+    flags alone, not on which rows share its batch. The work that no row needs is skipped
+    (tf.cond): a batch of greedy rows draws no noise, one without top_p sums no nucleus.
     """
-    if rule.greedy:
-        return tf.argmax(next_logits, axis=-1, output_type=tf.int32)
-    next_logits = next_logits / temperature
+    greedy = tf.argmax(next_logits, axis=-1, output_type=tf.int32)
+    sampling = draws.temperature > 0
     n_vocab = next_logits.shape[1]
-
-    def draw(logits, tokens):
-        """The token drawn from logits [batch, m] of tokens [batch or 1, m], the row's others being -inf."""
-        if rule.use_top_p:
-            logits = top_p_filter(logits, top_p)
-        scores = logits - tf.math.log(-tf.math.log(uniform_noise(row_seeds, step, n_vocab, tokens)))
-        best = tf.reduce_max(scores, axis=-1, keepdims=True)
-        return tf.reduce_min(tf.where(scores == best, tokens, n_vocab), axis=-1)  # the first, as tf.argmax's
-
     all_tokens = tf.range(n_vocab)[None]
-    if rule.top_k:
-        next_logits = top_k_filter(next_logits, rule.top_k)
-    if not rule.top_k or rule.top_k > LANES // 4:
-        return draw(next_logits, all_tokens)
-    # The k lanes with the largest maxima hold all the tokens kept, unless ties with the k-th largest
-    # spread them over more lanes: then the whole row is drawn from. So most steps make noise for
-    # k * n_vocab / LANES tokens (1000 of 50257 for top_k 40), not all of them.
-    lanes = top_lanes(next_logits, rule.top_k)
-    columns = np.prod(lanes.logits.shape[1:])
-    return tf.cond(lanes.complete, lambda: draw(tf.reshape(lanes.logits, [-1, columns]),
-                                                tf.reshape(lanes.tokens, [-1, columns])),
-                   lambda: draw(next_logits, all_tokens))
+
+    def sample():
+        top_k = tf.where(sampling, draws.top_k, 0)
+        top_p = tf.where(sampling, draws.top_p, 1.0)
+        # A greedy row's draw is not used: its row keeps only its argmax, so that it leaves the lanes
+        # of the other rows' top_k complete.
+        logits = tf.where(sampling[:, None], next_logits / tf.maximum(draws.temperature, MIN_TEMPERATURE)[:, None],
+                          tf.where(all_tokens == greedy[:, None], 0.0, -np.inf))
+        logits = tf.cond(tf.reduce_any(top_k > 0), lambda: top_k_filter(logits, top_k), lambda: logits)
+
+        def draw(logits, tokens):
+            """The token drawn from logits [batch, m] of tokens [batch or 1, m], the row's others being -inf."""
+            nucleus = top_p < 1
+            logits = tf.cond(tf.reduce_any(nucleus),
+                             lambda: tf.where(nucleus[:, None], top_p_filter(logits, top_p), logits), lambda: logits)
+            scores = logits - tf.math.log(-tf.math.log(uniform_noise(draws.row_seeds, draws.step, n_vocab, tokens)))
+            best = tf.reduce_max(scores, axis=-1, keepdims=True)
+            return tf.reduce_min(tf.where(scores == best, tokens, n_vocab), axis=-1)  # the first, as tf.argmax's
+
+        # The FEW_LANES lanes with the largest maxima hold all the tokens each row keeps, unless ties
+        # with the k-th largest spread them over more lanes: then the whole row is drawn from. So
+        # most steps of a top_k 40 make noise for 1600 of 50257 tokens.
+        def few_lanes():
+            lanes = top_lanes(logits, FEW_LANES)
+            columns = np.prod(lanes.logits.shape[1:])
+            return tf.cond(lanes.complete, lambda: draw(tf.reshape(lanes.logits, [-1, columns]),
+                                                        tf.reshape(lanes.tokens, [-1, columns])),
+                           lambda: draw(logits, all_tokens))
+
+        few = tf.reduce_all(~sampling | ((top_k > 0) & (top_k <= FEW_LANES)))
+        return tf.cond(few, few_lanes, lambda: draw(logits, all_tokens))
+
+    return tf.where(sampling, tf.cond(tf.reduce_any(sampling), sample, lambda: greedy), greedy)
 
 
 def _mix64(z):
@@ -173,7 +198,7 @@ def _mix64(z):
 def uniform_noise(row_seeds, step, n, tokens=None):
     """Uniform numbers in (0, 1), [batch, columns]: row b's are draws step * n + token + 1 of the
     SplitMix64 stream keyed by row_seeds[b] = (seed, sample number), for the tokens [batch or 1,
-    columns] (None: 0 ... n - 1). Call it op by op or from an XLA-compiled function: TensorFlow's
+    columns] (None: 0 ... n - 1); `step` is one number or one per row [batch]. Call it op by op or from an XLA-compiled function: TensorFlow's
     own kernels lack uint64 ops.
 
     A counter-based generator: every number is a function of (seed, sample, step, token) alone, so
@@ -190,7 +215,8 @@ def _uniform_noise(row_seeds, step, n, tokens):
     tokens = tf.range(n)[None] if tokens is None else tokens
     seeds = tf.cast(row_seeds, tf.uint64)
     key = _mix64(tf.bitwise.bitwise_xor(_mix64(seeds[:, 0]), seeds[:, 1]))  # [batch]
-    counter = tf.cast(step, tf.uint64) * n + tf.cast(tf.cast(tokens, tf.int64) + 1, tf.uint64)  # [batch or 1, columns]
+    step = tf.reshape(tf.cast(step, tf.uint64), [-1, 1])  # one step for all rows, or one per row
+    counter = step * n + tf.cast(tf.cast(tokens, tf.int64) + 1, tf.uint64)  # [batch or 1, columns]
     bits = _mix64(key[:, None] + counter * tf.constant(0x9E3779B97F4A7C15, tf.uint64))
     # The top 23 bits, centred in their interval: exact in float32, never 0 or 1 (both would make log infinite).
     return (tf.cast(tf.bitwise.right_shift(bits, tf.constant(41, tf.uint64)), tf.float32) + 0.5) * 2.0 ** -23
@@ -198,11 +224,3 @@ def _uniform_noise(row_seeds, step, n, tokens):
 
 # The noise op by op (the prompt's pass): compiled on its own.
 compiled_uniform_noise = Compiled(_uniform_noise, jit_compile=True)
-
-
-def mark_stopped(token, done, rule):
-    """Rows that drew the stop token are done; finished rows only repeat it."""
-    if rule.stop_token is None:
-        return token, done
-    token = tf.where(done, rule.stop_token, token)
-    return token, done | tf.equal(token, rule.stop_token)

@@ -271,3 +271,17 @@ class _MirrorHandler(BaseHTTPRequestHandler):
                 pass
             if fault in ("drop", "stall"):
                 self.close_connection = True
+
+
+def sample(engine, contexts, length, **flags):
+    """The continuations of the token lists `contexts` on a gpt2.engine engine, each cut before its
+    stop token: row i is sample flags["sample"] + i (default 0 + i) of its seed."""
+    from .engine import Request, Settings, decode_requests
+
+    first = flags.pop("sample", 0)
+    settings = Settings(**flags)
+    requests = [Request(list(context), length, settings._replace(sample=first + i)) for i, context in enumerate(contexts)]
+    rows = [[] for _ in requests]
+    for made in decode_requests(engine, requests):
+        rows[made.index] += made.tokens.tolist()
+    return [row[:row.index(settings.stop_token)] if settings.stop_token in row else row for row in rows]
