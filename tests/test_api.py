@@ -8,8 +8,7 @@ import gpt2
 from gpt2.api import TextStream
 from gpt2.encoder import read_encoder
 from gpt2.errors import GPT2Error
-from gpt2.decode import sample
-from gpt2.testing import ModelMirror
+from gpt2.testing import ModelMirror, sample
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +25,7 @@ def test_generate_returns_nsamples_texts(model):
 
 def test_generate_is_the_decoded_sampler_output(model):
     [text] = model.generate("the mill", length=9, temperature=0, ignore_eot=True)
-    [row] = sample(model.params, model.hparams, model.encode("the mill"), 9, temperature=0)
+    [row] = sample(model.engine(1), [model.encode("the mill")], 9, temperature=0)
     assert len(row) == 9 and model.decode(row) == text
 
 
@@ -36,17 +35,19 @@ def test_stream_pieces_join_to_generate(model):
     assert "".join(pieces) == model.generate("The river", length=30, seed=8)[0]
 
 
-def test_a_stream_starts_once_the_decoding_loop_runs(model, monkeypatch):
-    """The first token (from the prompt's pass) is not shown alone while the loop compiles."""
-    from gpt2 import decode
+def test_a_stream_comes_a_step_at_a_time(model, monkeypatch):
+    """The first token comes from the step that compiles the loop, alone; then a fifth of a second's tokens a step."""
+    from gpt2 import engine
 
-    loop_calls = []
-    advance = decode._advance
-    monkeypatch.setattr(decode, "_advance", lambda *args, **kwargs: loop_calls.append(1) or advance(*args, **kwargs))
+    steps = []
+    step = engine.Engine.step
+    monkeypatch.setattr(engine.Engine, "step", lambda self, n=1: steps.append(n) or step(self, n))
     stream = model.stream("The river", length=30, seed=8, ignore_eot=True)
     first = next(stream)
-    assert loop_calls and first
-    assert first + "".join(stream) == model.generate("The river", length=30, seed=8, ignore_eot=True)[0]
+    assert steps == [1] and first
+    text = first + "".join(stream)
+    assert steps[:2] == [1, 1] and len(steps) < 30 and sum(steps) == 30
+    assert text == model.generate("The river", length=30, seed=8, ignore_eot=True)[0]
     assert "".join(model.stream("The river", length=1, seed=8)) == model.generate("The river", length=1, seed=8)[0]
 
 

@@ -1,4 +1,6 @@
-"""The decoding loop against step-by-step recomputation: greedy, seeds, distributions, batches, chunks, replicas."""
+"""The float32 engine (gpt2.decode.XlaEngine) against step-by-step recomputation: greedy, seeds,
+distributions, batches, chunks, replicas."""
+import collections
 import os
 import subprocess
 import sys
@@ -7,14 +9,26 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt2 import decode
-from gpt2.decode import bucket, sample, sample_chunks, shared_prefix_length
+from gpt2 import decode, testing
+from gpt2.decode import XlaEngine
+from gpt2.engine import Request, Settings, bucket, decode_requests, shared_prefix_length
 from gpt2.model import cached_block
-from gpt2.sampling import Rule, compiled_uniform_noise, uniform_noise
+from gpt2.sampling import uniform_noise
 from test_sampling import softmax, sorted_top_k_filter, sorted_top_p_filter
 
 PROMPT = [10, 200, 33, 5, 400, 17]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sample(params, hparams, context, length, *, batch_size=1, first_sample=0, **flags):
+    """batch_size samples of `context` (first_sample, first_sample + 1, ...), as token lists."""
+    return together(params, hparams, [list(context)] * batch_size, length, sample=first_sample, **flags)
+
+
+def together(params, hparams, contexts, length, **flags):
+    """The continuations of `contexts`, all in one engine's rows."""
+    engine = XlaEngine(params, hparams, len(contexts), contexts[0][:shared_prefix_length(contexts)])
+    return testing.sample(engine, contexts, length, **flags)
 
 
 def test_greedy_follows_argmax_of_recomputed_logits(model, full_logits):
@@ -121,13 +135,12 @@ def test_cache_sizes_are_few_and_never_a_third_empty():
 def test_prompts_of_different_lengths_share_a_batch(model):
     hparams, params = model
     prompts = [PROMPT, PROMPT[:2], PROMPT + [7, 8, 9, 10, 11]]
-    together = np.concatenate(list(sample_chunks(params, hparams, prompts, 10, temperature=0)), axis=1)
-    for prompt, row in zip(prompts, together.tolist()):
+    for prompt, row in zip(prompts, together(params, hparams, prompts, 10, temperature=0)):
         assert sample(params, hparams, prompt, 10, temperature=0) == [row]
 
 
 def test_rows_share_the_tokens_their_prompts_start_with_but_the_last():
-    assert shared_prefix_length([[1, 2, 3, 4]] * 3) == 3  # each row runs its last token itself
+    assert shared_prefix_length([[1, 2, 3, 4]] * 3) == 3  # each row feeds its last token itself
     assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 4, 6]]) == 2
     assert shared_prefix_length([[1, 2, 3], [1, 2]]) == 1
     assert shared_prefix_length([[1, 2], [3, 2]]) == 0
@@ -137,24 +150,32 @@ def test_rows_share_the_tokens_their_prompts_start_with_but_the_last():
 def test_prompts_with_nothing_in_common_share_a_batch(model):
     hparams, params = model
     prompts = [PROMPT, [11] + PROMPT[1:], [3, 4]]
-    together = np.concatenate(list(sample_chunks(params, hparams, prompts, 10, temperature=0)), axis=1)
-    for prompt, row in zip(prompts, together.tolist()):
+    for prompt, row in zip(prompts, together(params, hparams, prompts, 10, temperature=0)):
         assert sample(params, hparams, prompt, 10, temperature=0) == [row]
 
 
-def test_chunks_give_the_same_tokens_as_one_pass(model):
+def test_steps_of_any_size_give_the_same_tokens(model):
     hparams, params = model
-    whole = list(sample_chunks(params, hparams, [PROMPT] * 2, 25, seed=11))
-    assert [chunk.shape[1] for chunk in whole] == [1, 24]
-    pieces = list(sample_chunks(params, hparams, [PROMPT] * 2, 25, seed=11, chunk_size=4))
-    assert [chunk.shape[1] for chunk in pieces] == [1] + [4] * 6
-    np.testing.assert_array_equal(np.concatenate(pieces, axis=1), np.concatenate(whole, axis=1))
-    # Chunks of a time (streaming): the first call compiles, the second measures the pace, the
-    # others make as many tokens as fit in chunk_seconds at that pace.
-    for chunk_seconds, sizes in [(1e6, [1, 1, 1, 22]), (1e-9, [1] * 25)]:
-        timed = list(sample_chunks(params, hparams, [PROMPT] * 2, 25, seed=11, chunk_seconds=chunk_seconds))
-        assert [chunk.shape[1] for chunk in timed] == sizes
-        np.testing.assert_array_equal(np.concatenate(timed, axis=1), np.concatenate(whole, axis=1))
+    requests = [Request(PROMPT, 25, Settings(seed=11, sample=i)) for i in range(2)]
+
+    def steps(**chunking):  # the tokens each step made, [rows, made] each
+        made = collections.defaultdict(list)
+        for piece in decode_requests(XlaEngine(params, hparams, 2, PROMPT[:-1]), requests, **chunking):
+            made[piece.index].append(piece.tokens)
+        assert [len(a) for a in made[0]] == [len(b) for b in made[1]]
+        return [np.stack(pair) for pair in zip(made[0], made[1])]
+
+    whole = steps()
+    assert [step.shape[1] for step in whole] == [25]
+    pieces = steps(chunk_size=4)
+    assert [step.shape[1] for step in pieces] == [4] * 6 + [1]
+    np.testing.assert_array_equal(np.concatenate(pieces, axis=1), whole[0])
+    # Steps of a time (streaming): the first compiles, the second measures the pace, the others
+    # make as many tokens as fit in chunk_seconds at that pace.
+    for chunk_seconds, sizes in [(1e6, [1, 1, 23]), (1e-9, [1] * 25)]:
+        timed = steps(chunk_seconds=chunk_seconds)
+        assert [step.shape[1] for step in timed] == sizes
+        np.testing.assert_array_equal(np.concatenate(timed, axis=1), whole[0])
 
 
 class CtrlCWhenHashed:
@@ -169,26 +190,30 @@ def test_ctrl_c_while_tensorflow_reads_the_arguments_stays_a_keyboard_interrupt(
     hparams, params = model
     with pytest.raises(TypeError, match="TraceType"):  # what TensorFlow makes of it on its own
         tf.function(lambda x: x)(CtrlCWhenHashed())
-    with pytest.raises(KeyboardInterrupt):  # the decoding loop's rule is read as the loop is called
-        decode._advance(params, None, None, 0, 1, None, hparams=hparams, rule=Rule(False, 0, False, CtrlCWhenHashed()))
+    with pytest.raises(KeyboardInterrupt):  # the decoding loop's static arguments are read as the loop is called
+        decode._advance(params, None, None, 1, hparams=CtrlCWhenHashed())
 
 
-def test_a_prompt_of_another_length_in_the_same_cache_bucket_compiles_nothing_new(model):
-    """Prompts of 5, 9 and 7 tokens with 6 new ones all fit a 16-slot cache: one decoding loop serves them,
-    and the prompt's pass (op by op) draws its first token with the same compiled noise."""
+def test_other_prompts_and_flags_in_the_same_cache_bucket_compile_nothing_new(model):
+    """Prompts of 5, 9 and 7 tokens with 6 new ones all fit a 16-slot cache, and flags are data of
+    the loop: one compiled loop serves greedy, top_k, top_p and plain rows, admitted at any time."""
     hparams, params = model
     advance = decode._advance.__wrapped__.function  # the tf.function
-    noise = compiled_uniform_noise.function
-    sample(params, hparams, PROMPT[:5], 6, top_k=3, seed=1)
-    loops, noises = advance.experimental_get_tracing_count(), noise.experimental_get_tracing_count()
-    blocks = cached_block.experimental_get_tracing_count()
-    for prompt in (PROMPT + [1, 2, 3], PROMPT + [4]):
-        sample(params, hparams, prompt, 6, top_k=3, seed=2)
+    engine = XlaEngine(params, hparams, 2)
+    [row] = engine.admit([Request(PROMPT[:5], 6, Settings(top_k=3, seed=1))])
+    engine.step(2)
+    loops, blocks = advance.experimental_get_tracing_count(), cached_block.experimental_get_tracing_count()
+    for prompt, settings in [(PROMPT + [1, 2, 3], Settings(temperature=0)), (PROMPT + [4], Settings(top_p=0.5)),
+                             (PROMPT[:3], Settings(temperature=0.7, top_k=40, top_p=0.9, seed=5, sample=3))]:
+        engine.admit([Request(prompt, 6, settings)])
+        while engine.live:
+            engine.step(3)
+        for ended in [r for r in range(2) if r not in engine.free]:
+            engine.release(ended)
         assert advance.experimental_get_tracing_count() == loops
-        assert noise.experimental_get_tracing_count() == noises
-    # Another cache size and another batch (of prompts that share no start) need a loop of their
-    # own, but not another graph of the block.
-    list(sample_chunks(params, hparams, [PROMPT, [PROMPT[0] + 1] + PROMPT], 30, top_k=3, seed=2))
+    # Another cache size and another number of rows need a loop of their own, but not another graph of the block.
+    together(params, hparams, [PROMPT, [PROMPT[0] + 1] + PROMPT], 30, top_k=3, seed=2)
+    assert advance.experimental_get_tracing_count() > loops
     assert cached_block.experimental_get_tracing_count() == blocks
 
 
@@ -199,40 +224,40 @@ import tensorflow as tf
 tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
                                            [tf.config.LogicalDeviceConfiguration()] * 2)
 import gpt2
-from gpt2.decode import replicated, sample_chunks
+from gpt2.testing import sample
 two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 one = gpt2.GPT2.from_folder(sys.argv[1])
 spread = gpt2.GPT2.from_folder(sys.argv[1], strategy=two)
-copies = two.experimental_local_results(spread._replica_params)  # the weights, on each replica's device
-assert [c["wte"].device[-5:] for c in copies] == ["CPU:0", "CPU:1"], [c["wte"].device for c in copies]
-# 5 samples in batches of 3 (the second replica's share of the first batch is one row and a copy) and 2.
+engine = spread.engine(3)
+devices = [e.params["wte"].device[-5:] for e in engine.engines]
+assert devices == ["CPU:0", "CPU:1"] and [e.rows for e in engine.engines] == [2, 1], devices
+# 5 samples in batches of 3 (2 rows on the first replica, 1 on the second).
 flags = dict(length=20, nsamples=5, batch_size=3, top_k=5, seed=7, ignore_eot=True)
 texts = one.generate("", **flags)
 assert spread.generate("", **flags) == texts and len(set(texts)) == 5, texts
 nucleus = {**flags, "top_k": 0, "top_p": 0.9}
 assert spread.generate(["A prompt", "B"], **nucleus) == one.generate(["A prompt", "B"], **nucleus)
-# Greedy rows: 0 and 1 (the first replica's) continue [1], 2 and 3 continue [2]. The stop token is
-# one that the first pair makes after a few steps and the second pair not until later: the first
-# replica's loop stops early, and its rows repeat the stop token while the second's go on.
+# Greedy rows: 0 and 1 continue [1], 2 and 3 continue [2]. The stop token is one that the first
+# pair makes after a few steps and the second pair not until later: the replica of the first
+# pair's rows has no live rows left while the other's go on.
 contexts = [[1], [1], [2], [2]]
-hparams = one.hparams
-def tokens(params, stop_token, strategy=None):
-    return np.concatenate(list(sample_chunks(params, hparams, contexts, 24, temperature=0, stop_token=stop_token,
-                                             chunk_size=5, strategy=strategy)), axis=1)
-free = tokens(one.params, None)
-step = next(j for j in range(1, 20) if free[0, j] not in free[0, :j] and free[0, j] not in free[2, :j + 4])
-stop = int(free[0, step])
-alone = tokens(one.params, stop)
-assert (alone[:2, step:] == stop).all() and (alone[2:, step:step + 4] != stop).all(), alone
-np.testing.assert_array_equal(tokens(replicated(one.params, two), stop, two), alone)
+def tokens(model, stop_token):
+    return sample(model.engine(4), contexts, 24, temperature=0, stop_token=stop_token)
+free = tokens(one, None)
+step = next(j for j in range(1, 20) if free[0][j] not in free[0][:j] and free[0][j] not in free[2][:j + 4])
+stop = int(free[0][step])
+alone = tokens(one, stop)
+assert [len(row) for row in alone[:2]] == [step, step] and all(len(row) > step + 4 for row in alone[2:]), alone
+assert tokens(spread, stop) == alone
 print("same")
 """
 
 
 @pytest.mark.slow
 def test_two_replicas_generate_what_one_device_generates(tiny_model):
-    """A batch spread over two logical CPUs (each runs the decoding loop on its share of the rows)
-    gives sample i of a seed as one device gives it; a replica whose rows all stopped waits for the other."""
+    """Rows spread over two logical CPUs (an engine on each, with its copy of the weights, stepped
+    in threads of their own) give sample i of a seed as one device gives it; a replica whose
+    rows all ended waits for the other."""
     result = subprocess.run([sys.executable, "-c", TWO_CPUS, str(tiny_model)], capture_output=True, text=True,
                             timeout=600, env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")})
     assert result.returncode == 0, result.stderr

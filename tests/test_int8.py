@@ -9,10 +9,11 @@ import tensorflow as tf
 import gpt2
 from gpt2 import int8, sampling
 from gpt2.arguments import ArgumentError, check_dtype
-from gpt2.decode import sample
+from gpt2.decode import XlaEngine
+from gpt2.engine import Request, Settings, decode_requests, shared_prefix_length
 from gpt2.errors import GPT2Error
 from gpt2.tensorflow_start import MIN_FREE_BYTES
-from gpt2.testing import make_model_folder
+from gpt2.testing import make_model_folder, sample
 
 # What quantizing costs, measured on the tiny model (its 32-wide layers quantize worse than real
 # ones: each input row gets one int8 scale for 32 numbers): the largest logit error was 6% of the
@@ -40,6 +41,24 @@ def relative_error(got, want):
     return np.abs(got - want).max() / want.std()
 
 
+def engine_for(model, contexts):
+    """An Int8Engine of a row per context, whose prefix is what they all start with, as gpt2.api makes it."""
+    return int8.Int8Engine(model, len(contexts), contexts[0][:shared_prefix_length(contexts)])
+
+
+def fed_logits(model, contexts, next_tokens=()):
+    """The logits [rows, n_vocab] after each row's prompt in `contexts`, then after each of its next_tokens
+    [rows, steps] in turn, fed straight into engine.forward: a list, and the engine (engine_for's)."""
+    engine = engine_for(model, contexts)
+    next_tokens = np.array(next_tokens, np.int32).reshape(len(contexts), -1)
+    engine.admit([Request(list(context), 1 + next_tokens.shape[1], Settings()) for context in contexts])
+    values, live = engine.values, np.ones(len(contexts), bool)
+    logits = [engine.forward(values.token, values.pos, live)]  # each row's last prompt token
+    for step, tokens in enumerate(next_tokens.T):
+        logits.append(engine.forward(tokens, values.pos + 1 + step, live))
+    return logits, engine
+
+
 @pytest.mark.parametrize("prompt_piece", [64, 5])  # the prompts in one run of each block, or in pieces of 5
 @pytest.mark.parametrize("n_shared", [0, 6])  # the rows start with 6 tokens in common: cached once for both
 def test_logits_follow_float32_through_the_prompt_and_each_step(int8_model, full_logits, prompt_piece, n_shared,
@@ -49,16 +68,13 @@ def test_logits_follow_float32_through_the_prompt_and_each_step(int8_model, full
     rows = [[600] + rng.integers(0, 657, 25).tolist(), [601] + rng.integers(0, 657, 25).tolist()]
     rows[1][:n_shared] = rows[0][:n_shared]
     want = np.stack([full_logits(r) for r in rows])  # [2, 26, n_vocab]
-    n_prompt = np.array([12, 7], np.int32)  # prompts of different lengths share the batch
-    prompts = np.array([r[:12] for r in rows], np.int32)
-    got = int8_model.start(prompts, n_prompt)  # 16 own cache slots at first
-    assert int8_model.n_shared() == n_shared
-    errors = [relative_error(got[b], want[b, n_prompt[b] - 1]) for b in range(2)]
-    pos = n_prompt.copy()
-    for _ in range(14):  # to 26 tokens: the own cache grows to 24 slots, then 32 where nothing is shared
-        got = int8_model.step(np.array([rows[b][pos[b]] for b in range(2)], np.int32), pos)
-        errors += [relative_error(got[b], want[b, pos[b]]) for b in range(2)]
-        pos += 1
+    n_prompt = [12, 7]  # prompts of different lengths share the batch
+    # 16 own cache slots at first; on to 26 tokens, they grow to 24, then to 32 where nothing is shared
+    got, engine = fed_logits(int8_model, [r[:n] for r, n in zip(rows, n_prompt)],
+                             [r[n:n + 14] for r, n in zip(rows, n_prompt)])
+    assert len(engine.prefix) == n_shared
+    errors = [relative_error(logits[b], want[b, n_prompt[b] - 1 + step])
+              for step, logits in enumerate(got) for b in range(2)]
     assert int8_model.blocks[0].shapes["keys"][3] == (32 if n_shared == 0 else 24)  # it grew on the way
     assert int8_model.blocks[0].shapes["shared_keys"][2] == max(n_shared, 1)  # 1: an empty slot
     assert max(errors) < LOGIT_TOLERANCE, errors
@@ -73,8 +89,6 @@ PROMPT = [5, 9, 100, 300, 2, 70, 71, 8]
 def test_rows_get_the_logits_they_get_alone(int8_model, rows, n_shared, monkeypatch):
     """Several samples of a prompt (or prompts that start alike) share its cache: the same logits as each
     row alone (they were equal to the bit on this machine; kernels may sum in another order elsewhere)."""
-    tokens = np.array([r + [0] * (10 - len(r)) for r in rows], np.int32)
-    n_tokens = np.array([len(r) for r in rows], np.int32)
     run_prompt, rows_run = int8.Int8Model.run_prompt, []
 
     def counting_rows(model, block, x, *args):
@@ -82,30 +96,27 @@ def test_rows_get_the_logits_they_get_alone(int8_model, rows, n_shared, monkeypa
         return run_prompt(model, block, x, *args)
 
     monkeypatch.setattr(int8.Int8Model, "run_prompt", counting_rows)
-    together = [int8_model.start(tokens, n_tokens)]
+    next_tokens = [[7, 8, 9], [10, 11, 12], [13, 14, 15]]  # 3 steps each
+    together, engine = fed_logits(int8_model, rows, next_tokens)
     monkeypatch.undo()
-    assert int8_model.n_shared() == n_shared
-    # Each block runs the shared tokens once, then the 2 different rests: 3 rows run as 2.
-    assert rows_run == ([1, 2] if n_shared else [2]) * len(int8_model.blocks)
-    next_tokens = np.array([[7, 8, 9], [10, 11, 12], [13, 14, 15]], np.int32)  # 3 steps each
-    for step in range(3):
-        together.append(int8_model.step(next_tokens[:, step], n_tokens + step))
+    assert len(engine.prefix) == n_shared
+    # Each block runs the shared tokens once (as the engine is made), then the 2 different rests: 3 rows run as 2.
+    assert rows_run == ([1] * len(int8_model.blocks) if n_shared else []) + [2] * len(int8_model.blocks)
     for b, row in enumerate(rows):
-        alone = [int8_model.start(np.array([row], np.int32), np.array([len(row)], np.int32))]
-        assert int8_model.n_shared() == len(row) - 1  # all of a lone row's prompt but its last token
-        for step in range(3):
-            alone.append(int8_model.step(next_tokens[b:b + 1, step], n_tokens[b:b + 1] + step))
+        alone, engine = fed_logits(int8_model, [row], next_tokens[b:b + 1])
+        assert len(engine.prefix) == len(row) - 1  # all of a lone row's prompt but its last token
         for got, want in zip(alone, together):
             np.testing.assert_allclose(got[0], want[b], rtol=0, atol=1e-4 * want[b].std())
 
 
 def test_each_block_gets_its_own_weights(int8_model, full_logits):
     """Swapping two blocks' programs (wrong places for their weights) moves the logits far out of tolerance."""
-    tokens = np.array([[5, 9, 100, 300]], np.int32)
-    want = full_logits(tokens[0].tolist())[-1]
-    assert relative_error(int8_model.start(tokens, np.array([4], np.int32))[0], want) < LOGIT_TOLERANCE
-    swapped = int8_model._replace(blocks=int8_model.blocks[::-1])
-    assert relative_error(swapped.start(tokens, np.array([4], np.int32))[0], want) > 4 * LOGIT_TOLERANCE
+    tokens = [5, 9, 100, 300]
+    want = full_logits(tokens)[-1]
+    assert relative_error(prompt_logits(int8_model, tokens)[0], want) < LOGIT_TOLERANCE
+    swapped = int8.Int8Model(int8_model.hparams, int8_model.blocks[::-1], int8_model.head, int8_model.wte,
+                             int8_model.wte_scale, int8_model.wpe)
+    assert relative_error(prompt_logits(swapped, tokens)[0], want) > 4 * LOGIT_TOLERANCE
 
 
 def test_the_output_layer_in_pieces_gives_the_logits_of_one_piece(tiny_model, model, int8_model, monkeypatch):
@@ -114,63 +125,82 @@ def test_the_output_layer_in_pieces_gives_the_logits_of_one_piece(tiny_model, mo
     hparams, _ = model
     in_pieces = int8.load_int8(tiny_model, hparams)
     assert [len(int8_model.head), len(in_pieces.head)] == [1, 4]  # the last with 3 rows of padding
-    tokens, n_tokens = np.array([[5, 9, 100, 300], [7, 8, 9, 0]], np.int32), np.array([4, 3], np.int32)
-    np.testing.assert_allclose(in_pieces.start(tokens, n_tokens), int8_model.start(tokens, n_tokens), rtol=0, atol=1e-5)
-    step = np.array([650, 656], np.int32), n_tokens
-    np.testing.assert_allclose(in_pieces.step(*step), int8_model.step(*step), rtol=0, atol=1e-5)
+    contexts, next_tokens = [[5, 9, 100, 300], [7, 8, 9]], [[650], [656]]  # the prompts' logits, then a step's
+    in_one_piece = fed_logits(int8_model, contexts, next_tokens)[0]
+    for got, want in zip(fed_logits(in_pieces, contexts, next_tokens)[0], in_one_piece):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
 def test_greedy_text_is_float32s(model, int8_model):
     hparams, params = model
     context = [3, 40, 41, 7]
-    want = sample(params, hparams, context, 40, temperature=0)[0]
-    chunks = list(int8.sample_chunks(int8_model, [context], 40, temperature=0, chunk_size=16))
-    assert [c.shape[1] for c in chunks] == [1, 16, 16, 7]
-    got = np.concatenate(chunks, axis=1)[0].tolist()
+    want = sample(XlaEngine(params, hparams, 1), [context], 40, temperature=0)[0]
+    made = list(decode_requests(engine_for(int8_model, [context]), [Request(context, 40, Settings(temperature=0))],
+                                chunk_size=16))
+    assert [len(m.tokens) for m in made] == [16, 16, 8] and made[-1].ended
+    got = np.concatenate([m.tokens for m in made]).tolist()
     assert got == want
 
 
 @pytest.mark.parametrize("flags", [dict(top_k=40), dict(top_p=0.9), dict(temperature=0.7)])
 def test_samples_are_those_of_their_seed_and_number_whatever_the_batch(int8_model, flags):
     def rows(contexts, first_sample):
-        return np.concatenate(list(int8.sample_chunks(int8_model, contexts, 24, seed=5, first_sample=first_sample,
-                                                      **flags)), axis=1)
+        return sample(engine_for(int8_model, contexts), contexts, 24, seed=5, sample=first_sample, **flags)
 
     batch = rows([[1, 2, 3]] * 3, first_sample=0)
-    assert (rows([[1, 2, 3]], first_sample=2)[0] == batch[2]).all()
-    assert (rows([[1, 2, 3]] * 3, first_sample=0) == batch).all()
+    assert rows([[1, 2, 3]], first_sample=2)[0] == batch[2]
+    assert rows([[1, 2, 3]] * 3, first_sample=0) == batch
     assert len({tuple(r) for r in batch}) == 3
 
 
 def test_tokens_are_those_the_compiled_rules_draw_from_its_logits(int8_model):
     """The NumPy rules (gpt2.numpy_sampling) pick what gpt2.sampling's would from the int8 logits."""
     context, seed, sample_number = [1, 2, 3], 3, 2
-    got = np.concatenate(list(int8.sample_chunks(int8_model, [context], 8, top_k=40, top_p=0.9, temperature=0.8,
-                                                 seed=seed, first_sample=sample_number)), axis=1)[0]
+    got = sample(engine_for(int8_model, [context]), [context], 8, top_k=40, top_p=0.9, temperature=0.8, seed=seed,
+                 sample=sample_number)[0]
     compiled_choose = tf.function(sampling.choose, jit_compile=True)
-    rule = sampling.Rule(greedy=False, top_k=40, use_top_p=True, stop_token=None)
-    logits = int8_model.start(np.array([context], np.int32), np.array([len(context)], np.int32))
-    for step, token in enumerate(got):
-        want = compiled_choose(tf.constant(logits), tf.constant(step), tf.constant([[seed, sample_number]], tf.int64),
-                               tf.constant(0.8), tf.constant(0.9), rule)
-        assert token == want.numpy()[0], step
-        logits = int8_model.step(np.array([token], np.int32), np.array([len(context) + step], np.int32))
+    logits, _ = fed_logits(int8_model, [context], [got[:-1]])  # after the prompt, then after each token drawn
+    assert len(got) == len(logits) == 8
+    for step, (token, step_logits) in enumerate(zip(got, logits)):
+        draws = sampling.Draws(tf.constant([[seed, sample_number]], tf.int64), tf.constant([step]),
+                               tf.constant([0.8]), tf.constant([40]), tf.constant([0.9]))
+        assert token == compiled_choose(tf.constant(step_logits), draws).numpy()[0], step
 
 
-def test_rows_end_at_the_stop_token(int8_model):
-    chunks = list(int8.sample_chunks(int8_model, [[1, 2], [3, 4]], 100, temperature=2.0, seed=3, stop_token=5,
-                                     top_k=8))
-    tokens = np.concatenate(chunks, axis=1)
-    for row in tokens:
-        if 5 in row.tolist():
-            assert (row[row.tolist().index(5):] == 5).all()
+def test_a_row_ends_at_its_stop_token_while_the_other_goes_on(int8_model):
+    """A row that draws its stop token ends there (Step.ended; the stop token is its last token) and makes
+    nothing more, while the row beside it, whose stop token is another, makes all of its tokens, the
+    same as without a row that stops beside it."""
+    contexts = [[1, 2], [3, 4]]
+    free = sample(engine_for(int8_model, contexts), contexts, 12, temperature=2.0, seed=3, top_k=8)
+    stop = free[0][3]
+    end = free[0].index(stop)  # the step at which the first row draws it
+    engine = engine_for(int8_model, contexts)
+    rows = engine.admit([Request(context, 12, Settings(temperature=2.0, top_k=8, seed=3, sample=i,
+                                                       stop_token=stop if i == 0 else None))
+                         for i, context in enumerate(contexts)])
+    steps = [engine.step() for _ in range(12)]
+    for i, step in enumerate(steps):
+        assert step.ended == ([rows[0]] if i == end else [rows[1]] if i == 11 else []), i
+        assert list(step.tokens) == (rows if i <= end else rows[1:]), i
+    assert [steps[i].tokens[rows[0]].tolist() for i in range(end + 1)] == [[t] for t in free[0][:end + 1]]
+    assert np.concatenate([step.tokens[rows[1]] for step in steps]).tolist() == free[1]
+    assert engine.step() == ({}, [])
 
 
-def test_greedy_text_ends_at_the_stop_token(int8_model):
-    free = np.concatenate(list(int8.sample_chunks(int8_model, [[1, 2]], 12, temperature=0)), axis=1)[0].tolist()
+def test_greedy_text_ends_at_the_stop_token(int8_model, monkeypatch):
+    free = sample(engine_for(int8_model, [[1, 2]]), [[1, 2]], 12, temperature=0)[0]
     stop = free[3]
-    got = np.concatenate(list(int8.sample_chunks(int8_model, [[1, 2]], 12, temperature=0, stop_token=stop)), axis=1)
-    assert got[0].tolist() == free[:free.index(stop) + 1]  # the only row is done: no more steps
+    engine, forward, fed = engine_for(int8_model, [[1, 2]]), int8.Int8Engine.forward, []
+
+    def counting_steps(engine, *args):
+        fed.append(args)
+        return forward(engine, *args)
+
+    monkeypatch.setattr(int8.Int8Engine, "forward", counting_steps)
+    made = list(decode_requests(engine, [Request([1, 2], 12, Settings(temperature=0, stop_token=stop))]))
+    assert np.concatenate([m.tokens for m in made]).tolist() == free[:free.index(stop) + 1] and made[-1].ended
+    assert len(fed) == free.index(stop) + 1  # the only row is done: no more steps
 
 
 def test_the_api_generates_with_int8(tiny_model):
@@ -240,7 +270,7 @@ def test_the_programs_take_the_weights_in_place_of_the_stand_ins(model):
 
 
 def prompt_logits(model, tokens=(3, 1, 4, 1, 5)):
-    return model.start(np.array([tokens]), np.array([len(tokens)]))
+    return fed_logits(model, [list(tokens)])[0][0]
 
 
 def stored_folders(cache):

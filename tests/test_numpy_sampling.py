@@ -6,9 +6,12 @@ import pytest
 import tensorflow as tf
 
 from gpt2 import numpy_sampling, sampling
-from gpt2.decode import row_seeds, sampling_settings
-from gpt2.folders import HParams
 from test_sampling import exact_nucleus, hard_rows
+
+FLAG_SETS = [  # (temperature, top_k, top_p)
+    (0, 0, 1.0), (1.0, 0, 1.0), (1e-9, 0, 1.0), (2.0, 0, 1.0), (1.0, 1, 1.0), (1.0, 40, 1.0), (0.7, 40, 1.0),
+    (1.0, 1000, 1.0), (1.0, 60000, 1.0), (1.0, 0, 0.9), (0.7, 0, 0.5), (1.0, 0, 1e-6), (1.0, 0, 0.999999),
+    (1.0, 40, 0.9)]
 
 
 def rows_of_normal_numbers():
@@ -35,21 +38,42 @@ def test_the_nucleus_is_that_of_float64_sums():
         np.testing.assert_array_equal(kept, exact_nucleus(probs, p), err_msg=f"top_p {p}")
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [
-    (0, 0, 1.0), (1.0, 0, 1.0), (1e-9, 0, 1.0), (2.0, 0, 1.0), (1.0, 1, 1.0), (1.0, 40, 1.0), (0.7, 40, 1.0),
-    (1.0, 1000, 1.0), (1.0, 60000, 1.0), (1.0, 0, 0.9), (0.7, 0, 0.5), (1.0, 0, 1e-6), (1.0, 0, 0.999999),
-    (1.0, 40, 0.9)])
+def row_seeds(rows, seed, first_sample):
+    """[rows, 2] int64: samples first_sample, first_sample + 1, ... of `seed`."""
+    return np.array([[seed, first_sample + row] for row in range(rows)], np.int64)
+
+
+compiled_choose = tf.function(sampling.choose, jit_compile=True)
+
+
+def compiled_draw(rows, steps, temperature, top_k, top_p):
+    """gpt2.sampling.choose, compiled as in the decoding loop, on rows [batch, n_vocab] with samples 3, 4, ...
+    of seed 42 and per-row (or one for all) steps and flags; top_k cut to n_vocab, as an engine's rows have it."""
+    batch, n_vocab = rows.shape
+    steps, temperature, top_k, top_p = (np.broadcast_to(x, [batch]) for x in (steps, temperature, top_k, top_p))
+    draws = sampling.Draws(tf.constant(row_seeds(batch, 42, 3)), tf.constant(steps, tf.int32),
+                           tf.constant(temperature, tf.float32), tf.constant(np.minimum(top_k, n_vocab), tf.int32),
+                           tf.constant(top_p, tf.float32))
+    return compiled_choose(tf.constant(rows), draws).numpy()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", FLAG_SETS)
 def test_choose_draws_the_tokens_of_the_compiled_rule(temperature, top_k, top_p):
     rows = rows_of_normal_numbers()
-    hparams = HParams(n_vocab=rows.shape[1])
-    rule, draw = sampling_settings(hparams, len(rows), temperature, top_k, top_p, seed=42, first_sample=3,
-                                   stop_token=None)
-    compiled_choose = tf.function(sampling.choose, jit_compile=True)
     for step in (0, 7, 1023):
-        want = compiled_choose(tf.constant(rows), tf.constant(step), draw.row_seeds, draw.temperature, draw.top_p, rule)
+        want = compiled_draw(rows, step, temperature, top_k, top_p)
         got = numpy_sampling.choose(rows, step, row_seeds(len(rows), 42, 3), temperature, top_k, top_p)
-        np.testing.assert_array_equal(got, want.numpy(), err_msg=f"step {step}")
+        np.testing.assert_array_equal(got, want, err_msg=f"step {step}")
         assert got.dtype == np.int32
+
+
+def test_choose_takes_each_rows_own_step_and_flags_as_the_compiled_rule():
+    """Rows of every flag set above, at steps of their own, in one batch: an engine's rows each carry theirs."""
+    rows = rows_of_normal_numbers()
+    temperature, top_k, top_p = (np.array(column) for column in zip(*(FLAG_SETS * 3)[:len(rows)]))
+    steps = np.arange(len(rows), dtype=np.int32) * 37
+    got = numpy_sampling.choose(rows, steps, row_seeds(len(rows), 42, 3), temperature, top_k, top_p)
+    np.testing.assert_array_equal(got, compiled_draw(rows, steps, temperature, top_k, top_p))
 
 
 def test_a_tiny_temperature_draws_among_the_largest_logits_without_warnings():
@@ -61,14 +85,3 @@ def test_a_tiny_temperature_draws_among_the_largest_logits_without_warnings():
         for top_k, top_p in ((0, 1.0), (0, 0.9), (40, 0.9)):
             tokens = numpy_sampling.choose(rows, 3, row_seeds(len(rows), 1, 0), 1e-9, top_k, top_p)
             assert (scaled[np.arange(len(rows)), tokens] == scaled.max(axis=1)).all()
-
-
-@pytest.mark.parametrize("stop_token", [9, None])
-def test_a_stopped_row_repeats_the_stop_token_as_in_the_compiled_rule(stop_token):
-    token, done = np.array([5, 9, 2, 9], np.int32), np.array([False, False, True, True])
-    rule = sampling.Rule(greedy=True, top_k=0, use_top_p=False, stop_token=stop_token)
-    want_token, want_done = sampling.mark_stopped(tf.constant(token), tf.constant(done), rule)
-    got_token, got_done = numpy_sampling.mark_stopped(token, done, stop_token)
-    np.testing.assert_array_equal(got_token, want_token.numpy())
-    np.testing.assert_array_equal(got_done, want_done.numpy())
-    assert got_token.tolist() == ([5, 9, 9, 9] if stop_token else [5, 9, 2, 9])

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt2.sampling import Rule, choose, top_k_filter, top_p_filter, uniform_noise
+from gpt2.sampling import Draws, choose, top_k_filter, top_p_filter, uniform_noise
 
 
 def softmax(x):
@@ -129,14 +129,18 @@ def test_top_p_differs_from_sorting_only_where_float32_sums_blurred_p():
         assert_same_but_near_p(kept, kept_by_sorting, probs, p, tolerance=1e-4, most=3)
 
 
-@pytest.mark.parametrize("top_k,top_p", [(40, 1.0), (0, 0.9), (40, 0.9)])
+@pytest.mark.parametrize("top_k,top_p", [(40, 1.0), (0, 0.9), (40, 0.9), (200, 1.0)])
 def test_a_seed_draws_the_tokens_it_drew_with_sorting_filters(top_k, top_p):
     """choose, compiled as in the decoding loop, against the same draw through the sorting filters:
     all rows at once (ties spread some rows' top_k over many lanes) and each row alone."""
     rows = tf.constant(hard_rows())
     row_seeds = tf.constant([[42, sample] for sample in range(len(rows))], tf.int64)
-    rule = Rule(greedy=False, top_k=top_k, use_top_p=top_p < 1, stop_token=None)
     compiled_choose = tf.function(choose, jit_compile=True)
+
+    def draws(n, step, temperature):
+        return Draws(row_seeds[:n], tf.fill([n], step), tf.fill([n], temperature), tf.fill([n], top_k),
+                     tf.fill([n], top_p))
+
     for step, temperature in ((0, 1.0), (7, 0.7)):
         expected = rows / temperature
         if top_k:
@@ -145,12 +149,32 @@ def test_a_seed_draws_the_tokens_it_drew_with_sorting_filters(top_k, top_p):
             expected = sorted_top_p_filter(expected, top_p)
         gumbel = -np.log(-np.log(uniform_noise(row_seeds, tf.constant(step), rows.shape[1]).numpy()))
         expected_tokens = np.argmax(expected.numpy() + gumbel, axis=-1)
-        tokens = compiled_choose(rows, step, row_seeds, tf.constant(temperature), tf.constant(top_p), rule)
+        tokens = compiled_choose(rows, draws(len(rows), step, temperature))
         np.testing.assert_array_equal(tokens.numpy(), expected_tokens)
         for i in range(len(rows)):
-            token = compiled_choose(rows[i:i + 1], step, row_seeds[i:i + 1], tf.constant(temperature),
-                                    tf.constant(top_p), rule)
+            alone = draws(len(rows), step, temperature)
+            token = compiled_choose(rows[i:i + 1], Draws(*(t[i:i + 1] for t in alone)))
             assert token.numpy()[0] == expected_tokens[i], i
+
+
+def test_rows_of_other_flags_draw_in_one_batch_what_each_draws_alone():
+    """Each row's flags are its own: greedy, top_k, top_p, both, and plain rows share one compiled
+    call and draw what each draws in a batch of rows of its flags alone."""
+    rows = tf.constant(hard_rows()[:10])
+    flags = [(0.0, 0, 1.0), (1.0, 40, 1.0), (0.7, 0, 0.9), (1.3, 40, 0.9), (1.0, 0, 1.0), (0.0, 40, 0.5),
+             (1.0, 300, 1.0), (0.8, 1, 1.0), (1.0, 50257, 0.99), (2.0, 64, 1.0)]
+    temperature, top_k, top_p = (tf.constant(column) for column in zip(*flags))
+    row_seeds = tf.constant([[5, sample] for sample in range(len(flags))], tf.int64)
+    steps = tf.range(len(flags)) * 3
+    compiled_choose = tf.function(choose, jit_compile=True)
+    together = compiled_choose(rows, Draws(row_seeds, steps, tf.cast(temperature, tf.float32), top_k,
+                                           tf.cast(top_p, tf.float32))).numpy()
+    for i, (t, k, p) in enumerate(flags):
+        same = Draws(tf.repeat(row_seeds[i:i + 1], 2, axis=0), tf.repeat(steps[i:i + 1], 2), tf.fill([2], t),
+                     tf.fill([2], k), tf.fill([2], p))
+        alone = compiled_choose(tf.repeat(rows[i:i + 1], 2, axis=0), same).numpy()
+        assert together[i] == alone[0] == alone[1], (i, flags[i])
+    assert together[0] == np.argmax(rows[0]) and together[7] == np.argmax(rows[7])  # greedy, and top_k 1
 
 
 def mix64(z):
