@@ -10,8 +10,8 @@
     python benchmarks/generate.py --tiny            # a tiny model, to check that the script runs
 
 For each model, flag set and batch size it prints: compile time, prefill tokens/s for a
-512-token prompt, decode tokens/s for 256 new tokens (median of --runs runs after a warm-up, with
-min and max) and first-token latency; and for each model its load time and peak resident memory.
+512-token prompt (the engine's admit and its first step), decode tokens/s for 256 new tokens
+(median of --runs runs after a warm-up, with min and max) and first-token latency; and for each model its load time and peak resident memory.
 The flag sets are those users run: greedy (temperature 0), top_k 40 and top_p 0.9 (temperature
 1), and with --flags also plain sampling from all tokens ("sample"). The rows of a batch are
 samples of one prompt, as the command-line scripts make them (its tokens are computed and cached
@@ -50,8 +50,8 @@ FLAG_SETS = {"greedy": dict(temperature=0), "sample": {}, "top_k=40": dict(top_k
 
 def worker(model_dir, flag_sets, batches, prompt_len, new_tokens, runs, dtype, distinct):
     """Measure one model in this process; print a JSON line with the numbers."""
-    from gpt2 import GPT2, int8
-    from gpt2.decode import sample_chunks, shared_prefix_length
+    from gpt2 import GPT2
+    from gpt2.engine import Request, Settings, decode_requests, shared_prefix_length
 
     start = time.perf_counter()
     model = GPT2.from_folder(model_dir, dtype)
@@ -61,19 +61,19 @@ def worker(model_dir, flag_sets, batches, prompt_len, new_tokens, runs, dtype, d
     prompts = {batch: rng.integers(0, model.hparams.n_vocab, (batch, prompt_len)).tolist() if distinct
                else [rng.integers(0, model.hparams.n_vocab, prompt_len).tolist()] * batch for batch in batches}
     # What a prefill computes: the tokens that all rows' prompts start with once, each row's own
-    # tokens (at least its last one) once per row; int8 runs rows with the same own tokens once, so
-    # one prompt for all rows runs once in all.
-    n_shared = {batch: prompt_len if model.int8 and len({tuple(p) for p in prompts[batch]}) == 1
-                else shared_prefix_length(prompts[batch]) for batch in batches}
+    # tokens (at least its last one, fed by its first step) once per row.
+    n_shared = {batch: shared_prefix_length(prompts[batch]) for batch in batches}
     prefill_tokens = {batch: prompt_len + (batch - 1) * (prompt_len - n_shared[batch]) for batch in batches}
     gemm_flops = {batch: forward_flops(model.hparams, prompt_len) + (batch - 1) * (
         forward_flops(model.hparams, prompt_len) - forward_flops(model.hparams, n_shared[batch])) for batch in batches}
 
     def timed(flags, batch, length):
+        """Seconds to make `length` tokens in each of `batch` rows (the engine's prefill included), and to the first."""
         start, first = time.perf_counter(), None
-        chunks = (int8.sample_chunks(model.params, prompts[batch], length, seed=1, **FLAG_SETS[flags]) if model.int8
-                  else sample_chunks(model.params, model.hparams, prompts[batch], length, seed=1, **FLAG_SETS[flags]))
-        for chunk in chunks:
+        engine = model.engine(batch, prompts[batch][0][:n_shared[batch]])
+        requests = [Request(prompt, length, Settings(seed=1, sample=i, **FLAG_SETS[flags]))
+                    for i, prompt in enumerate(prompts[batch])]
+        for _ in decode_requests(engine, requests):
             first = first or time.perf_counter() - start
         return time.perf_counter() - start, first
 

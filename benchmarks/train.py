@@ -68,7 +68,7 @@ def state_bytes(hparams, args):
 def worker(model_dir, args):
     import tensorflow as tf
 
-    from gpt2.checkpoint import load_params
+    from gpt2.weights import load_params
     from gpt2.folders import read_hparams
     from gpt2.train import Hyper, Memory, Trainer
 

@@ -12,7 +12,7 @@ atexit.register(shutil.rmtree, os.environ["GPT2_XLA_CACHE"], ignore_errors=True)
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from gpt2.checkpoint import load_params  # noqa: E402
+from gpt2.weights import load_params  # noqa: E402
 from gpt2.folders import read_hparams  # noqa: E402
 from gpt2.model import forward, logits  # noqa: E402
 from gpt2.testing import make_model_folder  # noqa: E402

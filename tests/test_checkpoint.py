@@ -11,7 +11,8 @@ import tensorflow as tf
 
 import gpt2
 from gpt2 import checkpoint
-from gpt2.checkpoint import load_params, read_checkpoint, variable_shapes
+from gpt2.checkpoint import read_checkpoint, variable_shapes
+from gpt2.weights import load_params
 from gpt2.errors import GPT2Error
 from gpt2.folders import MODEL_FILES, HParams, find_model_dir, read_hparams
 from gpt2.testing import make_model_folder

@@ -10,7 +10,7 @@ import gpt2
 from gpt2 import int8, sampling
 from gpt2.arguments import ArgumentError, check_dtype
 from gpt2.decode import XlaEngine
-from gpt2.engine import Request, Settings, decode_requests, shared_prefix_length
+from gpt2.engine import Request, Settings, Step, decode_requests, shared_prefix_length
 from gpt2.errors import GPT2Error
 from gpt2.tensorflow_start import MIN_FREE_BYTES
 from gpt2.testing import make_model_folder, sample
@@ -185,7 +185,7 @@ def test_a_row_ends_at_its_stop_token_while_the_other_goes_on(int8_model):
         assert list(step.tokens) == (rows if i <= end else rows[1:]), i
     assert [steps[i].tokens[rows[0]].tolist() for i in range(end + 1)] == [[t] for t in free[0][:end + 1]]
     assert np.concatenate([step.tokens[rows[1]] for step in steps]).tolist() == free[1]
-    assert engine.step() == ({}, [])
+    assert engine.step() == Step({}, [])
 
 
 def test_greedy_text_ends_at_the_stop_token(int8_model, monkeypatch):
@@ -286,7 +286,7 @@ def test_a_stored_model_loads_again_without_reading_its_checkpoint(model, tiny_m
     assert sorted(p.name for p in folder.iterdir()) == [
         "block0.tflite", "block1.tflite", "checksums.json", "head0.tflite", "ln_f_b.npy", "ln_f_g.npy", "vectors.npz",
         "wpe.npy", "wte.npy", "wte_scale.npy"]
-    monkeypatch.setattr(int8, "read_checkpoint", lambda *args: pytest.fail("the checkpoint was read"))
+    monkeypatch.setattr(int8, "read_weights", lambda *args: pytest.fail("the checkpoint was read"))
     again = int8.load_int8(tiny_model, hparams)
     assert (prompt_logits(again) == prompt_logits(first)).all()
     assert (prompt_logits(again) == prompt_logits(int8_model)).all()  # the test session's cache: the same programs

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt2.checkpoint import load_params
+from gpt2.weights import load_params
 from gpt2.folders import read_hparams
 from gpt2.model import LayerCache, SharedPrefix, empty_cache, forward, forward_cached, logits
 

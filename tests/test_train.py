@@ -15,7 +15,7 @@ import tensorflow as tf
 
 import gpt2
 from gpt2 import train
-from gpt2.checkpoint import load_params
+from gpt2.weights import load_params
 from gpt2.errors import GPT2Error
 from gpt2.folders import MODEL_FILES, read_hparams
 from gpt2.testing import SAMPLE_TEXT

@@ -19,7 +19,8 @@ import numpy as np
 from . import tensorflow_start  # noqa: F401  (first: TensorFlow starts quietly, with its compilation cache)
 from .arguments import (GENERATION_STRATEGIES, ArgumentError, check_first_sample, check_generation, check_path,
                         check_sampling, check_seed, check_stop, check_text, new_seed, whole)
-from .checkpoint import load_params, save_model
+from .checkpoint import save_model
+from .weights import load_params
 from .decode import XlaEngine, decoding_memory, replicated
 from .download import download_model
 from .encoder import read_encoder

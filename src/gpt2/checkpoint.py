@@ -12,7 +12,6 @@ import shutil
 import numpy as np
 import tensorflow as tf
 
-from .arguments import check_dtype
 from .errors import GPT2Error
 from . import folders
 from .folders import VOCAB_FILES, check_replaceable, read_error, write_hparams
@@ -38,29 +37,6 @@ def variable_shapes(hparams):
         shapes.update({f"model/h{i}/{name}": shape for name, shape in block.items()})
     shapes.update({"model/ln_f/g": [n_embd], "model/ln_f/b": [n_embd]})
     return shapes
-
-
-def load_params(model_dir, hparams, dtype="float32"):
-    """The weights of a model folder as a tree that mirrors the checkpoint's names.
-
-    params["wte"], params["wpe"], params["h"][i]["attn"]["c_attn"]["w"], ..., params["ln_f"]["g"];
-    the linear layers' w are [n_in + 1, n_out]: the checkpoint's [1, n_in, n_out] with the layer's
-    bias appended as the last row (see gpt2.model.linear). `dtype` is one of
-    DTYPES: the checkpoint's float32, or half the memory and bytes per step in float16 or bfloat16.
-    """
-    check_dtype(dtype)
-    params = empty_tree(hparams)
-    for name, value in read_checkpoint(model_dir, hparams, read_ahead=True):
-        value = tf.cast(value, dtype)  # one tensor at a time: the float32 copy is freed at once
-        node, key = tree_node(params, name)
-        node[key] = value
-        del value
-        if set(node) == {"w", "b"}:
-            # A linear layer's w and b are both read: the bias becomes w's last row (see
-            # gpt2.model.linear) at once, so that the next layer's read reuses the memory
-            # of this w instead of leaving it unused in the process.
-            node["w"] = tf.concat([node["w"], node.pop("b")[None]], axis=0)
-    return params
 
 
 def checkpoint_files(model_dir):
@@ -142,18 +118,24 @@ def read_checkpoint(model_dir, hparams, read_ahead=False):
                         "it is damaged, download the model again") from e
 
 
-def empty_tree(hparams):
-    return {"h": [{} for _ in range(hparams.n_layer)]}
+def split_name(name):
+    """(block number or None, name within it) of an OpenAI variable name: the one place that reads them.
 
-
-def tree_node(params, name):
-    """(the dict that holds variable `name` in a params tree, its key there), making dicts on the way.
-
-    "model/h3/attn/c_attn/w" -> (params["h"][3]["attn"]["c_attn"], "w").
+    "model/h3/attn/c_attn/w" -> (3, "attn/c_attn/w"); "model/ln_f/g" -> (None, "ln_f/g").
     """
-    node, parts = params, name.split("/")[1:]
-    if parts[0].startswith("h") and parts[0][1:].isdigit():
-        node, parts = params["h"][int(parts[0][1:])], parts[1:]
+    parts = name.split("/", 2)
+    if parts[1].startswith("h") and parts[1][1:].isdigit():
+        return int(parts[1][1:]), parts[2]
+    return None, "/".join(parts[1:])
+
+
+def tree_node(params, block, name):
+    """(the dict that holds weight `name` of `block` (None: outside the blocks) in a params tree,
+    its key there), making dicts on the way.
+
+    (3, "attn/c_attn/w") -> (params["h"][3]["attn"]["c_attn"], "w").
+    """
+    node, parts = params if block is None else params["h"][block], name.split("/")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     return node, parts[-1]
@@ -163,7 +145,7 @@ def checkpoint_variables(params, hparams):
     """{OpenAI name: float32 array} of a params tree: the inverse of load_params' folding and reshaping."""
     variables = {}
     for name, shape in variable_shapes(hparams).items():
-        node, key = tree_node(params, name)
+        node, key = tree_node(params, *split_name(name))
         if len(shape) == 3 or (key == "b" and "w" in node):  # a linear layer's w [1, n_in, n_out] or b [n_out]
             w = np.asarray(tf.cast(node["w"], tf.float32))  # [n_in + 1, n_out]
             value = w[:-1][None] if key == "w" else w[-1]

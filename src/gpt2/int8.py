@@ -42,12 +42,12 @@ from typing import List, NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from .checkpoint import checkpoint_files, read_checkpoint
 from . import numpy_sampling
 from .engine import Engine, Rows, bucket
 from .model import LayerCache, attention_weights, gelu, layer_norm, merge_heads, split_heads
 from .storage import checked, file_checksum, with_checksum
 from .tensorflow_start import MIN_FREE_BYTES, abandoned, c_stderr_silenced, xla_cache_folder
+from .weights import read_weights, weight_files, weights_size
 
 # The linear layers of a block: (name, checkpoint name, [n_in, n_out] in units of n_embd).
 LAYERS = (("c_attn", "attn/c_attn", (1, 3)), ("attn_proj", "attn/c_proj", (1, 1)),
@@ -468,10 +468,9 @@ def quantized(model_dir, hparams, keep):
     layers = {checkpoint_name + "/w": name for name, checkpoint_name, _ in LAYERS}
     vectors = {checkpoint_name: name for name, checkpoint_name in VECTORS.items()}
     block_read, arrays, blocks, pieces = {}, {}, [], []
-    for name, value in read_checkpoint(model_dir, hparams):
-        value = value.numpy()
-        parts = name.split("/", 2)
-        if parts[1] == "wte":  # [n_vocab, n_embd]: the output layer's [n_out, n_in], a piece at a time
+    for weight in read_weights(model_dir, hparams):
+        value = weight.value.numpy()
+        if weight.name == "wte":  # [n_vocab, n_embd]: the output layer's [n_out, n_in], a piece at a time
             wte, wte_scale = np.empty(value.shape, np.int8), np.empty(len(value), np.float32)
             rows = piece_rows(hparams)
             for start in range(0, len(value), rows):
@@ -482,15 +481,15 @@ def quantized(model_dir, hparams, keep):
                     scale = np.concatenate([scale, np.ones(rows - len(scale), np.float32)])
                 pieces.append(keep(f"head{len(pieces)}", head.fill({"wte": (q, scale)})))
             arrays.update(wte=wte, wte_scale=wte_scale)
-        elif len(parts) == 3 and parts[1][0] == "h":  # model/h{i}/...: the blocks come in order, each whole
-            block_read[layers[parts[2]] if parts[2] in layers else vectors[parts[2]]] = value
+        elif weight.block is not None:  # the blocks come in order, each whole
+            block_read[layers[weight.name] if weight.name in layers else vectors[weight.name]] = value
             if len(block_read) == len(LAYERS) + len(VECTORS):
                 weights = {name: quantize(block_read.pop(name)) for name, _, _ in LAYERS}
                 blocks.append((keep(f"block{len(blocks)}", block.fill(weights)), block_read))
                 block_read = {}
         else:
-            arrays["_".join(parts[1:])] = value  # wpe, ln_f_g, ln_f_b
-        del value
+            arrays[weight.name.replace("/", "_")] = value  # wpe, ln_f_g, ln_f_b
+        del value, weight
     return blocks, pieces, arrays
 
 
@@ -508,10 +507,10 @@ def build_model(hparams, blocks, head, arrays):
 def stored_folder(model_dir, hparams):
     """The cache folder's place for the int8 programs of model_dir's checkpoint as it is now (its
     files' sizes, times and inodes), made by this version of this file; or None: the cache is off,
-    or there is no checkpoint (read_checkpoint then says what is missing)."""
+    or there are no weights (read_weights then says what is missing)."""
     cache = xla_cache_folder()
     try:
-        stamp = [(s.st_size, s.st_mtime_ns, s.st_ino) for s in map(os.stat, checkpoint_files(model_dir))]
+        stamp = [(s.st_size, s.st_mtime_ns, s.st_ino) for s in map(os.stat, weight_files(model_dir))]
     except OSError:
         return None
     if cache is None:
@@ -553,7 +552,7 @@ def store(model_dir, hparams, folder):
                 if abandoned(path) or not name.endswith(".tmp") and (
                         not name.startswith(version()) or name.startswith(version_and_model)):
                     shutil.rmtree(path)
-        need = os.path.getsize(checkpoint_files(model_dir)[1]) // 4 + MIN_FREE_BYTES  # int8: a quarter of float32
+        need = weights_size(model_dir) // 4 + MIN_FREE_BYTES  # int8: a quarter of float32
         if shutil.disk_usage(parent).free < need:
             return
         os.makedirs(temporary)
