@@ -67,6 +67,14 @@ def test_rows_admitted_at_other_steps_and_into_reused_rows_make_what_they_make_a
     for name in "acde":
         assert made[name] == alone(model, name), name
     assert sorted(engine.free) == [] and len(made["e"]) == 30
+    # A short prompt after the long rows ended, into the caches they grew.
+    for row in row_of.values():
+        engine.release(row)
+    made["b"], row_of = [], {}
+    admit("b")
+    while engine.live:
+        step(4)
+    assert made["b"] == alone(model, "b")
 
 
 def test_a_row_ends_at_its_stop_token_and_the_others_go_on(model):

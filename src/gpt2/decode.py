@@ -65,10 +65,11 @@ class XlaEngine(Engine):
         own = [list(request.tokens)[n_prefix:] for request in requests]  # each has its last prompt token at least
         values = self.rows_now()
         values.admit(rows, own, requests, hparams.n_vocab)
-        cache_len = bucket(int((values.pos + values.left).max()), hparams.n_ctx - n_prefix)
+        live = values.left > 0  # the rows just admitted among them
+        cache_len = max(self.cache_len(), bucket(int((values.pos + values.left)[live].max()), hparams.n_ctx - n_prefix))
         with self.placed():
             cache = self.state.cache
-            if cache_len > self.cache_len():  # every row's slots grow; a new size compiles the loop again
+            if cache_len > self.cache_len():  # every row's slots grow (a new size: the loop compiles again)
                 more = [[0, 0], [0, 0], [0, cache_len - self.cache_len()], [0, 0]]
                 cache = [LayerCache(tf.pad(layer.keys, more), tf.pad(layer.values, more)) for layer in cache]
             rests = [tokens[:-1] for tokens in own]
@@ -117,7 +118,7 @@ def decoding_memory(hparams, rows, context_len, length, itemsize):
     pieces are one layer's attention scores (float32, and the softmax of them) and MLP activations,
     and each step's float32 logits with the copies that sampling makes of them.
     """
-    cache_len = bucket(context_len + length - 1, hparams.n_ctx)  # as plan_batch lays it out, unshared
+    cache_len = bucket(context_len + length - 1, hparams.n_ctx)  # as XlaEngine lays it out, unshared
     cache = 2 * hparams.n_layer * cache_len * hparams.n_embd * itemsize
     prompt_pass = context_len * (2 * hparams.n_head * cache_len * 4 + 2 * 4 * hparams.n_embd * itemsize)
     step = 4 * hparams.n_vocab * 4

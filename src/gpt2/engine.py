@@ -259,6 +259,8 @@ def decode_requests(engine, requests, *, chunk_size=None, chunk_seconds=None, is
                 indexes = [pending.popleft() for _ in range(n_free)]
                 for row, index in zip(engine.admit([requests[i] for i in indexes]), indexes):
                     running[row] = index
+            if not running:
+                raise ValueError("the engine has no free row")
             n = max(left[index] for index in running.values())
             n = n if chunk_size is None else min(chunk_size, n)
             if chunk_seconds is not None:

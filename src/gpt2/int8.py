@@ -16,9 +16,11 @@ output layer (see piece_rows):
 - The first load of a model keeps its programs in files in the cache folder (`store`); loads run
   them from there (`open_stored`): later loads read no checkpoint, and each program's weights are
   in memory once, in XNNPACK's layout (see Program).
-- Each block's keys and values stay in its program's input tensors between steps; a step adds the
-  new tokens' ones in place (`Int8Model.step`), so no cache is copied. The tokens that all rows
-  start with (several samples of one prompt) are cached once, for all rows (`attention_after`).
+- Int8Engine is gpt2.engine's interface on these programs. The rows' keys and values stay in the
+  block programs' input tensors between steps; a step adds the new tokens' ones in place
+  (`Int8Engine.forward`), so no cache is copied. The programs hold one engine's caches at a time:
+  another engine on the same model moves them out first (`Int8Engine.bind`). The tokens that all
+  rows start with (several samples of one prompt) are cached once, for all rows (`attention_after`).
 - Tokens are chosen by gpt2.sampling's rules in NumPy (gpt2.numpy_sampling: a call into
   TensorFlow between two steps is slow), with the same seeds and sample numbers as the
   float32 decoder.
@@ -646,7 +648,8 @@ class Int8Engine(Engine):
             self.unbind_all()
             # Room for the first step's token; steps grow the caches as the text does (a step reads
             # its whole cache: the smaller, the faster).
-            cache_len = max(self.cache_len(), bucket(int(self.values.pos.max()) + 1, self.hparams.n_ctx - n_prefix))
+            live = self.values.left > 0
+            cache_len = max(self.cache_len(), bucket(int(self.values.pos[live].max()) + 1, self.hparams.n_ctx - n_prefix))
             self.grow(cache_len)
             rests = [tokens[:-1] for tokens in own_tokens]
             longest = max(len(rest) for rest in rests)

@@ -1,4 +1,4 @@
-"""gpt2.sampling's token rules in NumPy, for the int8 decoder (gpt2.int8), which runs outside TensorFlow.
+"""gpt2.sampling's token rules in NumPy, for the int8 engine (gpt2.int8), which runs outside TensorFlow.
 
 The rules are gpt2.sampling's: greedy argmax; otherwise logits / temperature, cut to the top_k
 most likely tokens and to the top_p nucleus, then the Gumbel-max draw with the same SplitMix64
