@@ -27,8 +27,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def compare(model_dir, prompt_len, steps):
     """(relative logit errors, greedy agreements) over the steps, for one model folder."""
     from gpt2 import GPT2  # first: TensorFlow starts quietly
-    from gpt2.decode import sample
+    from gpt2.engine import Request, Settings
     from gpt2.model import forward, logits
+    from gpt2.testing import sample
 
     import tensorflow as tf
 
@@ -36,11 +37,14 @@ def compare(model_dir, prompt_len, steps):
     int8 = GPT2.from_folder(model_dir, "int8")
     hparams = float32.hparams
     prompt = np.random.default_rng(0).integers(0, hparams.n_vocab, prompt_len).tolist()
-    tokens = prompt + sample(float32.params, hparams, prompt, steps, temperature=0)[0]
+    tokens = prompt + sample(float32.engine(1), [prompt], steps, temperature=0)[0]
     want = logits(float32.params, forward(float32.params, hparams, tf.constant([tokens])))[0].numpy()
-    got = [int8.params.start(np.array([prompt], np.int32), np.array([prompt_len], np.int32))[0]]
-    for pos in range(prompt_len, prompt_len + steps - 1):
-        got.append(int8.params.step(np.array([tokens[pos]], np.int32), np.array([pos], np.int32))[0])
+    # int8's logits after the prompt, then after each of float32's tokens, fed straight into its engine.
+    engine = int8.engine(1, prompt[:-1])
+    engine.admit([Request(prompt, steps, Settings())])
+    live = np.ones(1, bool)
+    got = [engine.forward(np.array(tokens[pos:pos + 1], np.int32), np.array([pos - len(engine.prefix)], np.int32),
+                          live)[0] for pos in range(prompt_len - 1, prompt_len + steps - 1)]
     want = want[prompt_len - 1:prompt_len + steps - 1]
     errors = [np.abs(g - w).max() / w.std() for g, w in zip(got, want)]
     agree = [g.argmax() == w.argmax() for g, w in zip(got, want)]
