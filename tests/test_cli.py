@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pexpect
 import pytest
 
 import gpt2
 from gpt2 import cli
+from gpt2.arguments import Controls
 from gpt2.testing import make_model_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,6 +80,19 @@ def test_multi_line_and_empty_prompts(models_dir):
     assert child.exitstatus == 0
     model = gpt2.load("tiny", str(models_dir))
     assert shown == model.generate("the river ran \npast the mill", length=6, temperature=0)[0].replace("\n", "\r\n")
+
+
+def test_interactive_passes_the_controls_on(models_dir, monkeypatch, capsys):
+    """To stream (batch_size 1) and to generate (larger batches)."""
+    model = gpt2.load("tiny", str(models_dir))
+    [forced] = model.encode(" the")
+    for batch_size in ("1", "2"):
+        monkeypatch.setattr("sys.stdin", io.StringIO("the river\n"))
+        cli.interactive_main(["--model_name", "tiny", "--models_dir", str(models_dir), "--length", "5", "--nsamples",
+                              "2", "--batch_size", batch_size, "--ignore_eot", "--logit_bias", f"{{{forced}: 100}}"])
+        out = capsys.readouterr().out
+        for number in (1, 2):
+            assert BANNER.format(number) + "\n" + model.decode([forced] * 5) + "\n" in out
 
 
 def test_overlong_prompt_in_a_terminal(models_dir):
@@ -163,6 +178,20 @@ def test_any_output_encoding(models_dir):
     (["--prompt_file", "/nonexistent/prompt.txt"], "cannot read --prompt_file /nonexistent/prompt.txt"),
     (["--dtype", "float8"], "--dtype must be one of float32, float16, bfloat16, int8, not 'float8'"),
     (["--stop", ""], "--stop must be text that ends a sample, never an empty string"),
+    (["--min_p", "2"], "--min_p must be a number in [0, 1) (0 turns it off), not 2"),
+    (["--min_p", "-0.1"], "--min_p must be a number in [0, 1)"),
+    (["--repetition_penalty", "0"], "--repetition_penalty must be a number > 0 (1 turns it off), not 0"),
+    (["--repetition_penalty", "-1.2"], "--repetition_penalty must be a number > 0"),
+    (["--repeat_last_n", "-1"], "--repeat_last_n must be a whole number >= 0 (0: the whole text), not -1"),
+    (["--presence_penalty", "2.5"], "--presence_penalty must be a number from -2 to 2 (0 turns it off), not 2.5"),
+    (["--frequency_penalty", "-3"], "--frequency_penalty must be a number from -2 to 2"),
+    (["--no_repeat_ngram_size", "1.5"], "--no_repeat_ngram_size must be a whole number >= 0"),
+    (["--logit_bias", "{50256: 101}"], "biases in --logit_bias must be numbers from -100 to 100, not 101 (token "),
+    (["--logit_bias", "{-1: 5}"], "token ids in --logit_bias must be whole numbers >= 0, not -1"),
+    (["--logit_bias", "{1.5: 5}"], "token ids in --logit_bias must be whole numbers >= 0, not 1.5"),
+    (["--logit_bias", "50256"], "--logit_bias must be a dict of token ids to biases, such as {50256: -100}"),
+    (["--bad_words", ""], "--bad_words must be text never generated, never an empty string"),
+    (["--bad_words", '["the", ""]'], "--bad_words must be text never generated, never an empty string"),
 ])
 def test_bad_flags_give_one_line_errors(models_dir, flags, message):
     """In this process: the command's exit message is the one line a user sees on stderr."""
@@ -170,6 +199,22 @@ def test_bad_flags_give_one_line_errors(models_dir, flags, message):
         cli.interactive_main(["--model_name", "tiny", "--models_dir", str(models_dir), *flags])
     assert isinstance(exit.value.code, str) and exit.value.code.startswith("error: ")
     assert "\n" not in exit.value.code and message in exit.value.code
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--logprobs", "21", "--output", "x.jsonl"], "--logprobs must be a whole number from 0 to 20"),
+    (["--logprobs", "-1", "--output", "x.jsonl"], "--logprobs must be a whole number from 0 to 20"),
+    (["--logprobs", "2.5", "--output", "x.jsonl"], "--logprobs must be a whole number from 0 to 20"),
+    (["--logprobs", "3"], "--logprobs needs --output FILE.jsonl, whose records hold the log-probabilities"),
+    (["--logprobs", "0", "--output", "x.txt"], "--logprobs needs --output FILE.jsonl"),
+    (["--logit_bias", '{"657": -100}', "--nsamples", "1", "--length", "2"],  # known once the model is loaded
+     "--logit_bias names token 657, but the model has 657 tokens, 0 to 656"),
+])
+def test_bad_unconditional_flags_give_one_line_errors(models_dir, flags, message):
+    with pytest.raises(SystemExit) as exit:
+        cli.unconditional_main(["--model_name", "tiny", "--models_dir", str(models_dir), *flags])
+    assert isinstance(exit.value.code, str) and "\n" not in exit.value.code
+    assert exit.value.code.startswith("error: " + message)
 
 
 @pytest.mark.parametrize("main,argv,message", [
@@ -181,6 +226,8 @@ def test_bad_flags_give_one_line_errors(models_dir, flags, message):
     (cli.score_main, ["a.txt", "--strid", "8"], "unknown flag --strid: did you mean --stride?"),
     (cli.score_main, ["a.txt", "--frobnicate"], "unknown flag --frobnicate: the flags are --model_name, "),
     (cli.interactive_main, ["-t", "0"], "ambiguous flag -t: use one of --temperature, --top_k, --top_p, "),
+    (cli.unconditional_main, ["-n", "1"], "ambiguous flag -n: use one of --nsamples, --no_repeat_ngram_size"),
+    (cli.interactive_main, ["--logprobs", "2"], "unknown flag --logprobs: the flags are --model_name, "),
 ])
 def test_unknown_flags_are_refused_before_anything_loads(main, argv, message):
     """A typo is named at once, not after a generation that never ends; the model named does not exist,
@@ -194,8 +241,8 @@ def test_unknown_flags_are_refused_before_anything_loads(main, argv, message):
 
 def test_known_flags_in_every_spelling_are_accepted(models_dir, tmp_path, capsys):
     output = tmp_path / "out.txt"
-    cli.unconditional_main(["--model-name", "tiny", f"--models_dir={models_dir}", "-n", "1", "--length", "2",
-                            "--noignore_eot", "--output", str(output), "--seed", "-5"])
+    cli.unconditional_main(["--model-name", "tiny", f"--models_dir={models_dir}", "--nsamples", "1", "--length",
+                            "2", "--noignore_eot", "-o", str(output), "--seed", "-5"])
     assert output.read_text(encoding="utf-8") == capsys.readouterr().out
 
 
@@ -214,6 +261,10 @@ def test_flags_are_checked_before_tensorflow_starts():
     """And downloading needs no TensorFlow: download_model.py starts in a fraction of a second."""
     assert exit_without_tensorflow("unconditional_main", ["--top_k", "-1"], imports="import gpt2.download; ") == \
         "error: --top_k must be a whole number >= 0 (0 turns it off), not -1 | False"
+    assert exit_without_tensorflow("interactive_main", ["--min_p", "2"]) == \
+        "error: --min_p must be a number in [0, 1) (0 turns it off), not 2 | False"
+    assert exit_without_tensorflow("unconditional_main", ["--logprobs", "3", "--output", "x.txt"]) == \
+        "error: --logprobs needs --output FILE.jsonl, whose records hold the log-probabilities | False"
 
 
 def test_prompt_too_long_is_reported_and_the_loop_goes_on(models_dir):
@@ -260,14 +311,51 @@ def test_jsonl_records_reproduce_their_samples(models_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
     assert [r["number"] for r in records] == [1, 2, 3, 4]
-    assert {k for k in records[0]} >= {"text", "seed", "sample_index", "length", "temperature", "top_k", "top_p",
-                                       "dtype"}
+    assert set(records[0]) == {"number", "text", "sample_index", "model_name", "dtype", "length", "temperature",
+                               "top_k", "top_p", "seed", "stop", "ignore_eot"}  # no controls left at their defaults
     model = gpt2.load("tiny", str(models_dir), dtype=records[2]["dtype"])
     r = records[2]
     again = model.generate("", r["length"], seed=r["seed"], first_sample=r["sample_index"],
                            temperature=r["temperature"], top_k=r["top_k"], top_p=r["top_p"],
                            ignore_eot=r["ignore_eot"], stop=r["stop"])
     assert again == [r["text"]]
+
+
+def test_jsonl_records_hold_the_controls_set_and_reproduce_their_samples(models_dir, tmp_path):
+    output = tmp_path / "samples.jsonl"
+    cli.unconditional_main(["--model_name", "tiny", "--models_dir", str(models_dir), "--length", "12", "--seed", "2",
+                            "--nsamples", "2", "--ignore_eot", "--min_p", "0.05", "--repetition_penalty", "1.3",
+                            "--repeat_last_n", "0", "--presence_penalty", "0.5", "--frequency_penalty", "-0.5",
+                            "--no_repeat_ngram_size", "2", "--logit_bias", "{5: 3}", "--bad_words", '["mill"]',
+                            "--output", str(output)])
+    r = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()][1]
+    assert {name: r[name] for name in Controls._fields if name in r} == {  # repeat_last_n 0 is its default
+        "min_p": 0.05, "repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": -0.5,
+        "no_repeat_ngram_size": 2, "logit_bias": {"5": 3.0}, "bad_words": ["mill"]}
+    model = gpt2.load("tiny", str(models_dir))
+    flags = {k: v for k, v in r.items() if k not in ("number", "text", "sample_index", "model_name", "dtype", "length")}
+    assert model.generate("", r["length"], first_sample=r["sample_index"], **flags) == [r["text"]]
+    assert model.generate("", r["length"], seed=r["seed"], first_sample=r["sample_index"], ignore_eot=True) != \
+        [r["text"]]  # the controls changed it
+
+
+def test_logprobs_are_the_models_own_in_jsonl_records(models_dir, tmp_path, full_logits):
+    """Before temperature and top_k: each token's log-probability and the 3 likeliest, from the model's logits."""
+    output = tmp_path / "samples.jsonl"
+    cli.unconditional_main(["--model_name", "tiny", "--models_dir", str(models_dir), "--length", "8", "--seed", "3",
+                            "--nsamples", "2", "--ignore_eot", "--temperature", "0.7", "--top_k", "5", "--logprobs",
+                            "3", "--output", str(output)])
+    model = gpt2.load("tiny", str(models_dir))
+    for r in (json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()):
+        assert len(r["tokens"]) == len(r["logprobs"]) == len(r["top_logprobs"]) == 8
+        assert model.decode(r["tokens"]) == r["text"]
+        logits = full_logits([model.encoder.eot_token] + r["tokens"][:-1]).astype("float64")
+        expected = logits - logits.max(axis=1, keepdims=True)
+        expected -= np.log(np.exp(expected).sum(axis=1, keepdims=True))
+        for row, token, logprob, top in zip(expected, r["tokens"], r["logprobs"], r["top_logprobs"]):
+            assert logprob == pytest.approx(row[token], abs=1e-4)
+            assert [t for t, _ in top] == np.argsort(-row)[:3].tolist()
+            assert [p for _, p in top] == pytest.approx(np.sort(row)[::-1][:3], abs=1e-4)
 
 
 def test_shards_write_the_samples_of_one_run_between_them(models_dir, tmp_path):

@@ -2,18 +2,23 @@
 admitted at any step, beside any other rows, released and reused, from several threads at once."""
 import concurrent.futures
 
+import numpy as np
 import pytest
+import tensorflow as tf
 
 import gpt2
 from gpt2.engine import Request, Settings
+from gpt2.model import forward, logits
 from gpt2.testing import sample
 
-REQUESTS = {  # name -> (prompt tokens, length, settings)
-    "a": ([10, 200, 33, 5, 400, 17, 3, 90], 14, Settings(top_k=40, seed=1)),
-    "b": ([7, 8], 9, Settings(top_p=0.9, seed=2, sample=4)),
-    "c": ([600, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], 20, Settings(temperature=0)),
-    "d": ([5], 12, Settings(temperature=0.7, top_k=5, top_p=0.95, seed=3)),
-    "e": ([44, 45, 46], 30, Settings(seed=9)),
+REQUESTS = {  # name -> (prompt tokens, length, settings): each row with other flags, penalties and lists
+    "a": ([10, 200, 33, 5, 400, 17, 3, 90], 14, Settings(top_k=40, seed=1, repetition_penalty=1.3,
+                                                         logit_bias=((7, 3.0), (90, -100.0)))),
+    "b": ([7, 8], 9, Settings(top_p=0.9, seed=2, sample=4, presence_penalty=0.5, frequency_penalty=0.5)),
+    "c": ([600, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], 20,
+          Settings(temperature=0, no_repeat_ngram_size=2, bad_words=((40,), (5, 6)))),
+    "d": ([5], 12, Settings(temperature=0.7, top_k=5, top_p=0.95, seed=3, min_p=0.05, logprobs=3)),
+    "e": ([44, 45, 46], 30, Settings(seed=9, repetition_penalty=0.9, repeat_last_n=4)),
 }
 
 
@@ -135,3 +140,43 @@ def test_threads_and_interleaved_streams_on_one_model_give_what_each_gives_alone
     for i, (_, samples) in enumerate(results):
         assert samples == model.generate(PROMPTS[i], 24, ignore_eot=True, nsamples=3, batch_size=3, **FLAGS[i])
         assert samples[0] == expected[i]
+
+
+def test_no_repeated_bigram_no_banned_word_and_a_biased_token_in_greedy_text(model):
+    """no_repeat_ngram_size 2 on a long greedy sample (which loops without it); bad_words; logit_bias +100."""
+    [looping] = model.generate("The river", 100, temperature=0, ignore_eot=True, logprobs=0)
+    bigrams = list(zip(looping.tokens, looping.tokens[1:]))
+    assert len(set(bigrams)) < len(bigrams)
+    [sample] = model.generate("The river", 100, temperature=0, ignore_eot=True, no_repeat_ngram_size=2, logprobs=0)
+    tokens = model.encode("The river")[-1:] + sample.tokens  # the prompt's bigrams count too
+    bigrams = list(zip(tokens, tokens[1:]))
+    assert len(set(bigrams)) == len(bigrams) and len(sample.tokens) == 100
+    word = model.decode(looping.tokens[3:4]).strip()  # a word greedy text makes
+    assert word and word in looping.text
+    [banned] = model.generate("The river", 100, temperature=0, ignore_eot=True, bad_words=[word, "mill"])
+    assert word not in banned and "mill" not in banned
+    [biased] = model.generate("The river", 5, temperature=0, ignore_eot=True, logit_bias={42: 100}, logprobs=0)
+    assert biased.tokens == [42] * 5
+
+
+def test_logprobs_are_the_models_own_sorted_and_n_long(model):
+    """The chosen token's log-probability and the top 4, at temperature 1 with no filters, against
+    float64 log-softmaxes of the logits recomputed from scratch (int8: of its own logits, so only
+    their order and length)."""
+    prompt = model.encode("The river")
+    [sample] = model.generate("The river", 16, seed=3, ignore_eot=True, logprobs=4, top_k=40, repetition_penalty=2.0)
+    assert len(sample.tokens) == len(sample.logprobs) == len(sample.top_logprobs) == 16
+    for logprob, top in zip(sample.logprobs, sample.top_logprobs):
+        assert len(top) == 4 and [v for _, v in top] == sorted([v for _, v in top], reverse=True)
+        assert logprob <= top[0][1] + 1e-6
+    if model.int8:
+        return
+    tokens = tf.constant([prompt + sample.tokens])
+    rows = logits(model.params, forward(model.params, model.hparams, tokens))[0].numpy().astype(np.float64)
+    rows = rows[len(prompt) - 1:-1]
+    logprobs = rows - rows.max(axis=1, keepdims=True)
+    logprobs -= np.log(np.exp(logprobs).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(sample.logprobs, logprobs[np.arange(16), sample.tokens], atol=1e-5)
+    for row, top in zip(logprobs, sample.top_logprobs):
+        np.testing.assert_allclose([v for _, v in top], np.sort(row)[::-1][:4], atol=1e-5)
+        np.testing.assert_allclose(row[[t for t, _ in top]], [v for _, v in top], atol=1e-5)

@@ -163,7 +163,7 @@ def test_tokens_are_those_the_compiled_rules_draw_from_its_logits(int8_model):
     assert len(got) == len(logits) == 8
     for step, (token, step_logits) in enumerate(zip(got, logits)):
         draws = sampling.Draws(tf.constant([[seed, sample_number]], tf.int64), tf.constant([step]),
-                               tf.constant([0.8]), tf.constant([40]), tf.constant([0.9]))
+                               tf.constant([0.8]), tf.constant([40]), tf.constant([0.9]), tf.constant([0.0]))
         assert token == compiled_choose(tf.constant(step_logits), draws).numpy()[0], step
 
 

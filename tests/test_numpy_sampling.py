@@ -46,14 +46,15 @@ def row_seeds(rows, seed, first_sample):
 compiled_choose = tf.function(sampling.choose, jit_compile=True)
 
 
-def compiled_draw(rows, steps, temperature, top_k, top_p):
+def compiled_draw(rows, steps, temperature, top_k, top_p, min_p=0.0):
     """gpt2.sampling.choose, compiled as in the decoding loop, on rows [batch, n_vocab] with samples 3, 4, ...
     of seed 42 and per-row (or one for all) steps and flags; top_k cut to n_vocab, as an engine's rows have it."""
     batch, n_vocab = rows.shape
-    steps, temperature, top_k, top_p = (np.broadcast_to(x, [batch]) for x in (steps, temperature, top_k, top_p))
+    steps, temperature, top_k, top_p, min_p = (np.broadcast_to(x, [batch])
+                                               for x in (steps, temperature, top_k, top_p, min_p))
     draws = sampling.Draws(tf.constant(row_seeds(batch, 42, 3)), tf.constant(steps, tf.int32),
                            tf.constant(temperature, tf.float32), tf.constant(np.minimum(top_k, n_vocab), tf.int32),
-                           tf.constant(top_p, tf.float32))
+                           tf.constant(top_p, tf.float32), tf.constant(min_p, tf.float32))
     return compiled_choose(tf.constant(rows), draws).numpy()
 
 
@@ -74,6 +75,49 @@ def test_choose_takes_each_rows_own_step_and_flags_as_the_compiled_rule():
     steps = np.arange(len(rows), dtype=np.int32) * 37
     got = numpy_sampling.choose(rows, steps, row_seeds(len(rows), 42, 3), temperature, top_k, top_p)
     np.testing.assert_array_equal(got, compiled_draw(rows, steps, temperature, top_k, top_p))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(1.0, 0, 1.0, 0.05), (0.7, 40, 1.0, 0.1),
+                                                             (1.0, 0, 0.9, 0.2), (1.5, 1000, 0.95, 0.5)])
+def test_min_p_draws_the_tokens_of_the_compiled_rule(temperature, top_k, top_p, min_p):
+    rows = rows_of_normal_numbers()
+    for step in (0, 7):
+        want = compiled_draw(rows, step, temperature, top_k, top_p, min_p)
+        got = numpy_sampling.choose(rows, step, row_seeds(len(rows), 42, 3), temperature, top_k, top_p, min_p)
+        np.testing.assert_array_equal(got, want, err_msg=f"step {step}")
+
+
+def random_adjustments(rng, batch, n_vocab):
+    """Adjustments' fields for `batch` rows, every rule on in some rows and off in others: texts of
+    20 to 60 tokens from a small alphabet (so that tokens and n-grams repeat)."""
+    lengths = rng.integers(20, 61, batch)
+    history = np.zeros([batch, 64], np.int32)
+    for row, n in zip(history, lengths):
+        row[:n] = rng.integers(0, 12, n)
+    bias_tokens = np.full([batch, 4], sampling.NO_TOKEN, np.int32)
+    for row in bias_tokens[::2]:  # a bias on 3 tokens of every other row
+        row[:3] = rng.choice(n_vocab, 3, replace=False)
+    bad_words = np.full([batch, 2, 3], sampling.NO_TOKEN, np.int32)
+    bad_words[1::3, 0, :1] = rng.integers(0, 12, [len(bad_words[1::3]), 1])  # one-token words
+    bad_words[::3, 1, :2] = [3, 4]  # "3 4": its 4 is banned after a 3
+    return dict(history=history, text_len=lengths.astype(np.int32), prompt_len=(lengths // 2).astype(np.int32),
+                bias_tokens=bias_tokens, bias_values=rng.uniform(-100, 100, [batch, 4]).astype(np.float32),
+                bad_words=bad_words, no_repeat_ngram_size=rng.choice([0, 1, 2, 3], batch).astype(np.int32),
+                repetition_penalty=rng.choice([1.0, 1.2, 0.8], batch).astype(np.float32),
+                repeat_last_n=rng.choice([0, 5, 100], batch).astype(np.int32),
+                presence_penalty=rng.choice([0.0, 0.5, -1.5], batch).astype(np.float32),
+                frequency_penalty=rng.choice([0.0, 0.3, 2.0], batch).astype(np.float32))
+
+
+def test_adjust_gives_the_logits_of_the_compiled_rules():
+    """Every rule at once, some rows with each: NumPy's adjusted logits are the compiled ones, bit for bit."""
+    rows = rows_of_normal_numbers()[:, :40]
+    fields = random_adjustments(np.random.default_rng(5), len(rows), rows.shape[1])
+    want = tf.function(sampling.adjust, jit_compile=True)(
+        tf.constant(rows), sampling.Adjustments(**{name: tf.constant(value) for name, value in fields.items()}))
+    got = numpy_sampling.adjust(rows, **fields)
+    np.testing.assert_array_equal(got, want.numpy())
+    assert np.isinf(got).any() and (got != rows).any(axis=1).mean() > 0.5
 
 
 def test_a_tiny_temperature_draws_among_the_largest_logits_without_warnings():

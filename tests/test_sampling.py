@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt2.sampling import Draws, choose, top_k_filter, top_p_filter, uniform_noise
+from gpt2.sampling import (NO_TOKEN, Adjustments, Draws, adjust, choose, min_p_filter, top_k_filter,
+                           top_logprobs, top_p_filter, uniform_noise)
 
 
 def softmax(x):
@@ -139,7 +140,7 @@ def test_a_seed_draws_the_tokens_it_drew_with_sorting_filters(top_k, top_p):
 
     def draws(n, step, temperature):
         return Draws(row_seeds[:n], tf.fill([n], step), tf.fill([n], temperature), tf.fill([n], top_k),
-                     tf.fill([n], top_p))
+                     tf.fill([n], top_p), tf.zeros([n]))
 
     for step, temperature in ((0, 1.0), (7, 0.7)):
         expected = rows / temperature
@@ -168,10 +169,10 @@ def test_rows_of_other_flags_draw_in_one_batch_what_each_draws_alone():
     steps = tf.range(len(flags)) * 3
     compiled_choose = tf.function(choose, jit_compile=True)
     together = compiled_choose(rows, Draws(row_seeds, steps, tf.cast(temperature, tf.float32), top_k,
-                                           tf.cast(top_p, tf.float32))).numpy()
+                                           tf.cast(top_p, tf.float32), tf.zeros([len(flags)]))).numpy()
     for i, (t, k, p) in enumerate(flags):
         same = Draws(tf.repeat(row_seeds[i:i + 1], 2, axis=0), tf.repeat(steps[i:i + 1], 2), tf.fill([2], t),
-                     tf.fill([2], k), tf.fill([2], p))
+                     tf.fill([2], k), tf.fill([2], p), tf.zeros([2]))
         alone = compiled_choose(tf.repeat(rows[i:i + 1], 2, axis=0), same).numpy()
         assert together[i] == alone[0] == alone[1], (i, flags[i])
     assert together[0] == np.argmax(rows[0]) and together[7] == np.argmax(rows[7])  # greedy, and top_k 1
@@ -218,3 +219,86 @@ def test_noise_is_uniform_and_independent_across_rows_and_steps():
     assert chi2 < 50  # 19 degrees of freedom: 50 is far beyond the 99.9th percentile (43.8)
     rows = noise.reshape(-1, 50257)
     assert np.abs(np.corrcoef(rows) - np.eye(len(rows))).max() < 0.03  # no two rows or steps alike
+
+
+# The rules that adjust the logits before a token is chosen (issue 29), each against values written
+# out by hand from its published statement.
+
+def adjusted(logits, **per_row):
+    """gpt2.sampling.adjust of one row's logits, with the Adjustments of `per_row` (others off)."""
+    history = per_row.pop("history", [])
+    fields = dict(history=[history + [0] * 4], text_len=[len(history)], prompt_len=[per_row.pop("prompt_len", 0)],
+                  bias_tokens=[[NO_TOKEN]], bias_values=[[0.0]], bad_words=[[[NO_TOKEN]]], no_repeat_ngram_size=[0],
+                  repetition_penalty=[1.0], repeat_last_n=[0], presence_penalty=[0.0], frequency_penalty=[0.0])
+    fields.update({name: [value] for name, value in per_row.items()})
+    dtypes = {name: tf.float32 for name in ("bias_values", "repetition_penalty", "presence_penalty",
+                                            "frequency_penalty")}
+    a = Adjustments(**{name: tf.constant(value, dtypes.get(name, tf.int32)) for name, value in fields.items()})
+    return tf.function(adjust, jit_compile=True)(tf.constant([logits], tf.float32), a)[0].numpy()
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
+    """CTRL (Keskar et al. 2019) as Hugging Face's RepetitionPenaltyLogitsProcessor: score < 0 ? score * p : score / p,
+    for each token in the prompt or the sample, once however often it occurs."""
+    logits = [2.0, -1.0, 0.5, -3.0, 0.0, 4.0]
+    got = adjusted(logits, history=[0, 1, 1, 4, 0], repetition_penalty=2.0)
+    np.testing.assert_allclose(got, [1.0, -2.0, 0.5, -3.0, 0.0, 4.0])
+    # repeat_last_n: only the text's last 2 tokens (4 and 0) count
+    got = adjusted(logits, history=[1, 3, 4, 0], repetition_penalty=2.0, repeat_last_n=2)
+    np.testing.assert_allclose(got, [1.0, -1.0, 0.5, -3.0, 0.0, 4.0])
+
+
+def test_presence_and_frequency_penalties_count_the_samples_own_tokens():
+    """OpenAI's rule: logit - presence * (count > 0) - frequency * count, over the tokens after the prompt."""
+    logits = [1.0, 1.0, 1.0, 1.0]
+    got = adjusted(logits, history=[3, 3, 0, 2, 2, 2], prompt_len=2, presence_penalty=0.5, frequency_penalty=0.25)
+    np.testing.assert_allclose(got, [1.0 - 0.5 - 0.25, 1.0, 1.0 - 0.5 - 0.75, 1.0])  # token 3 is only in the prompt
+    got = adjusted(logits, history=[1, 1], prompt_len=0, presence_penalty=-1.0, frequency_penalty=0.0)
+    np.testing.assert_allclose(got, [1.0, 2.0, 1.0, 1.0])  # a negative penalty favours what was said
+
+
+def test_no_repeat_ngram_bans_what_would_repeat_an_ngram():
+    """Hugging Face's NoRepeatNGramLogitsProcessor: the tokens that followed each earlier occurrence
+    of the text's last n - 1 tokens; n = 1 bans every token of the text."""
+    logits = np.zeros(8)
+    history = [1, 2, 3, 1, 2, 5, 1, 2]  # "1 2" was followed by 3 and by 5
+    assert np.flatnonzero(np.isinf(adjusted(logits, history=history, no_repeat_ngram_size=3))).tolist() == [3, 5]
+    # bigrams: the last token 2 was followed by 3 and 5 before
+    assert np.flatnonzero(np.isinf(adjusted(logits, history=history, no_repeat_ngram_size=2))).tolist() == [3, 5]
+    assert np.flatnonzero(np.isinf(adjusted(logits, history=history, no_repeat_ngram_size=1))).tolist() == [1, 2, 3, 5]
+    assert not np.isinf(adjusted(logits, history=history, no_repeat_ngram_size=4)).any()  # "5 1 2" is new
+    assert not np.isinf(adjusted(logits, history=[1, 2], no_repeat_ngram_size=3)).any()  # shorter than n
+
+
+def test_bad_words_ban_their_last_token_after_the_rest_of_them():
+    """Hugging Face's bad_words_ids: a one-token word is always banned; a longer one's last token
+    where the text ends with its others."""
+    logits = np.zeros(8)
+    words = [[5, NO_TOKEN, NO_TOKEN], [2, 3, NO_TOKEN], [1, 2, 7]]
+    assert np.flatnonzero(np.isinf(adjusted(logits, history=[4, 1, 2], bad_words=words))).tolist() == [3, 5, 7]
+    assert np.flatnonzero(np.isinf(adjusted(logits, history=[4, 2], bad_words=words))).tolist() == [3, 5]
+    assert np.flatnonzero(np.isinf(adjusted(logits, history=[2, 4], bad_words=words))).tolist() == [5]
+
+
+def test_logit_bias_adds_to_its_tokens():
+    got = adjusted([1.0, 2.0, 3.0], bias_tokens=[2, 0, NO_TOKEN], bias_values=[-100.0, 0.5, 9.0])
+    np.testing.assert_allclose(got, [1.5, 2.0, -97.0])
+
+
+def test_min_p_keeps_tokens_of_at_least_min_p_times_the_top_probability():
+    """Probabilities 0.4, 0.2, 0.2, 0.1, 0.1 (from logs): min_p 0.5 keeps those of 0.2 and up (a tie
+    at the cut is kept), 0.51 only the top one; 0.25 keeps all (a tie again)."""
+    logits = tf.constant([np.log([0.1, 0.4, 0.2, 0.1, 0.2])], tf.float32)
+    for min_p, kept in [(0.5, [1, 2, 4]), (0.51, [1]), (0.26, [1, 2, 4]), (0.25, [0, 1, 2, 3, 4])]:
+        assert np.flatnonzero(np.isfinite(min_p_filter(logits, tf.constant([min_p]))[0])).tolist() == kept, min_p
+
+
+def test_top_logprobs_are_the_log_softmax_s_largest_most_likely_first():
+    rows = hard_rows()[:12]
+    values, tokens, logprobs = tf.function(lambda x: top_logprobs(x, 20), jit_compile=True)(tf.constant(rows))
+    want = rows.astype(np.float64) - np.log(np.exp(rows - rows.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - rows.max(-1, keepdims=True)
+    for row, row_values, row_tokens in zip(want, values.numpy(), tokens.numpy()):
+        np.testing.assert_allclose(row_values, np.sort(row)[::-1][:20], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(row[row_tokens], row_values, rtol=1e-5, atol=1e-5)
+        assert (np.diff(row_values) <= 0).all() and len(set(row_tokens.tolist())) == 20

@@ -10,15 +10,16 @@
 The command-line scripts are thin callers of this module.
 """
 import collections
-import itertools
 import os
 import sys
+from typing import List, NamedTuple, Tuple
 
 import numpy as np
 
 from . import tensorflow_start  # noqa: F401  (first: TensorFlow starts quietly, with its compilation cache)
-from .arguments import (GENERATION_STRATEGIES, ArgumentError, check_first_sample, check_generation, check_path,
-                        check_sampling, check_seed, check_stop, check_text, new_seed, whole)
+from .arguments import (GENERATION_STRATEGIES, ArgumentError, check_controls, check_first_sample, check_generation,
+                        check_path, check_sampling, check_seed, check_stop, check_text, check_token_ids, new_seed,
+                        whole)
 from .checkpoint import save_model
 from .weights import load_params
 from .decode import XlaEngine, decoding_memory, replicated
@@ -137,7 +138,9 @@ class GPT2:
                             f"only the prompt's last {room} tokens", "length", "truncate_prompt")
 
     def generate(self, prompt="", length=None, *, temperature=1.0, top_k=0, top_p=1.0, seed=None, nsamples=1,
-                 batch_size=1, stop=None, truncate_prompt=False, ignore_eot=False, first_sample=0):
+                 batch_size=1, stop=None, truncate_prompt=False, ignore_eot=False, first_sample=0, min_p=0.0,
+                 repetition_penalty=1.0, repeat_last_n=0, presence_penalty=0.0, frequency_penalty=0.0,
+                 no_repeat_ngram_size=0, logit_bias=None, bad_words=None, logprobs=None):
         """`nsamples` continuations of `prompt` (a str; "" for unconditional text), as a list of str.
 
         A list of prompts gives a list with one such list per prompt; prompts of different lengths
@@ -147,11 +150,19 @@ class GPT2:
         `first_sample` starts the numbering elsewhere. `batch_size`: rows computed at once.
         `stop`: a string or list of strings that ends a sample (not included). A sample also ends
         at <|endoftext|> unless `ignore_eot`.
+        `min_p`, `repetition_penalty`, `repeat_last_n`, `presence_penalty`, `frequency_penalty`,
+        `no_repeat_ngram_size`, `logit_bias` ({token id: bias}) and `bad_words` (strings never
+        generated): see docs/commands.md, which says in which order the rules apply.
+        `logprobs=N` (0 to 20): each sample is a Sample instead of a str, with its tokens, their
+        log-probabilities under the model's own distribution (before temperature, penalties and
+        filters) and each token's N most likely alternatives with theirs.
         """
         prompts = check_prompts(prompt)
         whole("nsamples", nsamples, 1)
         whole("batch_size", batch_size, 1)
-        flags = self._sampling_flags(length, temperature, top_k, top_p, seed, first_sample, stop)
+        flags = self._sampling_flags(length, temperature, top_k, top_p, seed, first_sample, stop, check_controls(
+            min_p, repetition_penalty, repeat_last_n, presence_penalty, frequency_penalty, no_repeat_ngram_size,
+            logit_bias, bad_words, logprobs))
         length = self.sample_length(length, prompts[0])
         rows = [(p, self.context(p, length, truncate_prompt)) for p in prompts for _ in range(nsamples)]
         replicas = self.strategy.num_replicas_in_sync  # each takes an equal share of a batch's rows
@@ -161,25 +172,37 @@ class GPT2:
         requests = [Request(context, length, self._settings(flags, first_sample + i, ignore_eot))
                     for i, context in enumerate(contexts)]
         streams = [TextStream(self.encoder, flags["stop"], self._stop_token(ignore_eot)) for _ in rows]
+        samples = [Sample("", [], [], []) for _ in rows]
         # The rows take turns in batch_size rows: a row that ends makes room for the next at once.
         engine = self.engine(min(batch_size, len(rows)), contexts[0][:shared_prefix_length(contexts)])
         for made in decode_requests(engine, requests, chunk_size=BATCH_CHUNK,
                                     is_finished=lambda index: streams[index].finished):
             streams[made.index].feed(made.tokens)
+            if made.logprobs:
+                self._add_logprobs(samples[made.index], made, ignore_eot)
         texts = [s.finish() for s in streams]
+        if flags["controls"].logprobs is not None:
+            texts = [sample._replace(text=text) for sample, text in zip(samples, texts)]
         if isinstance(prompt, str):
             return texts
         return [texts[i * nsamples:(i + 1) * nsamples] for i in range(len(prompts))]
 
     def stream(self, prompt="", length=None, *, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=None,
-               truncate_prompt=False, ignore_eot=False, first_sample=0):
+               truncate_prompt=False, ignore_eot=False, first_sample=0, min_p=0.0, repetition_penalty=1.0,
+               repeat_last_n=0, presence_penalty=0.0, frequency_penalty=0.0, no_repeat_ngram_size=0, logit_bias=None,
+               bad_words=None, logprobs=None):
         """One sample of `prompt`, yielded as pieces of text while it is generated.
 
         Pieces are whole characters, and text that may be the start of a `stop` string is held
-        back until it is clear. Flags as for `generate`. Stop iterating to stop generating.
+        back until it is clear. Flags as for `generate`. Stop iterating to stop generating. With
+        `logprobs=N`, each piece is a Sample: its text (perhaps "", while text is held back) and
+        the tokens that came with it, with their log-probabilities.
         """
         [prompt] = check_prompts(prompt, several=False)
-        flags = self._sampling_flags(length, temperature, top_k, top_p, seed, first_sample, stop)
+        flags = self._sampling_flags(length, temperature, top_k, top_p, seed, first_sample, stop, check_controls(
+            min_p, repetition_penalty, repeat_last_n, presence_penalty, frequency_penalty, no_repeat_ngram_size,
+            logit_bias, bad_words, logprobs))
+        with_logprobs = flags["controls"].logprobs is not None
         length = self.sample_length(length, prompt)
         context = self.context(prompt, length, truncate_prompt)
         text_stream = TextStream(self.encoder, flags["stop"], self._stop_token(ignore_eot))
@@ -188,26 +211,58 @@ class GPT2:
         # or reads it from the compilation cache, and the text then flows without a pause.
         for made in decode_requests(self.engine(1, context[:-1]), [request], chunk_seconds=STREAM_SECONDS):
             piece = text_stream.feed(made.tokens)
-            if piece:
+            if with_logprobs:
+                yield self._add_logprobs(Sample(piece, [], [], []), made, ignore_eot)
+            elif piece:
                 yield piece
             if text_stream.finished:
                 break
         piece = text_stream.finish(pending_only=True)
         if piece:
-            yield piece
+            yield Sample(piece, [], [], []) if with_logprobs else piece
 
-    @staticmethod
-    def _sampling_flags(length, temperature, top_k, top_p, seed, first_sample, stop):
-        """The sampling arguments, checked; a fresh seed for None."""
+    def _sampling_flags(self, length, temperature, top_k, top_p, seed, first_sample, stop, controls):
+        """The sampling arguments, checked (`controls`: check_controls' Controls); a fresh seed for None."""
         check_sampling(length, temperature, top_k, top_p)
         check_first_sample(first_sample)
+        check_token_ids(controls.logit_bias, self.hparams.n_vocab)
         seed = check_seed(seed)
         return dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=new_seed() if seed is None else seed,
-                    stop=check_stop(stop))
+                    stop=check_stop(stop), controls=controls)
 
     def _settings(self, flags, sample, ignore_eot):
+        controls = flags["controls"]
         return Settings(temperature=flags["temperature"], top_k=flags["top_k"], top_p=flags["top_p"],
-                        seed=flags["seed"], sample=sample, stop_token=self._stop_token(ignore_eot))
+                        seed=flags["seed"], sample=sample, stop_token=self._stop_token(ignore_eot),
+                        min_p=controls.min_p, repetition_penalty=controls.repetition_penalty,
+                        repeat_last_n=controls.repeat_last_n, presence_penalty=controls.presence_penalty,
+                        frequency_penalty=controls.frequency_penalty,
+                        no_repeat_ngram_size=controls.no_repeat_ngram_size,
+                        logit_bias=tuple(sorted(controls.logit_bias.items())),
+                        bad_words=self.bad_word_tokens(controls.bad_words), logprobs=controls.logprobs)
+
+    def bad_word_tokens(self, words):
+        """The token sequences of `words` that the rows never complete: each word's, and, for a word
+        that does not start with a space, those of the word after a space (" word"), as it is
+        written within a text. Other spellings of a word in tokens are not banned (as in Hugging
+        Face's bad_words_ids)."""
+        sequences = []
+        for word in words:
+            for spelling in [word] if word.startswith(" ") else [word, " " + word]:
+                tokens = tuple(self.encode(spelling))
+                if tokens not in sequences:
+                    sequences.append(tokens)
+        return tuple(sequences)
+
+    def _add_logprobs(self, sample, made, ignore_eot):
+        """`sample` with made's tokens (its stop token left out) and their log-probabilities added."""
+        n = len(made.tokens) - (made.ended and made.tokens[-1] == self._stop_token(ignore_eot))
+        sample.tokens.extend(int(t) for t in made.tokens[:n])
+        sample.logprobs.extend(float(v) for v in made.logprobs.chosen[:n])
+        sample.top_logprobs.extend([(int(t), float(v)) for t, v in zip(tokens, values)]
+                                   for tokens, values in zip(made.logprobs.top_tokens[:n],
+                                                             made.logprobs.top_logprobs[:n]))
+        return sample
 
     def engine(self, rows, prefix=()):
         """A gpt2.engine engine of `rows` rows on this model's weights, spread over the strategy's
@@ -346,6 +401,14 @@ def check_prompts(prompt, several=True, name="prompt"):
         return list(prompt)
     raise ArgumentError(f"{{{name}}} must be a string{' or a non-empty list of strings' if several else ''}, "
                         f"not {prompt!r}", name)
+
+
+class Sample(NamedTuple):
+    """A sample (or, from `stream`, a piece of one) with its tokens' log-probabilities (logprobs=N)."""
+    text: str
+    tokens: List[int]  # the tokens made, its stop token left out (a stop string's may be among them)
+    logprobs: List[float]  # each token's log-probability, under the model's own distribution
+    top_logprobs: List[List[Tuple[int, float]]]  # each token's N most likely alternatives: (token, log-probability)
 
 
 class TextStream:

@@ -7,6 +7,7 @@ loads anything, and shows each name as its flag (`top_p` becomes `--top_p`) thro
 import numbers
 import os
 import random
+from typing import NamedTuple
 
 from .errors import GPT2Error
 
@@ -84,17 +85,89 @@ def new_seed():
 
 
 def check_stop(stop):
-    """`stop` as a list of strings: None, a string, or a list of them, none empty (an empty one
-    would end every sample before its first character)."""
-    if stop is None:
+    """`stop` as a list of strings (an empty one would end every sample before its first character)."""
+    return strings("stop", stop, "text that ends a sample")
+
+
+def strings(name, value, meaning):
+    """`value` as a list of strings: None, a string, or a list of them, none empty (`meaning`: what each is)."""
+    if value is None:
         return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-        raise must("stop", "a string or a list of strings", stop)
-    if not all(stop):
-        raise must("stop", "text that ends a sample, never an empty string", stop)
-    return list(stop)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
+        raise must(name, "a string or a list of strings", value)
+    if not all(value):
+        raise must(name, f"{meaning}, never an empty string", value)
+    return list(value)
+
+
+class Controls(NamedTuple):
+    """The sampling controls besides temperature, top_k and top_p, as check_controls returns them (what each
+    does, and in which order they apply: docs/commands.md)."""
+    min_p: float
+    repetition_penalty: float
+    repeat_last_n: int
+    presence_penalty: float
+    frequency_penalty: float
+    no_repeat_ngram_size: int
+    logit_bias: dict  # {token id: bias}, {} for none
+    bad_words: list  # of non-empty strings, [] for none
+    logprobs: object  # None (off) or a whole number from 0 to 20
+
+
+def check_controls(min_p=0.0, repetition_penalty=1.0, repeat_last_n=0, presence_penalty=0.0, frequency_penalty=0.0,
+                   no_repeat_ngram_size=0, logit_bias=None, bad_words=None, logprobs=None):
+    """The controls, checked, as Controls of Python ints, floats, a dict and a list; each default turns its
+    control off. Token ids in logit_bias may be strings of digits (JSON's keys); check_token_ids checks them
+    against a model's vocabulary."""
+    if not is_real(min_p) or not 0 <= min_p < 1:
+        raise must("min_p", "a number in [0, 1) (0 turns it off)", min_p)
+    if not is_real(repetition_penalty) or not 0 < repetition_penalty < float("inf"):
+        raise must("repetition_penalty", "a number > 0 (1 turns it off)", repetition_penalty)
+    if not is_whole(repeat_last_n) or repeat_last_n < 0:
+        raise must("repeat_last_n", "a whole number >= 0 (0: the whole text)", repeat_last_n)
+    for name, penalty in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not is_real(penalty) or not -2 <= penalty <= 2:
+            raise must(name, "a number from -2 to 2 (0 turns it off)", penalty)
+    if not is_whole(no_repeat_ngram_size) or no_repeat_ngram_size < 0:
+        raise must("no_repeat_ngram_size", "a whole number >= 0 (0 turns it off)", no_repeat_ngram_size)
+    if logprobs is not None and not (is_whole(logprobs) and 0 <= logprobs <= 20):
+        raise must("logprobs", "a whole number from 0 to 20 (the likeliest tokens shown besides each token)", logprobs)
+    return Controls(float(min_p), float(repetition_penalty), int(repeat_last_n), float(presence_penalty),
+                    float(frequency_penalty), int(no_repeat_ngram_size), check_logit_bias(logit_bias),
+                    strings("bad_words", bad_words, "text never generated"),
+                    None if logprobs is None else int(logprobs))
+
+
+def check_logit_bias(logit_bias):
+    """`logit_bias` as {int: float}: None, or a dict of token ids (whole numbers >= 0, or their digits as a string)
+    to biases from -100 to 100."""
+    if logit_bias is None:
+        return {}
+    if not isinstance(logit_bias, dict):
+        raise must("logit_bias", "a dict of token ids to biases, such as {50256: -100}", logit_bias)
+    checked = {}
+    for key, bias in logit_bias.items():
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+        if not is_whole(token) or token < 0:
+            raise ArgumentError(f"token ids in {{logit_bias}} must be whole numbers >= 0, not {key!r}", "logit_bias")
+        if not is_real(bias) or not -100 <= bias <= 100:
+            raise ArgumentError(f"biases in {{logit_bias}} must be numbers from -100 to 100, not {bias!r} (token "
+                                f"{token})", "logit_bias")
+        if token in checked:  # given as 5 and as "5"
+            raise ArgumentError(f"{{logit_bias}} names token {token} twice: give it one bias", "logit_bias")
+        checked[int(token)] = float(bias)
+    return checked
+
+
+def check_token_ids(logit_bias, n_vocab):
+    """`logit_bias` as check_controls returns it, checked against a vocabulary of n_vocab tokens."""
+    for token in logit_bias:
+        if token >= n_vocab:
+            raise ArgumentError(f"{{logit_bias}} names token {token}, but the model has {n_vocab} tokens, 0 to "
+                                f"{n_vocab - 1}", "logit_bias")
+    return logit_bias
 
 
 def check_path(name, path):

@@ -37,8 +37,8 @@ import re  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
-from .arguments import (ArgumentError, check_dtype, check_generation, check_sampling, check_seed,  # noqa: E402
-                        check_stop, new_seed, whole)
+from .arguments import (ArgumentError, check_controls, check_dtype, check_generation, check_sampling,  # noqa: E402
+                        check_seed, check_stop, new_seed, whole)
 from .errors import GPT2Error, Interrupted  # noqa: E402
 from .folders import check_model_name, find_model_dir  # noqa: E402
 
@@ -59,8 +59,13 @@ class WriteFailed(GPT2Error):
 
 
 def check_flags(model_name, nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype,
-                strategy="one", unconditional=False):
-    """The seed to use (one for the whole run), after checking every flag; an ArgumentError names the first bad one."""
+                strategy="one", unconditional=False, **controls):
+    """After checking every flag (an ArgumentError names the first bad one): the seed to use (one for the whole
+    run), and the `controls` (check_controls' keywords) set away from their defaults, as generate's keywords.
+
+    A command passes on, and records, only these, so that a run or a record without them is as it was before
+    they existed. logprobs is not among them: it asks generate for more than text.
+    """
     check_model_name(model_name)
     whole("nsamples", nsamples, 0 if unconditional else 1)
     whole("batch_size", batch_size, 1)
@@ -68,10 +73,13 @@ def check_flags(model_name, nsamples, batch_size, seed, length, temperature, top
         raise ArgumentError(f"{{nsamples}} ({nsamples}) must be a multiple of {{batch_size}} ({batch_size})",
                             "nsamples", "batch_size")
     check_sampling(length, temperature, top_k, top_p)
+    controls, defaults = check_controls(**controls), check_controls()
     check_stop(stop)
     check_generation(dtype, strategy)
     seed = check_seed(seed)
-    return new_seed() if seed is None else seed
+    changed = {name: value for name, value, default in zip(controls._fields, controls, defaults)
+               if value != default and name != "logprobs"}
+    return (new_seed() if seed is None else seed), changed
 
 
 def check_shard(shard):
@@ -118,7 +126,8 @@ def read_prompt():
 
 def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, length=None, temperature=1, top_k=0,
                    top_p=1, models_dir=None, truncate_prompt=False, ignore_eot=False, stop=None, prompt_file=None,
-                   dtype="float32"):
+                   dtype="float32", min_p=0.0, repetition_penalty=1.0, repeat_last_n=0, presence_penalty=0.0,
+                   frequency_penalty=0.0, no_repeat_ngram_size=0, logit_bias=None, bad_words=None):
     """Continue each prompt typed (or piped) in, until end of input (Ctrl-D) or Ctrl-C at the prompt.
 
     model_name: 124M, 355M, 774M, 1558M, or a model folder in models_dir.
@@ -135,11 +144,22 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
     prompt_file: read the first prompt from this file, then go on with prompts from stdin.
     dtype: float32 (the checkpoint's), float16 / bfloat16: half the memory, faster on GPUs, or int8: a
     quarter of the memory and faster than float32 on a CPU (weights quantized as they load).
+    min_p: drop the tokens less likely than min_p times the likeliest one (after top_k, top_p); 0 turns it off.
+    repetition_penalty: make each token already in the text less likely (CTRL's rule; 1.2 is common); 1: off.
+    repeat_last_n: only the text's last n tokens count for repetition_penalty; 0: the whole text.
+    presence_penalty, frequency_penalty: from -2 to 2, taken off the logit of each token the sample has
+    used, once / once per use (OpenAI's); 0 turns them off.
+    no_repeat_ngram_size: n: never repeat a sequence of n tokens of the text; 0 turns it off.
+    logit_bias: {token id: bias}, biases from -100 to 100 added to the logits ({50256: -100}: no <|endoftext|>).
+    bad_words: a string, or a list of them, never generated.
 
     A prompt line that ends with a backslash continues on the next line. Ctrl-C while a sample is
     being written stops that sample and returns to the prompt.
     """
-    seed = check_flags(model_name, nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype)
+    seed, controls = check_flags(model_name, nsamples, batch_size, seed, length, temperature, top_k, top_p, stop,
+                                 dtype, min_p=min_p, repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n,
+                                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                 no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=logit_bias, bad_words=bad_words)
     first_prompt = None
     if prompt_file is not None:
         try:
@@ -155,7 +175,7 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
         except ImportError:
             pass
     flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-                 truncate_prompt=truncate_prompt, ignore_eot=ignore_eot)
+                 truncate_prompt=truncate_prompt, ignore_eot=ignore_eot, **controls)
     next_sample = 0  # samples are numbered on across prompts, so a repeated prompt gets new ones
     while True:
         try:
@@ -196,7 +216,8 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
 
 def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=None, temperature=1, top_k=0,
                  top_p=1, models_dir=None, output=None, ignore_eot=False, stop=None, dtype="float32", shard=None,
-                 strategy="one"):
+                 strategy="one", min_p=0.0, repetition_penalty=1.0, repeat_last_n=0, presence_penalty=0.0,
+                 frequency_penalty=0.0, no_repeat_ngram_size=0, logit_bias=None, bad_words=None, logprobs=None):
     """Write unconditional samples (text that starts from <|endoftext|>) to stdout.
 
     nsamples: how many samples; 0 goes on until Ctrl-C. length: new tokens per sample;
@@ -211,33 +232,46 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
     order (docs/devices.md).
     strategy: the devices that share each batch: one (the default device), mirrored (all of this
     machine's GPUs), auto (mirrored where there are several GPUs). Samples are the same texts.
+    logprobs: N from 0 to 20, with --output x.jsonl: each record also holds its tokens, their
+    log-probabilities and, for each, the N likeliest tokens with theirs.
     """
-    seed = check_flags(model_name, nsamples, batch_size, seed, length, temperature, top_k, top_p, stop, dtype,
-                       strategy, unconditional=True)
+    seed, controls = check_flags(model_name, nsamples, batch_size, seed, length, temperature, top_k, top_p, stop,
+                                 dtype, strategy, unconditional=True, min_p=min_p,
+                                 repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n,
+                                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                 no_repeat_ngram_size=no_repeat_ngram_size, logit_bias=logit_bias, bad_words=bad_words,
+                                 logprobs=logprobs)
+    as_jsonl = str(output).endswith(".jsonl")
+    if logprobs is not None and not as_jsonl:
+        raise ArgumentError("{logprobs} needs {output} FILE.jsonl, whose records hold the log-probabilities",
+                            "logprobs", "output")
     shard_index, shards = check_shard(shard)
     model = load_model(model_name, models_dir, dtype, strategy)
     length = model.sample_length(length, prompt="")
-    flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eot=ignore_eot)
+    flags = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop, ignore_eot=ignore_eot,
+                 **controls)
     out_file = OutputFile(output) if output else None
-    as_jsonl = str(output).endswith(".jsonl")
     batches = range(shard_index, nsamples // batch_size if nsamples else sys.maxsize, shards)  # this shard's
     progress = tqdm(total=len(batches) * batch_size if nsamples else None, unit="sample", disable=out_file is None,
                     file=sys.stderr)
     generated = 0  # by this process
     try:
         for first in (b * batch_size for b in batches):
-            texts = model.generate("", length, nsamples=batch_size, batch_size=batch_size, first_sample=first,
-                                   **flags)
-            for number, text in enumerate(texts, first + 1):
+            samples = model.generate("", length, nsamples=batch_size, batch_size=batch_size, first_sample=first,
+                                     logprobs=logprobs, **flags)
+            for number, sample in enumerate(samples, first + 1):
+                text = sample if logprobs is None else sample.text  # with logprobs, a gpt2.api.Sample
                 shown = banner(number) + "\n" + text + "\n"
                 with writing(f"{generated} complete samples"):
                     print(shown, end="", flush=True)
-                    if out_file:
-                        record = json.dumps({"number": number, "text": text, "sample_index": number - 1,
-                                             "model_name": str(model_name), "dtype": dtype, "length": length,
-                                             **flags},
-                                            ensure_ascii=False) + "\n" if as_jsonl else shown
-                        out_file.write(record.encode("utf-8"))
+                    if out_file and as_jsonl:
+                        record = {"number": number, "text": text, "sample_index": number - 1,
+                                  "model_name": str(model_name), "dtype": dtype, "length": length, **flags}
+                        if logprobs is not None:
+                            record.update(logprob_fields(sample))
+                        out_file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+                    elif out_file:
+                        out_file.write(shown.encode("utf-8"))
                 generated += 1
                 progress.update(1)
     except KeyboardInterrupt as e:
@@ -246,6 +280,15 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
         progress.close()
         if out_file:
             out_file.close()
+
+
+def logprob_fields(sample):
+    """A gpt2.api.Sample's tokens, their log-probabilities and each one's likeliest tokens with theirs
+    ([token, log-probability] pairs, the likeliest first), as a record of --output x.jsonl holds them."""
+    return {"tokens": [int(token) for token in sample.tokens],
+            "logprobs": [float(logprob) for logprob in sample.logprobs],
+            "top_logprobs": [[[int(token), float(logprob)] for token, logprob in likeliest]
+                             for likeliest in sample.top_logprobs]}
 
 
 def score_files(*files, model_name="124M", models_dir=None, stride=None, batch_size=1, output=None, dtype="float32"):

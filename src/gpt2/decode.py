@@ -17,9 +17,9 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from .engine import Engine, Rows, bucket
+from .engine import Engine, Logprobs, Rows, bucket
 from .model import LayerCache, SharedPrefix, empty_cache, forward_cached, logits
-from .sampling import Draws, choose
+from .sampling import MAX_LOGPROBS, Adjustments, Draws, adjust, choose, top_logprobs
 from .tensorflow_start import compiled
 
 
@@ -41,7 +41,7 @@ class XlaEngine(Engine):
         with self.placed():
             self.shared = self.run_prefix() if self.prefix else None
             self.state = State(empty_cache(hparams, rows, bucket(1, hparams.n_ctx), self.dtype),
-                               self.tensors(Rows.empty(rows)))
+                               self.tensors(Rows.empty(rows, hparams.n_ctx)))
 
     def placed(self):
         return tf.device(self.device) if self.device else contextlib.nullcontext()
@@ -63,8 +63,7 @@ class XlaEngine(Engine):
     def _admit(self, rows, requests):
         n_prefix, hparams = len(self.prefix), self.hparams
         own = [list(request.tokens)[n_prefix:] for request in requests]  # each has its last prompt token at least
-        values = self.rows_now()
-        values.admit(rows, own, requests, hparams.n_vocab)
+        values = self.rows_now().admitted(rows, n_prefix, requests, hparams.n_vocab)
         live = values.left > 0  # the rows just admitted among them
         cache_len = max(self.cache_len(), bucket(int((values.pos + values.left)[live].max()), hparams.n_ctx - n_prefix))
         with self.placed():
@@ -92,10 +91,14 @@ class XlaEngine(Engine):
             self.state = State(cache, self.tensors(values))
 
     def _step(self, n):
+        logprobs = bool(self.logprobs)  # only a loop of its own computes them
         with self.placed():
             self.state, out, steps = _advance(self.params, self.shared, self.state,
-                                              tf.constant(min(n, self.cache_len())), hparams=self.hparams)
-        return out.numpy()[:, :int(steps)], self.state.rows.left.numpy() > 0
+                                              tf.constant(min(n, self.cache_len())), hparams=self.hparams,
+                                              logprobs=logprobs)
+        steps = int(steps)
+        made = Logprobs(*(values.numpy()[:, :steps] for values in out[1:])) if logprobs else None
+        return out.tokens.numpy()[:, :steps], self.state.rows.left.numpy() > 0, made
 
     def rows_now(self):
         """The rows' values, as NumPy arrays to change."""
@@ -158,16 +161,26 @@ def replicated(params, strategy):
 # autograph=False here and on gpt2's other compiled functions: their loops and branches are
 # tf.while_loop and tf.cond already, and autograph's rewriting of every function they call was
 # most of the decoding loop's tracing time.
+class Out(NamedTuple):
+    """What a compiled call made: column i holds step i's (tokens -1 for rows not live)."""
+    tokens: tf.Tensor  # [rows, cache_len] int32
+    chosen: tf.Tensor  # [rows, cache_len] float32: each token's log-probability ...
+    top_tokens: tf.Tensor  # [rows, cache_len, MAX_LOGPROBS] int32: ... and the most likely tokens' ...
+    top_logprobs: tf.Tensor  # [rows, cache_len, MAX_LOGPROBS] float32 (all three empty without logprobs)
+
+
 @raises_ctrl_c
 @compiled(jit_compile=True)
-def _advance(params, shared, state, n_steps, *, hparams):
-    """Up to n_steps more tokens for every live row of `state`, fewer once all rows have ended.
+def _advance(params, shared, state, n_steps, *, hparams, logprobs):
+    """Up to n_steps more tokens for every live row of `state`, fewer once all rows have ended;
+    with `logprobs`, their log-probabilities too.
 
-    Returns the new State, the tokens [rows, cache_len] (column i: step i's, -1 for rows not
-    live) and how many steps it took.
+    Returns the new State, the Out and how many steps it took.
     """
     n_rows, cache_len = tf.shape(state.rows.token)[0], state.cache[0].keys.shape[2]
-    out = tf.fill([n_rows, cache_len], -1)
+    width = cache_len if logprobs else 0
+    out = Out(tf.fill([n_rows, cache_len], -1), tf.zeros([n_rows, width]),
+              tf.zeros([n_rows, width, MAX_LOGPROBS], tf.int32), tf.zeros([n_rows, width, MAX_LOGPROBS]))
 
     def body(i, state, out):
         rows = state.rows
@@ -175,16 +188,28 @@ def _advance(params, shared, state, n_steps, *, hparams):
         # Rows not live are fed too (the batch has one shape), into a slot of their own that no live query sees.
         h, cache = forward_cached(params, hparams, rows.token[:, None], state.cache,
                                   tf.minimum(rows.pos, cache_len - 1), shared)
-        token = choose(logits(params, h[:, -1]),
-                       Draws(rows.row_seeds, rows.made, rows.temperature, rows.top_k, rows.top_p))
+        next_logits = logits(params, h[:, -1])
+        adjusted = adjust(next_logits, Adjustments(*(getattr(rows, name) for name in Adjustments._fields)))
+        token = choose(adjusted, Draws(rows.row_seeds, rows.made, rows.temperature, rows.top_k, rows.top_p,
+                                       rows.min_p))
         token = tf.where(live, token, -1)
         stepped = tf.cast(live, tf.int32)
         left = tf.where(token == rows.stop_token, 0, rows.left - stepped)
+        text_end = tf.stack([tf.range(n_rows), tf.minimum(rows.text_len, rows.history.shape[1] - 1)], axis=-1)
         rows = rows._replace(token=tf.where(live, token, rows.token), pos=rows.pos + stepped,
                              made=rows.made + stepped, left=left,
-                             temperature=tf.where(left > 0, rows.temperature, 0.0))
+                             temperature=tf.where(left > 0, rows.temperature, 0.0),
+                             history=tf.tensor_scatter_nd_update(rows.history, text_end,
+                                                                 tf.where(live, token, rows.token)),
+                             text_len=rows.text_len + stepped)
         column = tf.stack([tf.range(n_rows), tf.fill([n_rows], i)], axis=-1)
-        return i + 1, State(cache, rows), tf.tensor_scatter_nd_update(out, column, token)
+        made = [token]
+        if logprobs:
+            top_values, top_tokens, all_logprobs = top_logprobs(next_logits, MAX_LOGPROBS)
+            made += [tf.gather(all_logprobs, tf.maximum(token, 0), batch_dims=1), top_tokens, top_values]
+        out = Out(*(tf.tensor_scatter_nd_update(to, column, new) for to, new in zip(out, made)),
+                  *out[len(made):])
+        return i + 1, State(cache, rows), out
 
     steps, state, out = tf.while_loop(lambda i, state, out: (i < n_steps) & tf.reduce_any(state.rows.left > 0),
                                       body, (tf.constant(0), state, out))

@@ -38,15 +38,26 @@ from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 
+from .sampling import NO_TOKEN
+
 
 class Settings(NamedTuple):
-    """How a row draws its tokens (see gpt2.sampling)."""
+    """How a row chooses its tokens (gpt2.sampling has the rules and their order)."""
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: every token
     top_p: float = 1.0  # 1: every token
     seed: int = 0
     sample: int = 0  # the sample number: the row's draws are keyed by (seed, sample, step)
     stop_token: Optional[int] = None  # the row ends once it draws it
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off
+    repeat_last_n: int = 0  # the text's last tokens that repetition_penalty counts; 0: all
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0  # 0: off
+    logit_bias: tuple = ()  # (token, bias) pairs; a bias of -inf bans the token
+    bad_words: tuple = ()  # token sequences that the row never completes
+    logprobs: Optional[int] = None  # how many alternatives of each token to return with its log-probability
 
 
 class Request(NamedTuple):
@@ -56,10 +67,18 @@ class Request(NamedTuple):
     settings: Settings
 
 
+class Logprobs(NamedTuple):
+    """The log-probabilities of a row's new tokens under the model's own distribution (before any rule)."""
+    chosen: np.ndarray  # [k] float32: each new token's
+    top_tokens: np.ndarray  # [k, n] int32: the n most likely tokens at each step, most likely first
+    top_logprobs: np.ndarray  # [k, n] float32: theirs
+
+
 class Step(NamedTuple):
     """What a step made."""
     tokens: Dict[int, np.ndarray]  # row -> its new tokens (int32), for every row that was live
     ended: List[int]  # the rows that ended in this step: each drew its stop token or made its tokens
+    logprobs: Dict[int, Logprobs] = {}  # for the rows that asked for them
 
 
 class Rows(NamedTuple):
@@ -73,31 +92,87 @@ class Rows(NamedTuple):
     temperature: np.ndarray  # float32; 0: greedy (an ended or free row draws greedily: no work for the rules)
     top_k: np.ndarray  # int32; 0: every token
     top_p: np.ndarray  # float32
+    min_p: np.ndarray  # float32
     stop_token: np.ndarray  # int32; -1: none
+    logprobs: np.ndarray  # int32: alternatives to return; -1: no log-probabilities
+    # What gpt2.sampling.adjust reads (its Adjustments):
+    history: np.ndarray  # [rows, n_ctx + 1] int32: the row's text, prompt then sample
+    text_len: np.ndarray  # int32
+    prompt_len: np.ndarray  # int32
+    bias_tokens: np.ndarray  # [rows, B] int32 (NO_TOKEN: none)
+    bias_values: np.ndarray  # [rows, B] float32
+    bad_words: np.ndarray  # [rows, W, L] int32 (NO_TOKEN after each word)
+    no_repeat_ngram_size: np.ndarray  # int32
+    repetition_penalty: np.ndarray  # float32
+    repeat_last_n: np.ndarray  # int32
+    presence_penalty: np.ndarray  # float32
+    frequency_penalty: np.ndarray  # float32
 
     @classmethod
-    def empty(cls, n):
-        """n free rows."""
-        return cls(np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32),
-                   np.zeros([n, 2], np.int64), np.zeros(n, np.float32), np.zeros(n, np.int32),
-                   np.ones(n, np.float32), np.full(n, -1, np.int32))
+    def empty(cls, n, n_ctx):
+        """n free rows of a model with a context of n_ctx tokens."""
+        zeros = lambda dtype: np.zeros(n, dtype)  # noqa: E731
+        return cls(token=zeros(np.int32), pos=zeros(np.int32), made=zeros(np.int32), left=zeros(np.int32),
+                   row_seeds=np.zeros([n, 2], np.int64), temperature=zeros(np.float32), top_k=zeros(np.int32),
+                   top_p=np.ones(n, np.float32), min_p=zeros(np.float32), stop_token=np.full(n, -1, np.int32),
+                   logprobs=np.full(n, -1, np.int32), history=np.zeros([n, n_ctx + 1], np.int32),
+                   text_len=zeros(np.int32), prompt_len=zeros(np.int32),
+                   bias_tokens=np.full([n, 1], NO_TOKEN, np.int32), bias_values=np.zeros([n, 1], np.float32),
+                   bad_words=np.full([n, 1, 1], NO_TOKEN, np.int32), no_repeat_ngram_size=zeros(np.int32),
+                   repetition_penalty=np.ones(n, np.float32), repeat_last_n=zeros(np.int32),
+                   presence_penalty=zeros(np.float32), frequency_penalty=zeros(np.float32))
 
     def copy(self):
         return Rows(*(np.array(values) for values in self))
 
-    def admit(self, rows, own_tokens, requests, n_vocab):
-        """Set `rows` to the requests', whose tokens after the engine's prefix are own_tokens: each
-        holds its last prompt token, to feed at its first step."""
-        for row, tokens, request in zip(rows, own_tokens, requests):
-            settings = request.settings
-            self.token[row], self.pos[row], self.made[row], self.left[row] = tokens[-1], len(tokens) - 1, 0, request.length
-            self.row_seeds[row] = settings.seed, settings.sample
-            self.temperature[row], self.top_k[row], self.top_p[row] = (
-                settings.temperature, min(settings.top_k, n_vocab), settings.top_p)
-            self.stop_token[row] = -1 if settings.stop_token is None else settings.stop_token
+    def admitted(self, rows, n_prefix, requests, n_vocab):
+        """These rows with `rows` set to the requests' (whose tokens start with n_prefix tokens that
+        the engine runs once for all rows): each holds its last prompt token, to feed at its first
+        step. The lists of logit_bias and bad words widen to the longest a row has (rounded up to
+        a power of two: a new width compiles the loop again)."""
+        most_bias = max([len(r.settings.logit_bias) for r in requests] + [self.bias_tokens.shape[1]])
+        most_words = max([len(r.settings.bad_words) for r in requests] + [self.bad_words.shape[1]])
+        longest_word = max([len(w) for r in requests for w in r.settings.bad_words] + [self.bad_words.shape[2]])
+        bias, words, longest = (1 << (n - 1).bit_length() for n in (most_bias, most_words, longest_word))
+        values = self._replace(
+            bias_tokens=widened(self.bias_tokens, [bias - self.bias_tokens.shape[1]], NO_TOKEN),
+            bias_values=widened(self.bias_values, [bias - self.bias_values.shape[1]], 0),
+            bad_words=widened(self.bad_words, [words - self.bad_words.shape[1], longest - self.bad_words.shape[2]],
+                              NO_TOKEN)).copy()
+        for row, request in zip(rows, requests):
+            tokens, settings = list(request.tokens), request.settings
+            values.token[row], values.pos[row], values.made[row] = tokens[-1], len(tokens) - 1 - n_prefix, 0
+            values.left[row] = request.length
+            values.row_seeds[row] = settings.seed, settings.sample
+            values.temperature[row], values.top_k[row] = settings.temperature, min(settings.top_k, n_vocab)
+            values.top_p[row], values.min_p[row] = settings.top_p, settings.min_p
+            values.stop_token[row] = -1 if settings.stop_token is None else settings.stop_token
+            values.logprobs[row] = -1 if settings.logprobs is None else settings.logprobs
+            values.history[row, :len(tokens)] = tokens
+            values.text_len[row] = values.prompt_len[row] = len(tokens)
+            values.bias_tokens[row], values.bias_values[row] = NO_TOKEN, 0
+            for i, (token, bias) in enumerate(settings.logit_bias):
+                values.bias_tokens[row, i], values.bias_values[row, i] = token, bias
+            values.bad_words[row] = NO_TOKEN
+            for i, word in enumerate(settings.bad_words):
+                values.bad_words[row, i, :len(word)] = word
+            values.no_repeat_ngram_size[row] = settings.no_repeat_ngram_size
+            values.repetition_penalty[row], values.repeat_last_n[row] = (settings.repetition_penalty,
+                                                                         settings.repeat_last_n)
+            values.presence_penalty[row] = settings.presence_penalty
+            values.frequency_penalty[row] = settings.frequency_penalty
+        return values
 
     def free(self, row):
-        self.left[row], self.temperature[row] = 0, 0
+        self.left[row], self.temperature[row], self.logprobs[row] = 0, 0, -1
+        self.no_repeat_ngram_size[row], self.repetition_penalty[row] = 0, 1
+        self.presence_penalty[row], self.frequency_penalty[row] = 0, 0
+        self.bias_tokens[row], self.bad_words[row] = NO_TOKEN, NO_TOKEN
+
+
+def widened(array, more, fill):
+    """`array` with `more` [per axis after the first] entries of `fill` added at the end of each axis."""
+    return np.pad(array, [(0, 0)] + [(0, n) for n in more], constant_values=fill)
 
 
 def shared_prefix_length(contexts):
@@ -127,8 +202,9 @@ def bucket(n, limit):
 class Engine:
     """The bookkeeping that every kind of engine shares: which rows are free, live or ended, and
     the lock. A kind implements `_admit(rows, requests)`, `_step(n)` (returning the new tokens
-    [rows, <= n], -1 where a row made none, and which rows are still live) and optionally
-    `_release(row)`."""
+    [rows, <= n], -1 where a row made none; which rows are still live; and, where a row asked for
+    them, the log-probabilities as a Logprobs of [rows, <= n] and [rows, <= n, MAX_LOGPROBS]
+    arrays, else None) and optionally `_release(row)`."""
 
     # Whether several steps in one call cost less than as many calls (a compiled loop): a stream
     # then asks for a fifth of a second's tokens a call, instead of one.
@@ -140,6 +216,7 @@ class Engine:
         self.hparams, self.rows, self.prefix = hparams, rows, list(prefix)
         self.free = list(range(rows))
         self.live = set()  # admitted rows that have not ended
+        self.logprobs = {}  # row -> how many alternatives it asked for, with the log-probabilities
         self.lock = threading.Lock()
 
     def admit(self, requests):
@@ -158,6 +235,8 @@ class Engine:
             rows, self.free = self.free[:len(requests)], self.free[len(requests):]
             self._admit(rows, requests)
             self.live.update(rows)
+            self.logprobs.update({row: request.settings.logprobs for row, request in zip(rows, requests)
+                                  if request.settings.logprobs is not None})
             return rows
 
     def step(self, n=1):
@@ -165,11 +244,15 @@ class Engine:
         with self.lock:
             if not self.live:
                 return Step({}, [])
-            out, live = self._step(n)
+            out, live, logprobs = self._step(n)
             tokens = {row: out[row][out[row] >= 0] for row in sorted(self.live)}
             ended = [row for row in sorted(self.live) if not live[row]]
+            asked = {row: Logprobs(logprobs.chosen[row][:len(tokens[row])],
+                                   logprobs.top_tokens[row][:len(tokens[row]), :n],
+                                   logprobs.top_logprobs[row][:len(tokens[row]), :n])
+                     for row, n in self.logprobs.items() if row in self.live} if logprobs else {}
             self.live.difference_update(ended)
-            return Step(tokens, ended)
+            return Step(tokens, ended, asked)
 
     def release(self, row):
         """Free `row` for another request, whether it ended or not."""
@@ -177,6 +260,7 @@ class Engine:
             if row in self.free or not 0 <= row < self.rows:
                 raise ValueError(f"row {row} is not admitted")
             self.live.discard(row)
+            self.logprobs.pop(row, None)
             self._release(row)
             self.free.append(row)
             self.free.sort()
@@ -222,8 +306,9 @@ class Replicas:
         steps = list(self.threads.map(lambda engine: engine.step(n), self.engines))
         back = {where: row for row, where in self.where.items()}
         tokens = {back[e, row]: made for e, step in enumerate(steps) for row, made in step.tokens.items()}
+        logprobs = {back[e, row]: made for e, step in enumerate(steps) for row, made in step.logprobs.items()}
         return Step(dict(sorted(tokens.items())), sorted(back[e, row] for e, step in enumerate(steps)
-                                                         for row in step.ended))
+                                                         for row in step.ended), logprobs)
 
     def release(self, row):
         e, engine_row = self.where.pop(row)
@@ -235,6 +320,7 @@ class Made(NamedTuple):
     index: int  # the request's place in the list
     tokens: np.ndarray  # int32
     ended: bool  # it drew its stop token (the last of `tokens`) or made its tokens
+    logprobs: Optional[Logprobs] = None  # where the request asked for them
 
 
 def decode_requests(engine, requests, *, chunk_size=None, chunk_seconds=None, is_finished=None):
@@ -276,7 +362,7 @@ def decode_requests(engine, requests, *, chunk_size=None, chunk_seconds=None, is
             for row, tokens in step.tokens.items():
                 index = running[row]
                 left[index] -= len(tokens)
-                yield Made(index, tokens, row in ended)
+                yield Made(index, tokens, row in ended, step.logprobs.get(row))
             for row in list(running):
                 if row in ended or is_finished is not None and is_finished(running[row]):
                     engine.release(row)

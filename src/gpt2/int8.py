@@ -45,8 +45,9 @@ import numpy as np
 import tensorflow as tf
 
 from . import numpy_sampling
-from .engine import Engine, Rows, bucket
+from .engine import Engine, Logprobs, Rows, bucket
 from .model import LayerCache, attention_weights, gelu, layer_norm, merge_heads, split_heads
+from .sampling import MAX_LOGPROBS, Adjustments
 from .storage import checked, file_checksum, with_checksum
 from .tensorflow_start import MIN_FREE_BYTES, abandoned, c_stderr_silenced, xla_cache_folder
 from .weights import read_weights, weight_files, weights_size
@@ -604,7 +605,7 @@ class Int8Engine(Engine):
         self.model = model
         hparams = model.hparams
         n_head, head_dim = hparams.n_head, hparams.n_embd // hparams.n_head
-        self.values = Rows.empty(rows)
+        self.values = Rows.empty(rows, hparams.n_ctx)
         # The rows' own caches while this engine is not bound (None while it is), and the prefix's
         # cache, which every row reads: a LayerCache per block.
         self.own = [LayerCache(np.zeros([rows, n_head, head_dim, bucket(1, hparams.n_ctx)], np.float32),
@@ -643,7 +644,7 @@ class Int8Engine(Engine):
     def _admit(self, rows, requests):
         model, n_prefix = self.model, len(self.prefix)
         own_tokens = [list(request.tokens)[n_prefix:] for request in requests]
-        self.values.admit(rows, own_tokens, requests, self.hparams.n_vocab)
+        self.values = self.values.admitted(rows, n_prefix, requests, self.hparams.n_vocab)
         with model.lock:
             self.unbind_all()
             # Room for the first step's token; steps grow the caches as the text does (a step reads
@@ -673,24 +674,34 @@ class Int8Engine(Engine):
     def _step(self, n):
         values, rows = self.values, np.arange(self.rows)
         out = np.full([self.rows, n], -1, np.int32)
+        made = Logprobs(np.zeros([self.rows, n], np.float32), np.zeros([self.rows, n, MAX_LOGPROBS], np.int32),
+                        np.zeros([self.rows, n, MAX_LOGPROBS], np.float32)) if self.logprobs else None
         with self.model.lock:
             self.bind()
             for i in range(n):
                 live = values.left > 0
                 if not live.any():
-                    return out[:, :i], live
+                    n = i
+                    break
                 next_logits = self.forward(values.token, values.pos, live)
-                token = numpy_sampling.choose(next_logits, values.made, values.row_seeds, values.temperature,
-                                              values.top_k, values.top_p)
+                adjusted = numpy_sampling.adjust(next_logits, *(getattr(values, name) for name in Adjustments._fields))
+                token = numpy_sampling.choose(adjusted, values.made, values.row_seeds, values.temperature,
+                                              values.top_k, values.top_p, values.min_p)
                 token = np.where(live, token, -1).astype(np.int32)
+                if made:
+                    top_values, top_tokens, logprobs = numpy_sampling.top_logprobs(next_logits, MAX_LOGPROBS)
+                    made.chosen[:, i] = logprobs[rows, np.maximum(token, 0)]
+                    made.top_tokens[:, i], made.top_logprobs[:, i] = top_tokens, top_values
                 stepped = live.astype(np.int32)
                 values.left[:] = np.where(token == values.stop_token, 0, values.left - stepped)
                 values.token[:] = np.where(live, token, values.token)
+                values.history[rows, np.minimum(values.text_len, values.history.shape[1] - 1)] = values.token
+                values.text_len[:] += stepped
                 values.pos[:] += stepped
                 values.made[:] += stepped
                 values.temperature[values.left == 0] = 0
-                out[rows, i] = token
-        return out, values.left > 0
+                out[:, i] = token
+        return out[:, :n], values.left > 0, made and Logprobs(*(array[:, :n] for array in made))
 
     def forward(self, tokens, pos, live):
         """Feed tokens [rows] into slots pos [rows] of the rows' own caches (bound): the logits

@@ -14,7 +14,7 @@ NumPy rules take less of a step (the timings are in docs/performance.md).
 """
 import numpy as np
 
-from .sampling import MIN_TEMPERATURE
+from .sampling import MIN_TEMPERATURE, NO_TOKEN
 
 _U64 = np.uint64
 
@@ -63,13 +63,14 @@ def nucleus_threshold(logits, p):
     return descending[min(block * SUM_BLOCK + min(within, SUM_BLOCK - 1), len(descending) - 1)]
 
 
-def choose(logits, steps, row_seeds, temperature, top_k, top_p):
+def choose(logits, steps, row_seeds, temperature, top_k, top_p, min_p=0.0):
     """Tokens [batch] int32 picked from logits [batch, n_vocab] by gpt2.sampling.choose's rules: row b
     at generation step steps[b] with its (seed, sample number) row_seeds[b] and its flags
-    temperature[b] (0: greedy), top_k[b] (0: all tokens) and top_p[b] (1: all tokens); each of
-    steps and the flags may also be one number for all rows."""
+    temperature[b] (0: greedy), top_k[b] (0: all tokens), top_p[b] (1: all tokens) and min_p[b] (0:
+    all tokens); each of steps and the flags may also be one number for all rows."""
     batch, n_vocab = logits.shape
-    steps, temperature, top_k, top_p = (np.broadcast_to(x, [batch]) for x in (steps, temperature, top_k, top_p))
+    steps, temperature, top_k, top_p, min_p = (np.broadcast_to(x, [batch])
+                                               for x in (steps, temperature, top_k, top_p, min_p))
     tokens = np.argmax(logits, axis=-1).astype(np.int32)
     for b in np.flatnonzero(temperature > 0):
         with np.errstate(over="ignore"):  # a tiny temperature makes large logits +-inf, as in the compiled rule
@@ -79,7 +80,53 @@ def choose(logits, steps, row_seeds, temperature, top_k, top_p):
             kept = row >= np.partition(row, -top_k[b])[-top_k[b]]  # ties with the k-th largest are kept
         if top_p[b] < 1:
             kept &= row >= nucleus_threshold(np.where(kept, row, np.float32(-np.inf)), top_p[b])
+        if min_p[b] > 0:  # as gpt2.sampling.min_p_filter, in float32
+            kept &= row - row[kept].max() >= np.log(np.float32(min_p[b]))
         candidates = np.flatnonzero(kept)  # in token order: the first of equal scores wins, as in choose
         scores = row[candidates] - np.log(-np.log(uniform_noise(row_seeds[b], steps[b], n_vocab, candidates)))
         tokens[b] = candidates[np.argmax(scores)]
     return tokens
+
+
+def adjust(logits, history, text_len, prompt_len, bias_tokens, bias_values, bad_words, no_repeat_ngram_size,
+           repetition_penalty, repeat_last_n, presence_penalty, frequency_penalty):
+    """gpt2.sampling.adjust's rules on logits [batch, n_vocab] (a new array), one row at a time; the
+    arguments are gpt2.sampling.Adjustments' fields, as arrays."""
+    logits = np.array(logits, np.float32)
+    for b, row in enumerate(logits):
+        words = [[int(t) for t in word if t != NO_TOKEN] for word in bad_words[b]]
+        n = no_repeat_ngram_size[b]
+        if not ((bias_tokens[b] != NO_TOKEN).any() or any(words) or n or repetition_penalty[b] != 1
+                or presence_penalty[b] or frequency_penalty[b]):
+            continue  # nothing to do: the text is not even read
+        text = history[b, :text_len[b]].tolist()
+        for token, bias in zip(bias_tokens[b], bias_values[b]):
+            if token != NO_TOKEN:
+                row[token] += bias
+        for word in words:
+            if word and (len(word) == 1 or text[len(text) - len(word) + 1:] == word[:-1]):
+                row[word[-1]] = -np.inf
+        if n:
+            last = text[len(text) - n + 1:] if n > 1 else []
+            for i in range(len(text) - n + 1):
+                if text[i:i + n - 1] == last:
+                    row[text[i + n - 1]] = -np.inf
+        if repetition_penalty[b] != 1:
+            window = text[len(text) - repeat_last_n[b]:] if 0 < repeat_last_n[b] < len(text) else text
+            seen = np.unique(np.array(window, np.int64))
+            penalty = np.float32(repetition_penalty[b])
+            row[seen] = np.where(row[seen] < 0, row[seen] * penalty, row[seen] / penalty)
+        if presence_penalty[b] or frequency_penalty[b]:
+            counts = np.bincount(np.array(text[prompt_len[b]:], np.int64), minlength=len(row)).astype(np.float32)
+            row[:] = row - np.float32(presence_penalty[b]) * (counts > 0) - np.float32(frequency_penalty[b]) * counts
+    return logits
+
+
+def top_logprobs(logits, n):
+    """gpt2.sampling.top_logprobs in NumPy: (the log-probabilities [batch, n] of each row's n most
+    likely tokens, those tokens [batch, n], the whole rows' log-probabilities [batch, n_vocab])."""
+    logits = np.asarray(logits, np.float32)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    logprobs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
+    tokens = np.argsort(-logprobs, axis=-1, kind="stable")[:, :n].astype(np.int32)
+    return np.take_along_axis(logprobs, tokens, axis=-1), tokens, logprobs

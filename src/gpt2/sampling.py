@@ -1,9 +1,13 @@
 """How each token is chosen from the model's logits: the token rules, each testable without the model.
 
-Greedy argmax when temperature is 0; otherwise logits / temperature, cut to the top_k most likely
-tokens and to the top_p nucleus, then a draw with noise from a counter-based random stream keyed by
-(seed, sample number, step), so that the same seed and flags give the same samples, run after run,
-whatever the batch size or the chunks. gpt2.decode runs these rules inside its compiled loop, so
+The rules apply in this order (`adjust`, then `choose`), each row with its own flags:
+    logits -> logit_bias and banned tokens (bad words, repeated n-grams) -> repetition, presence
+    and frequency penalties -> [temperature 0: the most likely token] -> temperature -> top_k ->
+    top_p -> min_p -> a draw
+The draw takes noise from a counter-based random stream keyed by (seed, sample number, step), so
+that the same seed and flags give the same samples, run after run, whatever the batch size or
+the chunks. The log-probabilities a caller may ask for (`top_logprobs`) are the model's own,
+before any rule. gpt2.decode runs these rules inside its compiled loop, so
 none of them sorts the row of n_vocab logits: XLA does that slowly on the CPU.
 """
 from typing import NamedTuple
@@ -127,6 +131,140 @@ def float_of_ordered_bits(bits):
     return tf.bitcast(tf.where(bits < 0, bits ^ 0x7FFFFFFF, bits), tf.float32)
 
 
+def min_p_filter(logits, min_p):
+    """Logits [batch, columns] without the tokens whose probability is under min_p [batch] times the
+    row's most likely token's: those whose logit is below the largest by more than -log(min_p)."""
+    kept = logits - tf.reduce_max(logits, axis=-1, keepdims=True) >= tf.math.log(min_p)[:, None]
+    return tf.where(kept, logits, tf.constant(-np.inf, logits.dtype))
+
+
+NO_TOKEN = -1  # what fills up the rows of per-row token lists (logit_bias's tokens, bad words)
+
+
+class Adjustments(NamedTuple):
+    """What each row's logits are adjusted by before its token is chosen, [batch] each unless said."""
+    history: tf.Tensor  # [batch, H] int32: the row's text, its prompt then its sample; later slots unused
+    text_len: tf.Tensor  # int32: tokens in the history
+    prompt_len: tf.Tensor  # int32: the prompt's tokens among them
+    bias_tokens: tf.Tensor  # [batch, B] int32: logit_bias's tokens (NO_TOKEN: none) ...
+    bias_values: tf.Tensor  # [batch, B] float32: ... and their biases (-inf: a banned token)
+    bad_words: tf.Tensor  # [batch, W, L] int32: token sequences never to complete (NO_TOKEN after each)
+    no_repeat_ngram_size: tf.Tensor  # int32; 0: off
+    repetition_penalty: tf.Tensor  # float32; 1: off
+    repeat_last_n: tf.Tensor  # int32: the last tokens of the text that count for it; 0: all
+    presence_penalty: tf.Tensor  # float32; 0: off
+    frequency_penalty: tf.Tensor  # float32; 0: off
+
+
+def adjust(logits, a):
+    """Logits [batch, n_vocab] with each row's logit_bias added, its banned tokens at -inf, then its
+    repetition, presence and frequency penalties. A rule that no row uses does no work (tf.cond);
+    a row that does not use one is left as it is by it (a penalty of 1 or 0 changes no number)."""
+    n_vocab = logits.shape[1]
+    logits = tf.cond(tf.reduce_any(a.bias_tokens != NO_TOKEN),
+                     lambda: add_logit_bias(logits, a.bias_tokens, a.bias_values), lambda: logits)
+    logits = tf.cond(tf.reduce_any(a.bad_words != NO_TOKEN),
+                     lambda: ban(logits, bad_word_bans(a.history, a.text_len, a.bad_words, n_vocab)), lambda: logits)
+    logits = tf.cond(tf.reduce_any(a.no_repeat_ngram_size > 0),
+                     lambda: ban(logits, repeated_ngram_bans(a.history, a.text_len, a.no_repeat_ngram_size, n_vocab)),
+                     lambda: logits)
+    window_start = tf.where(a.repeat_last_n > 0, tf.maximum(a.text_len - a.repeat_last_n, 0), 0)
+    logits = tf.cond(tf.reduce_any(a.repetition_penalty != 1), lambda: penalize_repetition(
+        logits, text_counts(a.history, window_start, a.text_len, n_vocab) > 0, a.repetition_penalty), lambda: logits)
+    return tf.cond(tf.reduce_any((a.presence_penalty != 0) | (a.frequency_penalty != 0)), lambda: penalize_presence(
+        logits, text_counts(a.history, a.prompt_len, a.text_len, n_vocab), a.presence_penalty, a.frequency_penalty),
+        lambda: logits)
+
+
+def add_logit_bias(logits, tokens, values):
+    """Logits [batch, n_vocab] plus values [batch, B] at tokens [batch, B] (NO_TOKEN: nothing)."""
+    rows = tf.broadcast_to(tf.range(tf.shape(tokens)[0])[:, None], tf.shape(tokens))
+    index = tf.stack([rows, tf.maximum(tokens, 0)], axis=-1)
+    return tf.tensor_scatter_nd_add(logits, tf.reshape(index, [-1, 2]),
+                                    tf.reshape(tf.where(tokens != NO_TOKEN, values, 0.0), [-1]))
+
+
+def ban(logits, banned):
+    return tf.where(banned, tf.constant(-np.inf, logits.dtype), logits)
+
+
+def text_counts(history, start, end, n_vocab):
+    """How often each token occurs in history[b, start[b]:end[b]]: [batch, n_vocab] float32."""
+    positions = tf.range(tf.shape(history)[1])[None]
+    inside = (positions >= start[:, None]) & (positions < end[:, None])
+    return tokens_at(history, tf.cast(inside, tf.float32), n_vocab)
+
+
+def tokens_at(tokens, weights, n_vocab):
+    """[batch, n_vocab] float32: the sums of weights [batch, n] over each row's tokens [batch, n]
+    (a scatter: no [batch, n, n_vocab] one-hot)."""
+    rows = tf.broadcast_to(tf.range(tf.shape(tokens)[0])[:, None], tf.shape(tokens))
+    index = tf.stack([rows, tf.clip_by_value(tokens, 0, n_vocab - 1)], axis=-1)
+    return tf.tensor_scatter_nd_add(tf.zeros([tf.shape(tokens)[0], n_vocab]), tf.reshape(index, [-1, 2]),
+                                    tf.reshape(weights, [-1]))
+
+
+def penalize_repetition(logits, seen, penalty):
+    """The CTRL paper's rule, as Hugging Face applies it: the logit of each token `seen` [batch,
+    n_vocab] is divided by the row's penalty [batch] where it is positive, multiplied where negative."""
+    penalty = penalty[:, None]
+    return tf.where(seen, tf.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def penalize_presence(logits, counts, presence, frequency):
+    """OpenAI's rule: logit - presence * (count > 0) - frequency * count, counts [batch, n_vocab]."""
+    return logits - presence[:, None] * tf.cast(counts > 0, logits.dtype) - frequency[:, None] * counts
+
+
+def repeated_ngram_bans(history, text_len, n, n_vocab):
+    """[batch, n_vocab] bool: the tokens that would repeat an n[b]-gram of the row's text (Hugging
+    Face's no_repeat_ngram_size): the token after each earlier place where the text's last n - 1
+    tokens occur. n 0: none."""
+    size = tf.shape(history)[1]
+    starts = tf.range(size)[None]  # [1, H]: where an earlier n-gram starts
+    # An n-gram that fits in the text before its end: starts i with i + n <= text_len.
+    match = (starts + n[:, None] <= text_len[:, None]) & (n[:, None] > 0)
+
+    def same_token(j, match):  # token j of each n-gram against token j of the text's last n - 1
+        earlier = tf.gather(history, tf.minimum(starts[0] + j, size - 1), axis=1)
+        last = tf.gather(history, tf.clip_by_value(text_len - n + 1 + j, 0, size - 1), batch_dims=1)
+        return j + 1, match & ((j >= n - 1)[:, None] | (earlier == last[:, None]))
+
+    _, match = tf.while_loop(lambda j, match: j < tf.reduce_max(n) - 1, same_token, (tf.constant(0), match))
+    following = tf.gather(history, tf.minimum(starts[0] + tf.maximum(n - 1, 0)[:, None], size - 1), batch_dims=1)
+    return tokens_at(following, tf.cast(match, tf.float32), n_vocab) > 0
+
+
+def bad_word_bans(history, text_len, bad_words, n_vocab):
+    """[batch, n_vocab] bool: the last token of each bad word [batch, W, L] whose other tokens the
+    row's text ends with (a one-token word: always), as Hugging Face's bad_words_ids."""
+    size, length = tf.shape(history)[1], bad_words.shape[2]
+    word_len = tf.reduce_sum(tf.cast(bad_words != NO_TOKEN, tf.int32), axis=-1)  # [batch, W]
+    last = tf.gather(bad_words, tf.maximum(word_len - 1, 0), batch_dims=2)  # [batch, W]
+    j = tf.range(length - 1)[None, None]  # token j of a word's first word_len - 1 ...
+    place = text_len[:, None, None] - (word_len[..., None] - 1) + j  # ... against this place of the text
+    text = tf.gather(history, tf.reshape(tf.clip_by_value(place, 0, size - 1), [tf.shape(history)[0], -1]),
+                     batch_dims=1)
+    same = tf.reshape(text, tf.shape(place)) == bad_words[..., :length - 1]
+    match = tf.reduce_all((j >= word_len[..., None] - 1) | ((place >= 0) & same), axis=-1) & (word_len > 0)
+    return tokens_at(last, tf.cast(match, tf.float32), n_vocab) > 0
+
+
+MAX_LOGPROBS = 20  # the most alternatives a caller may ask for, per token (vLLM's default limit)
+
+
+def top_logprobs(logits, n):
+    """The log-probabilities [batch, n] of each row's n most likely tokens, most likely first, and
+    those tokens [batch, n], from logits [batch, n_vocab]; and the whole row's [batch, n_vocab]."""
+    logprobs = tf.nn.log_softmax(logits)
+    lanes = top_lanes(logprobs, n)  # the n lanes with the largest maxima hold the n largest numbers
+    columns = np.prod(lanes.logits.shape[1:])
+    values, index = tf.math.top_k(tf.reshape(lanes.logits, [-1, columns]), n)
+    tokens = tf.gather(tf.reshape(tf.broadcast_to(lanes.tokens, tf.shape(lanes.logits)), [-1, columns]), index,
+                       batch_dims=1)
+    return values, tokens, logprobs
+
+
 MIN_TEMPERATURE = 1e-9  # what a temperature above 0 divides the logits by at least
 
 
@@ -138,6 +276,7 @@ class Draws(NamedTuple):
     temperature: tf.Tensor  # float32; 0: greedy (the most likely token)
     top_k: tf.Tensor  # int32; 0: no cut
     top_p: tf.Tensor  # float32; 1: no cut
+    min_p: tf.Tensor  # float32; 0: no cut
 
 
 def choose(next_logits, draws):
@@ -156,6 +295,7 @@ def choose(next_logits, draws):
     def sample():
         top_k = tf.where(sampling, draws.top_k, 0)
         top_p = tf.where(sampling, draws.top_p, 1.0)
+        min_p = tf.where(sampling, draws.min_p, 0.0)
         # A greedy row's draw is not used: its row keeps only its argmax, so that it leaves the lanes
         # of the other rows' top_k complete.
         logits = tf.where(sampling[:, None], next_logits / tf.maximum(draws.temperature, MIN_TEMPERATURE)[:, None],
@@ -167,6 +307,7 @@ def choose(next_logits, draws):
             nucleus = top_p < 1
             logits = tf.cond(tf.reduce_any(nucleus),
                              lambda: tf.where(nucleus[:, None], top_p_filter(logits, top_p), logits), lambda: logits)
+            logits = tf.cond(tf.reduce_any(min_p > 0), lambda: min_p_filter(logits, min_p), lambda: logits)
             scores = logits - tf.math.log(-tf.math.log(uniform_noise(draws.row_seeds, draws.step, n_vocab, tokens)))
             best = tf.reduce_max(scores, axis=-1, keepdims=True)
             return tf.reduce_min(tf.where(scores == best, tokens, n_vocab), axis=-1)  # the first, as tf.argmax's
