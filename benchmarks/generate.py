@@ -2,7 +2,8 @@
 """Speed of GPT-2 sampling on this machine, on random weights of the real shapes.
 
     python benchmarks/generate.py                   # 124M and 355M, batch 1 and 8, each flag set
-    python benchmarks/generate.py --flags top_k=40  # some of greedy, sample, top_k=40, top_p=0.9
+    python benchmarks/generate.py --flags top_k=40  # some of greedy, sample, top_k=40, top_p=0.9 and two
+                                                    # with penalties (see FLAG_SETS)
     python benchmarks/generate.py --models 1558M    # any of 124M 355M 774M 1558M
     python benchmarks/generate.py --dtype bfloat16
     python benchmarks/generate.py --dtype int8      # weights quantized to int8 (gpt2.int8)
@@ -45,7 +46,10 @@ from gpt2.arguments import GENERATION_DTYPES  # noqa: E402
 from machine import forward_flops, machine_bandwidth, machine_gemm, parameter_count  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FLAG_SETS = {"greedy": dict(temperature=0), "sample": {}, "top_k=40": dict(top_k=40), "top_p=0.9": dict(top_p=0.9)}
+FLAG_SETS = {"greedy": dict(temperature=0), "sample": {}, "top_k=40": dict(top_k=40), "top_p=0.9": dict(top_p=0.9),
+             "top_k=40,repetition_penalty=1.2": dict(top_k=40, repetition_penalty=1.2),
+             "top_k=40,presence_penalty=0.5,frequency_penalty=0.5": dict(top_k=40, presence_penalty=0.5,
+                                                                         frequency_penalty=0.5)}
 
 
 def worker(model_dir, flag_sets, batches, prompt_len, new_tokens, runs, dtype, distinct):

@@ -196,7 +196,8 @@ def test_ctrl_c_while_tensorflow_reads_the_arguments_stays_a_keyboard_interrupt(
 
 def test_other_prompts_and_flags_in_the_same_cache_bucket_compile_nothing_new(model):
     """Prompts of 5, 9 and 7 tokens with 6 new ones all fit a 16-slot cache, and flags are data of
-    the loop: one compiled loop serves greedy, top_k, top_p and plain rows, admitted at any time."""
+    the loop: one compiled loop serves greedy, top_k, top_p, plain and penalized rows, admitted at
+    any time (a logit_bias or bad words of one entry fit the rows' lists as they are)."""
     hparams, params = model
     advance = decode._advance.__wrapped__.function  # the tf.function
     engine = XlaEngine(params, hparams, 2)
@@ -204,7 +205,10 @@ def test_other_prompts_and_flags_in_the_same_cache_bucket_compile_nothing_new(mo
     engine.step(2)
     loops, blocks = advance.experimental_get_tracing_count(), cached_block.experimental_get_tracing_count()
     for prompt, settings in [(PROMPT + [1, 2, 3], Settings(temperature=0)), (PROMPT + [4], Settings(top_p=0.5)),
-                             (PROMPT[:3], Settings(temperature=0.7, top_k=40, top_p=0.9, seed=5, sample=3))]:
+                             (PROMPT[:3], Settings(temperature=0.7, top_k=40, top_p=0.9, seed=5, sample=3)),
+                             (PROMPT, Settings(repetition_penalty=1.2, repeat_last_n=3, min_p=0.1)),
+                             (PROMPT, Settings(presence_penalty=0.5, frequency_penalty=-0.5, no_repeat_ngram_size=2)),
+                             (PROMPT, Settings(logit_bias=((3, 5.0),), bad_words=((9,),), repetition_penalty=0.7))]:
         engine.admit([Request(prompt, 6, settings)])
         while engine.live:
             engine.step(3)
