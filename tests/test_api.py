@@ -108,6 +108,13 @@ def test_context_fits_the_prompt_and_the_new_tokens(model):
     ({"batch_size": 0}, "batch_size must be"), ({"stop": ""}, "stop must be text .* never an empty string"),
     ({"stop": ["a", ""]}, "stop must be text"),
     ({"stop": ["a", 3]}, "stop must be a string or a list of strings"),
+    ({"repetition_penalty": 0}, "repetition_penalty must be a number > 0"),
+    ({"repetition_penalty": -1.2}, "repetition_penalty must be"), ({"min_p": 1}, r"min_p must be a number in \[0, 1\)"),
+    ({"presence_penalty": 2.5}, "presence_penalty must be a number from -2 to 2"),
+    ({"logit_bias": {5: 101}}, "biases in logit_bias must be numbers from -100 to 100"),
+    ({"logit_bias": {657: 1}}, "logit_bias names token 657, but the model has 657 tokens"),
+    ({"bad_words": ["a", ""]}, "bad_words must be text never generated, never an empty string"),
+    ({"logprobs": 21}, "logprobs must be a whole number from 0 to 20"),
 ])
 def test_impossible_arguments_are_named(model, flags, message):
     """Each check names the parameter as the API calls it (the command line says --name)."""

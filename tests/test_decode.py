@@ -14,6 +14,7 @@ from gpt2.decode import XlaEngine
 from gpt2.engine import Request, Settings, bucket, decode_requests, shared_prefix_length
 from gpt2.model import cached_block
 from gpt2.sampling import uniform_noise
+from gpt2.tensorflow_start import Compiled
 from test_sampling import softmax, sorted_top_k_filter, sorted_top_p_filter
 
 PROMPT = [10, 200, 33, 5, 400, 17]
@@ -187,11 +188,16 @@ class CtrlCWhenHashed:
 
 
 def test_ctrl_c_while_tensorflow_reads_the_arguments_stays_a_keyboard_interrupt(model):
+    """On a copy of the decoding loop, wrapped as the loop is: TensorFlow keeps a tf.function's lock
+    (held by this thread) after an error while it reads the arguments, and the shared loop would
+    then make every other thread's call wait for ever (the engine tests call it from threads)."""
     hparams, params = model
     with pytest.raises(TypeError, match="TraceType"):  # what TensorFlow makes of it on its own
         tf.function(lambda x: x)(CtrlCWhenHashed())
+    assert isinstance(decode._advance.__wrapped__, Compiled)  # the loop is wrapped by raises_ctrl_c
+    loop = decode.raises_ctrl_c(Compiled(decode._advance.__wrapped__.python_function, jit_compile=True))
     with pytest.raises(KeyboardInterrupt):  # the decoding loop's static arguments are read as the loop is called
-        decode._advance(params, None, None, 1, hparams=CtrlCWhenHashed())
+        loop(params, None, None, 1, hparams=CtrlCWhenHashed(), logprobs=False)
 
 
 def test_other_prompts_and_flags_in_the_same_cache_bucket_compile_nothing_new(model):
