@@ -8,7 +8,8 @@ An engine has a fixed number of rows (slots, as llama.cpp's server calls them). 
    with (its `prefix`: the prompt of several samples) ran once, when the engine was made, into a
    cache that all rows read. The row now carries, as data: its last token, the slot it goes into,
    its seed and sample number, how many tokens it has made, how many it may still make, its
-   flags (temperature, top_k, top_p) and its stop token.
+   flags (temperature, top_k, top_p, min_p, the penalties, logit_bias, bad words), its text so
+   far (which the penalties count) and its stop token.
 2. Stepped: `engine.step(n)` feeds every live row its latest token and draws its next one, up
    to n times (fewer once every row has ended), and returns each live row's new tokens. A row
    ends when it draws its stop token (returned, as its last token) or has made its tokens; it then
