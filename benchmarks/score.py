@@ -42,8 +42,8 @@ def measure(model_dir, n_tokens, stride, batch_size, runs, dtype):
 
     def run():
         start = time.perf_counter()
-        n = sum(len(logprobs) for logprobs in score_tokens(model.params, hparams, tokens, eot, stride=stride,
-                                                             batch_size=batch_size))
+        n = sum(len(scored.logprobs) for scored in score_tokens(model.params, hparams, tokens, eot, stride=stride,
+                                                                  batch_size=batch_size))
         assert n == n_tokens
         return time.perf_counter() - start
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import gpt2
-from gpt2.api import TextStream
+from gpt2.encoder import TextStream
 from gpt2.encoder import read_encoder
 from gpt2.errors import GPT2Error
 from gpt2.testing import ModelMirror, sample

@@ -62,3 +62,14 @@ def test_train_benchmark_prints_its_memory_table(tmp_path):
     for option in ("adamw", "recompute, bfloat16, lora_rank 8"):
         row = rf"\| tiny \| {re.escape(option)} \| [\d.]+ GB \| [\d.]+ GB \| (no GPU|[\d.]+ GB) \| \d+ \|"
         assert re.search(row, result.stdout), result.stdout
+
+
+def test_serve_benchmark_prints_its_table(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "serve.py"), "--tiny", "--models_dir",
+                             str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    number = r"[\d.]+"
+    for concurrency in (1, 4):  # a tiny model sends its 16 tokens in one event: no gaps between events, ITL "-"
+        row = (rf"\| {concurrency} \| 8 \| 0 \| {number} \| {number} \| {number} \| {number} \| {number} \| {number} "
+               rf"\| {number} \| ({number}|-) \| ({number}|-) \|")
+        assert re.search(row, result.stdout), result.stdout

@@ -82,6 +82,25 @@ def test_rows_admitted_at_other_steps_and_into_reused_rows_make_what_they_make_a
     assert made["b"] == alone(model, "b")
 
 
+def test_rows_admitted_together_with_other_and_same_prompts_make_what_they_make_alone(model):
+    """One admit of four requests: two with the same prompt (run once, its cache copied), given in
+    an order other than their prompts' sorted one."""
+    engine = model.engine(5)
+    names = ["c", "a", "d", "a"]
+    requests = [Request(*REQUESTS[name]) for name in names]
+    requests[3] = requests[3]._replace(settings=requests[3].settings._replace(seed=5))
+    rows = engine.admit(requests)
+    made = {row: [] for row in rows}
+    while engine.live:
+        for row, new in engine.step(6).tokens.items():
+            made[row] += new.tolist()
+    for name, row in zip(names[:3], rows):
+        assert made[row] == alone(model, name), name
+    tokens, length, settings = REQUESTS["a"]
+    [other_seed] = sample(model.engine(1), [tokens], length, **settings._replace(seed=5)._asdict())
+    assert made[rows[3]] == other_seed != made[rows[1]]
+
+
 def test_a_row_ends_at_its_stop_token_and_the_others_go_on(model):
     tokens, length, settings = REQUESTS["e"]
     free = alone(model, "e")

@@ -24,7 +24,7 @@ from .checkpoint import save_model
 from .weights import load_params
 from .decode import XlaEngine, decoding_memory, replicated
 from .download import download_model
-from .encoder import read_encoder
+from .encoder import TextStream, read_encoder
 from .errors import GPT2Error
 from .folders import MODEL_NAMES, canonical_name, default_models_dir, find_model_dir, read_hparams
 from .engine import Replicas, Request, Settings, decode_requests, shared_prefix_length
@@ -160,7 +160,7 @@ class GPT2:
         prompts = check_prompts(prompt)
         whole("nsamples", nsamples, 1)
         whole("batch_size", batch_size, 1)
-        flags = self._sampling_flags(length, temperature, top_k, top_p, seed, first_sample, stop, check_controls(
+        flags = self.sampling_flags(length, temperature, top_k, top_p, seed, first_sample, stop, check_controls(
             min_p, repetition_penalty, repeat_last_n, presence_penalty, frequency_penalty, no_repeat_ngram_size,
             logit_bias, bad_words, logprobs))
         length = self.sample_length(length, prompts[0])
@@ -169,7 +169,7 @@ class GPT2:
         self._check_memory(-(-min(batch_size, len(rows)) // replicas), max(len(context) for _, context in rows),
                            length, batch_size)
         contexts = [context for _, context in rows]
-        requests = [Request(context, length, self._settings(flags, first_sample + i, ignore_eot))
+        requests = [Request(context, length, self.settings(flags, first_sample + i, ignore_eot))
                     for i, context in enumerate(contexts)]
         streams = [TextStream(self.encoder, flags["stop"], self._stop_token(ignore_eot)) for _ in rows]
         samples = [Sample("", [], [], []) for _ in rows]
@@ -199,14 +199,14 @@ class GPT2:
         the tokens that came with it, with their log-probabilities.
         """
         [prompt] = check_prompts(prompt, several=False)
-        flags = self._sampling_flags(length, temperature, top_k, top_p, seed, first_sample, stop, check_controls(
+        flags = self.sampling_flags(length, temperature, top_k, top_p, seed, first_sample, stop, check_controls(
             min_p, repetition_penalty, repeat_last_n, presence_penalty, frequency_penalty, no_repeat_ngram_size,
             logit_bias, bad_words, logprobs))
         with_logprobs = flags["controls"].logprobs is not None
         length = self.sample_length(length, prompt)
         context = self.context(prompt, length, truncate_prompt)
         text_stream = TextStream(self.encoder, flags["stop"], self._stop_token(ignore_eot))
-        request = Request(context, length, self._settings(flags, first_sample, ignore_eot))
+        request = Request(context, length, self.settings(flags, first_sample, ignore_eot))
         # A fifth of a second's tokens a step: the first step (the first token) compiles the loop
         # or reads it from the compilation cache, and the text then flows without a pause.
         for made in decode_requests(self.engine(1, context[:-1]), [request], chunk_seconds=STREAM_SECONDS):
@@ -221,7 +221,7 @@ class GPT2:
         if piece:
             yield Sample(piece, [], [], []) if with_logprobs else piece
 
-    def _sampling_flags(self, length, temperature, top_k, top_p, seed, first_sample, stop, controls):
+    def sampling_flags(self, length, temperature, top_k, top_p, seed, first_sample, stop, controls):
         """The sampling arguments, checked (`controls`: check_controls' Controls); a fresh seed for None."""
         check_sampling(length, temperature, top_k, top_p)
         check_first_sample(first_sample)
@@ -230,7 +230,7 @@ class GPT2:
         return dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=new_seed() if seed is None else seed,
                     stop=check_stop(stop), controls=controls)
 
-    def _settings(self, flags, sample, ignore_eot):
+    def settings(self, flags, sample, ignore_eot):
         controls = flags["controls"]
         return Settings(temperature=flags["temperature"], top_k=flags["top_k"], top_p=flags["top_p"],
                         seed=flags["seed"], sample=sample, stop_token=self._stop_token(ignore_eot),
@@ -358,8 +358,8 @@ class GPT2:
                 raise GPT2Error("nothing to score: the text is empty")
 
         scored = False
-        for logprobs in score_tokens(self.params, self.hparams, text_tokens(), self.encoder.eot_token,
-                                     stride=stride, batch_size=batch_size):
+        for logprobs, _, _ in score_tokens(self.params, self.hparams, text_tokens(), self.encoder.eot_token,
+                                           stride=stride, batch_size=batch_size):
             scored = True
             yield np.array([pending.popleft() for _ in logprobs], np.int64), logprobs
 
@@ -409,48 +409,3 @@ class Sample(NamedTuple):
     tokens: List[int]  # the tokens made, its stop token left out (a stop string's may be among them)
     logprobs: List[float]  # each token's log-probability, under the model's own distribution
     top_logprobs: List[List[Tuple[int, float]]]  # each token's N most likely alternatives: (token, log-probability)
-
-
-class TextStream:
-    """The text of one sample as its tokens arrive: ends at `stop_token` or a `stop` string.
-
-    `feed` returns the text that is now certain: whole characters, and none that could still turn
-    out to be the start of a stop string.
-    """
-
-    def __init__(self, encoder, stop=None, stop_token=None):
-        self.stop = check_stop(stop)
-        self.stop_token = stop_token
-        self._decoder = encoder.stream_decoder()
-        self.text = ""
-        self._shown = 0
-        self.finished = False
-
-    def feed(self, tokens):
-        if self.finished:
-            return ""
-        tokens = [int(t) for t in tokens]
-        if self.stop_token in tokens:  # the sampler pads a stopped row with it; never part of the text
-            tokens = tokens[:tokens.index(self.stop_token)]
-            self.finished = True
-        self.text += self._decoder.feed(tokens)
-        if self.finished:
-            self.text += self._decoder.flush()
-        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.finished = self.text[:cut], True
-        safe = len(self.text) if self.finished else len(self.text) - self._held_back()
-        piece, self._shown = self.text[self._shown:safe], max(self._shown, safe)
-        return piece
-
-    def _held_back(self):
-        """How many final characters could begin a stop string."""
-        return max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)
-
-    def finish(self, pending_only=False):
-        """The whole text (or, with pending_only, what `feed` has not returned yet), once no more tokens come."""
-        if not self.finished:
-            self.text += self._decoder.flush()
-            self.finished = True
-        pending, self._shown = self.text[self._shown:], len(self.text)
-        return pending if pending_only else self.text

@@ -37,8 +37,8 @@ import re  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
-from .arguments import (ArgumentError, check_controls, check_dtype, check_generation, check_sampling,  # noqa: E402
-                        check_seed, check_stop, new_seed, whole)
+from .arguments import (GENERATION_DTYPES, ArgumentError, check_controls, check_dtype,  # noqa: E402
+                        check_generation, check_sampling, check_seed, check_stop, new_seed, whole)
 from .errors import GPT2Error, Interrupted  # noqa: E402
 from .folders import check_model_name, find_model_dir  # noqa: E402
 
@@ -494,6 +494,79 @@ def download(*model_names, models_dir=None, base_url=None):
         print(f"{name}: complete in {model_dir}")
 
 
+def serve(model_name="124M", models_dir=None, dtype="float32", host="127.0.0.1", port=8000, max_batch=8, max_queue=64,
+          max_body=1_000_000, timeout=600, drain_seconds=10, api_key=None):
+    """Serve a model over HTTP with OpenAI's completions API (docs/server.md), until SIGTERM or Ctrl-C.
+
+    model_name: 124M, 355M, 774M, 1558M, or a model folder in models_dir ($GPT2_MODELS_DIR, else models).
+    dtype: float32, float16, bfloat16, or int8 (a quarter of the memory, faster on a CPU).
+    host: the address to listen on: 127.0.0.1 (this machine only) unless you mean it, such as 0.0.0.0.
+    port: the TCP port (0: any free one, shown at start).
+    max_batch: choices decoded at once (the engine's rows); more requests wait for a row.
+    max_queue: requests that may wait for a row; beyond them the server answers 429.
+    max_body: the largest request body, in bytes (413 beyond it).
+    timeout: seconds a request may run; it then ends with the text it has.
+    drain_seconds: on SIGTERM or Ctrl-C, how long running requests may go on before the server exits.
+    api_key: a key that requests must send as "Authorization: Bearer KEY" ($GPT2_API_KEY); /health stays open.
+    """
+    import socket
+
+    from .arguments import check_text, is_real
+    from .folders import MODEL_NAMES, canonical_name
+
+    check_model_name(model_name)
+    check_dtype(dtype, GENERATION_DTYPES)
+    check_text("host", host)
+    if not (isinstance(port, int) and not isinstance(port, bool) and 0 <= port < 65536):
+        raise ArgumentError(f"{{port}} must be a TCP port, a whole number from 0 to 65535, not {port!r}", "port")
+    whole("max_batch", max_batch, 1)
+    whole("max_queue", max_queue, 0)
+    whole("max_body", max_body, 1)
+    for name, value in (("timeout", timeout), ("drain_seconds", drain_seconds)):
+        if not is_real(value) or not 0 <= value < float("inf") or (name == "timeout" and value == 0):
+            raise ArgumentError(f"{{{name}}} must be a number of seconds{' > 0' if name == 'timeout' else ''}, "
+                                f"not {value!r}", name)
+    api_key = os.environ.get("GPT2_API_KEY") or None if api_key is None else str(api_key)
+    if canonical_name(model_name) not in MODEL_NAMES:  # OpenAI's models are downloaded where missing
+        find_model_dir(model_name, models_dir)
+    listening = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind((host, port))
+    except OSError as e:
+        raise GPT2Error(f"cannot listen on {host}:{port} ({e.strerror}): pick another --port or --host") from None
+    port = listening.getsockname()[1]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    import uvicorn
+
+    from .server import ServerSettings, create_app
+
+    def ready():
+        print(f"ready: {model_name} ({dtype}, {max_batch} rows) on {url}/v1/completions", file=sys.stderr, flush=True)
+
+    settings = ServerSettings(str(model_name), max_batch, max_queue, max_body, float(timeout), api_key)
+    app = create_app(settings, lambda: load_model(model_name, models_dir, dtype), on_ready=ready,
+                     on_error=lambda: setattr(server, "should_exit", True))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=drain_seconds))
+    print(f"gpt2-serve: loading {model_name}; {url}/health answers 503 until it is ready", file=sys.stderr,
+          flush=True)
+    # uvicorn stops on SIGINT and SIGTERM (no new requests; running ones go on for drain_seconds),
+    # then raises the signal again with the handlers it found: these, which make it a clean exit.
+    signals = []
+    previous = {number: signal.signal(number, lambda number, frame: signals.append(number))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[listening])
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if app.state.server.load_error is not None:
+        raise app.state.server.load_error
+    print(f"gpt2-serve: stopped ({signal.Signals(signals[0]).name if signals else 'done'})", file=sys.stderr)
+
+
 def flag_wording(error):
     """A GPT2Error's message as the command line says it: parameter names as flags (--top_p)."""
     return error.worded("--") if isinstance(error, ArgumentError) else str(error)
@@ -602,6 +675,10 @@ def download_main(argv=None):
 
 def score_main(argv=None):
     run(score_files, argv)
+
+
+def serve_main(argv=None):
+    run(serve, argv)
 
 
 def finetune_main(argv=None):

@@ -65,22 +65,31 @@ class XlaEngine(Engine):
         own = [list(request.tokens)[n_prefix:] for request in requests]  # each has its last prompt token at least
         values = self.rows_now().admitted(rows, n_prefix, requests, hparams.n_vocab)
         live = values.left > 0  # the rows just admitted among them
-        cache_len = max(self.cache_len(), bucket(int((values.pos + values.left)[live].max()), hparams.n_ctx - n_prefix))
+        needed = bucket(int((values.pos + values.left)[live].max()), hparams.n_ctx - n_prefix)
+        # The slots only grow while rows live (their caches stay where they are); once every row
+        # has ended, the next ones start from the size they need (every step reads every slot).
+        cache_len = max(self.cache_len(), needed) if self.live else needed
         with self.placed():
             cache = self.state.cache
-            if cache_len > self.cache_len():  # every row's slots grow (a new size: the loop compiles again)
+            if not self.live and cache_len != self.cache_len():
+                cache = empty_cache(hparams, self.rows, cache_len, self.dtype)
+            elif cache_len > self.cache_len():  # every row's slots grow (a new size: the loop compiles again)
                 more = [[0, 0], [0, 0], [0, cache_len - self.cache_len()], [0, 0]]
                 cache = [LayerCache(tf.pad(layer.keys, more), tf.pad(layer.values, more)) for layer in cache]
             rests = [tokens[:-1] for tokens in own]
             longest = max(len(rest) for rest in rests)
             if longest:
                 # The rows' prompts, but their last tokens, in one pass; each row's padding goes into
-                # slots that its queries do not see before its steps overwrite them.
-                batch = np.zeros([len(rows), longest], np.int32)
-                for padded, rest in zip(batch, rests):
-                    padded[:len(rest)] = rest
-                _, new = forward_cached(self.params, hparams, tf.constant(batch),
-                                        empty_cache(hparams, len(rows), cache_len, self.dtype), 0, self.shared)
+                # slots that its queries do not see before its steps overwrite them. Rows with the
+                # same prompt (the samples of one) run it once, and their caches start as copies.
+                padded = np.array([rest + [0] * (longest - len(rest)) + [len(rest)] for rest in rests], np.int32)
+                unique, row_rest = np.unique(padded, axis=0, return_inverse=True)
+                _, new = forward_cached(self.params, hparams, tf.constant(unique[:, :-1]),
+                                        empty_cache(hparams, len(unique), cache_len, self.dtype), 0, self.shared)
+                row_rest = row_rest.reshape(-1)
+                if list(row_rest) != list(range(len(rows))):  # in the rows' order, each row's prompt's
+                    which = tf.constant(row_rest)
+                    new = [LayerCache(tf.gather(layer.keys, which), tf.gather(layer.values, which)) for layer in new]
                 if len(rows) == self.rows:  # every row is new: the pass's cache is the engine's
                     cache = new
                 else:

@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import tiktoken
 
-from .arguments import check_text, check_tokens
+from .arguments import check_stop, check_text, check_tokens
 from .folders import find_model_dir, read_error
 from .errors import GPT2Error
 
@@ -127,6 +127,51 @@ class StreamDecoder:
     def flush(self):
         """What is still held back, as U+FFFD if the tokens ended inside a character."""
         return self._utf8.decode(b"", final=True)
+
+
+class TextStream:
+    """The text of one sample as its tokens arrive: ends at `stop_token` or a `stop` string.
+
+    `feed` returns the text that is now certain: whole characters, and none that could still turn
+    out to be the start of a stop string.
+    """
+
+    def __init__(self, encoder, stop=None, stop_token=None):
+        self.stop = check_stop(stop)
+        self.stop_token = stop_token
+        self._decoder = encoder.stream_decoder()
+        self.text = ""
+        self._shown = 0
+        self.finished = False
+
+    def feed(self, tokens):
+        if self.finished:
+            return ""
+        tokens = [int(t) for t in tokens]
+        if self.stop_token in tokens:  # the sampler pads a stopped row with it; never part of the text
+            tokens = tokens[:tokens.index(self.stop_token)]
+            self.finished = True
+        self.text += self._decoder.feed(tokens)
+        if self.finished:
+            self.text += self._decoder.flush()
+        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.finished = self.text[:cut], True
+        safe = len(self.text) if self.finished else len(self.text) - self._held_back()
+        piece, self._shown = self.text[self._shown:safe], max(self._shown, safe)
+        return piece
+
+    def _held_back(self):
+        """How many final characters could begin a stop string."""
+        return max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)
+
+    def finish(self, pending_only=False):
+        """The whole text (or, with pending_only, what `feed` has not returned yet), once no more tokens come."""
+        if not self.finished:
+            self.text += self._decoder.flush()
+            self.finished = True
+        pending, self._shown = self.text[self._shown:], len(self.text)
+        return pending if pending_only else self.text
 
 
 # Model folders (real paths) whose Encoder a thread is reading, to the Future of it: see encoder_read_ahead.

@@ -39,7 +39,9 @@ from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 
-from .sampling import NO_TOKEN
+
+
+NO_TOKEN = -1  # what fills up the rows of per-row token lists (logit_bias's tokens, bad words)
 
 
 class Settings(NamedTuple):

@@ -14,7 +14,8 @@ NumPy rules take less of a step (the timings are in docs/performance.md).
 """
 import numpy as np
 
-from .sampling import MIN_TEMPERATURE, NO_TOKEN
+from .engine import NO_TOKEN
+from .sampling import MIN_TEMPERATURE
 
 _U64 = np.uint64
 

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from .engine import NO_TOKEN
 from .tensorflow_start import Compiled
 
 
@@ -138,7 +139,6 @@ def min_p_filter(logits, min_p):
     return tf.where(kept, logits, tf.constant(-np.inf, logits.dtype))
 
 
-NO_TOKEN = -1  # what fills up the rows of per-row token lists (logit_bias's tokens, bad words)
 
 
 class Adjustments(NamedTuple):

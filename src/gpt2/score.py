@@ -101,23 +101,34 @@ def windows(tokens, n_ctx, stride):
 
 # XLA: a window runs faster than as a plain graph
 @compiled(jit_compile=True)
-def _window_logprobs(params, tokens, lengths, *, hparams, n_scored):
+def _window_logprobs(params, tokens, lengths, *, hparams, n_scored, top):
     """log p of the last n_scored tokens of each window: tokens [batch, seq] (row b's first lengths[b]
     are its window, then padding) -> [batch, n_scored] float32 (a row that scores fewer has its
-    values at the end)."""
+    values at the end); and the `top` largest log-probabilities in each of those places [batch,
+    n_scored, top] with their tokens."""
     h = forward(params, hparams, tokens)  # [batch, seq, n_embd]
     target = lengths[:, None] - n_scored + tf.range(n_scored)[None, :]  # [batch, n_scored] positions scored
     target = tf.maximum(target, 1)  # a row scoring fewer: positions it does not score, ignored
     h = tf.gather(h, target - 1, batch_dims=1)  # the hidden state before each scored token
     logits = tf.cast(tf.matmul(h, params["wte"], transpose_b=True), tf.float32)  # [batch, n_scored, n_vocab]
     chosen = tf.gather(logits, tf.gather(tokens, target, batch_dims=1), batch_dims=2)
-    return chosen - tf.reduce_logsumexp(logits, axis=-1)
+    logsumexp = tf.reduce_logsumexp(logits, axis=-1)
+    top_values, top_tokens = tf.math.top_k(logits, top)
+    return chosen - logsumexp, top_values - logsumexp[..., None], top_tokens
 
 
-def score_tokens(params, hparams, tokens, eot_token, *, stride, batch_size=1):
-    """Log-probabilities of a text's tokens (an iterable, read as needed), scored as the module says.
+class Scored(NamedTuple):
+    """Some tokens' scores, in the text's order, as score_tokens yields them."""
+    logprobs: np.ndarray  # [k] float64: each token's log-probability
+    top_tokens: np.ndarray  # [k, top] int32: the `top` most likely tokens in its place, most likely first
+    top_logprobs: np.ndarray  # [k, top] float32: theirs
 
-    Yields arrays of float64 log-probabilities, in the tokens' order, as windows are computed.
+
+def score_tokens(params, hparams, tokens, eot_token, *, stride, batch_size=1, top=0):
+    """Log-probabilities of a text's tokens (an iterable, read as needed), scored as the module says,
+    with the `top` most likely tokens in each place (0: none).
+
+    Yields a Scored for each batch of windows, in the tokens' order, as they are computed.
     """
     def scored(tokens):
         yield eot_token
@@ -127,19 +138,23 @@ def score_tokens(params, hparams, tokens, eot_token, *, stride, batch_size=1):
     for start, window, n_scored in windows(scored(tokens), hparams.n_ctx, stride):
         batch.append((window, n_scored))
         if len(batch) == batch_size:
-            yield _score_batch(params, hparams, batch)
+            yield _score_batch(params, hparams, batch, top)
             batch = []
     if batch:
-        yield _score_batch(params, hparams, batch)
+        yield _score_batch(params, hparams, batch, top)
 
 
-def _score_batch(params, hparams, batch):
+def _score_batch(params, hparams, batch, top):
     # Sizes rounded up as the decoder's caches are: few shapes, so few traces.
     seq = bucket(max(len(window) for window, _ in batch), hparams.n_ctx)
     n_scored = bucket(max(n for _, n in batch), seq - 1)
     tokens = np.zeros([len(batch), seq], np.int32)
     for row, (window, _) in zip(tokens, batch):
         row[:len(window)] = window
-    logprobs = _window_logprobs(params, tf.constant(tokens), tf.constant([len(w) for w, _ in batch], tf.int32),
-                                hparams=hparams, n_scored=n_scored).numpy()
-    return np.concatenate([row[len(row) - n:] for row, (_, n) in zip(logprobs, batch)]).astype(np.float64)
+    out = _window_logprobs(params, tf.constant(tokens), tf.constant([len(w) for w, _ in batch], tf.int32),
+                           hparams=hparams, n_scored=n_scored, top=top)
+    logprobs, top_logprobs, top_tokens = (values.numpy() for values in out)
+    kept = [slice(len(row) - n, None) for row, (_, n) in zip(logprobs, batch)]  # a row's values are at its end
+    return Scored(np.concatenate([row[k] for row, k in zip(logprobs, kept)]).astype(np.float64),
+                  np.concatenate([row[k] for row, k in zip(top_tokens, kept)]),
+                  np.concatenate([row[k] for row, k in zip(top_logprobs, kept)]))

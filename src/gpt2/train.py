@@ -694,8 +694,8 @@ class StopRequest:
 def validation_loss(model, val, val_tokens):
     """Mean nats per token of the first val_tokens tokens of `val`, scored as gpt2.score does."""
     tokens = np.asarray(val[:val_tokens], np.int64)
-    logprobs = np.concatenate(list(score_tokens(model.params, model.hparams, tokens.tolist(), model.encoder.eot_token,
-                                                stride=model.hparams.n_ctx // 2)))
+    logprobs = np.concatenate([scored.logprobs for scored in score_tokens(
+        model.params, model.hparams, tokens.tolist(), model.encoder.eot_token, stride=model.hparams.n_ctx // 2)])
     return -float(logprobs.mean())
 
 
