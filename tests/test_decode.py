@@ -207,8 +207,10 @@ def test_other_prompts_and_flags_in_the_same_cache_bucket_compile_nothing_new(mo
     hparams, params = model
     advance = decode._advance.__wrapped__.function  # the tf.function
     engine = XlaEngine(params, hparams, 2)
-    [row] = engine.admit([Request(PROMPT[:5], 6, Settings(top_k=3, seed=1))])
+    # Row 0 stays admitted, so the state keeps both rows (see XlaEngine.fit_width); the others take row 1.
+    first, second = engine.admit([Request(PROMPT[:5], 6, Settings(top_k=3, seed=1)), Request(PROMPT[:4], 6, Settings())])
     engine.step(2)
+    engine.release(second)
     loops, blocks = advance.experimental_get_tracing_count(), cached_block.experimental_get_tracing_count()
     for prompt, settings in [(PROMPT + [1, 2, 3], Settings(temperature=0)), (PROMPT + [4], Settings(top_p=0.5)),
                              (PROMPT[:3], Settings(temperature=0.7, top_k=40, top_p=0.9, seed=5, sample=3)),
@@ -218,13 +220,37 @@ def test_other_prompts_and_flags_in_the_same_cache_bucket_compile_nothing_new(mo
         engine.admit([Request(prompt, 6, settings)])
         while engine.live:
             engine.step(3)
-        for ended in [r for r in range(2) if r not in engine.free]:
-            engine.release(ended)
+        engine.release(second)
         assert advance.experimental_get_tracing_count() == loops
     # Another cache size and another number of rows need a loop of their own, but not another graph of the block.
     together(params, hparams, [PROMPT, [PROMPT[0] + 1] + PROMPT], 30, top_k=3, seed=2)
     assert advance.experimental_get_tracing_count() > loops
     assert cached_block.experimental_get_tracing_count() == blocks
+
+
+def test_the_state_holds_the_rows_in_use_and_their_tokens_do_not_change(model):
+    """Rows 0 to 3 admitted: four rows stepped. Rows 1 to 3 released: row 0 goes on alone, in a
+    state of one row; a row admitted again (row 1) widens it to two, with row 0's cache kept."""
+    hparams, params = model
+    engine = XlaEngine(params, hparams, 4)
+    requests = [Request(PROMPT[:3 + i], 12, Settings(top_k=5, seed=i)) for i in range(4)]
+    rows = engine.admit(requests)
+    assert engine.width() == 4
+    made = {row: engine.step(3).tokens[row].tolist() for row in [0]}
+    for row in rows[1:]:
+        engine.release(row)
+    made[0] += engine.step(3).tokens[0].tolist()
+    assert engine.width() == 1
+    [again] = engine.admit([Request(PROMPT, 5, Settings(temperature=0))])
+    assert again == 1 and engine.width() == 2
+    step = engine.step(6)
+    made[0] += step.tokens[0].tolist()
+    alone = XlaEngine(params, hparams, 1)
+    alone.admit([requests[0]])
+    assert made[0] == alone.step(12).tokens[0].tolist()
+    other = XlaEngine(params, hparams, 1)
+    other.admit([Request(PROMPT, 5, Settings(temperature=0))])
+    assert step.tokens[1].tolist() == other.step(5).tokens[0].tolist()
 
 
 TWO_CPUS = """

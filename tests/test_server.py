@@ -62,8 +62,8 @@ class Served:
 @pytest.fixture(scope="module")
 def models_dir(tiny_model):
     """models/long: a context of 1024 tokens and wider than the tiny model, so that a request can take a
-    while (a second or two for 1000 tokens)."""
-    make_model_folder(tiny_model.parent / "long", n_ctx=1024, n_embd=128)
+    while (a few seconds for 1000 tokens)."""
+    make_model_folder(tiny_model.parent / "long", n_ctx=1024, n_embd=256, n_layer=4)
     return tiny_model.parent
 
 

@@ -495,7 +495,7 @@ def download(*model_names, models_dir=None, base_url=None):
 
 
 def serve(model_name="124M", models_dir=None, dtype="float32", host="127.0.0.1", port=8000, max_batch=8, max_queue=64,
-          max_body=1_000_000, timeout=600, drain_seconds=10, api_key=None):
+          max_body=1_000_000, timeout=600, drain_seconds=10, api_key=None, step_seconds=0.1):
     """Serve a model over HTTP with OpenAI's completions API (docs/server.md), until SIGTERM or Ctrl-C.
 
     model_name: 124M, 355M, 774M, 1558M, or a model folder in models_dir ($GPT2_MODELS_DIR, else models).
@@ -508,6 +508,9 @@ def serve(model_name="124M", models_dir=None, dtype="float32", host="127.0.0.1",
     timeout: seconds a request may run; it then ends with the text it has.
     drain_seconds: on SIGTERM or Ctrl-C, how long running requests may go on before the server exits.
     api_key: a key that requests must send as "Authorization: Bearer KEY" ($GPT2_API_KEY); /health stays open.
+    step_seconds: about how long one call of the decoding loop runs (it makes that many tokens for every
+    row): longer calls share their fixed cost among more tokens, shorter ones stream more evenly and let
+    new requests in sooner.
     """
     import socket
 
@@ -522,9 +525,9 @@ def serve(model_name="124M", models_dir=None, dtype="float32", host="127.0.0.1",
     whole("max_batch", max_batch, 1)
     whole("max_queue", max_queue, 0)
     whole("max_body", max_body, 1)
-    for name, value in (("timeout", timeout), ("drain_seconds", drain_seconds)):
-        if not is_real(value) or not 0 <= value < float("inf") or (name == "timeout" and value == 0):
-            raise ArgumentError(f"{{{name}}} must be a number of seconds{' > 0' if name == 'timeout' else ''}, "
+    for name, value in (("timeout", timeout), ("drain_seconds", drain_seconds), ("step_seconds", step_seconds)):
+        if not is_real(value) or not 0 <= value < float("inf") or (name != "drain_seconds" and value == 0):
+            raise ArgumentError(f"{{{name}}} must be a number of seconds{' > 0' if name != 'drain_seconds' else ''}, "
                                 f"not {value!r}", name)
     api_key = os.environ.get("GPT2_API_KEY") or None if api_key is None else str(api_key)
     if canonical_name(model_name) not in MODEL_NAMES:  # OpenAI's models are downloaded where missing
@@ -545,7 +548,8 @@ def serve(model_name="124M", models_dir=None, dtype="float32", host="127.0.0.1",
     def ready():
         print(f"ready: {model_name} ({dtype}, {max_batch} rows) on {url}/v1/completions", file=sys.stderr, flush=True)
 
-    settings = ServerSettings(str(model_name), max_batch, max_queue, max_body, float(timeout), api_key)
+    settings = ServerSettings(str(model_name), max_batch, max_queue, max_body, float(timeout), api_key,
+                              float(step_seconds))
     app = create_app(settings, lambda: load_model(model_name, models_dir, dtype), on_ready=ready,
                      on_error=lambda: setattr(server, "should_exit", True))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,

@@ -40,8 +40,8 @@ class XlaEngine(Engine):
         self.dtype = params["wte"].dtype
         with self.placed():
             self.shared = self.run_prefix() if self.prefix else None
-            self.state = State(empty_cache(hparams, rows, bucket(1, hparams.n_ctx), self.dtype),
-                               self.tensors(Rows.empty(rows, hparams.n_ctx)))
+            self.state = State(empty_cache(hparams, 1, bucket(1, hparams.n_ctx), self.dtype),  # widened as rows come
+                               self.tensors(Rows.empty(1, hparams.n_ctx)))
 
     def placed(self):
         return tf.device(self.device) if self.device else contextlib.nullcontext()
@@ -60,8 +60,38 @@ class XlaEngine(Engine):
     def cache_len(self):
         return self.state.cache[0].keys.shape[2]
 
+    def width(self):
+        """How many rows the state holds now (see fit_width)."""
+        return self.state.rows.token.shape[0]
+
+    def fit_width(self, n):
+        """Hold rows 0 to n - 1, in a power of two of rows (at most the engine's).
+
+        Every step computes every row the state holds, live or not: a server's engine of 8 rows
+        that serves one request would step 8. So the state holds the rows up to the last one in
+        use (rows are given lowest first), rounded up to a power of two: it widens when a row
+        beyond them is admitted and narrows when the last ones end, a copy each time; each width
+        compiles the loop once per cache size.
+        """
+        width, now = min(1 << (n - 1).bit_length(), self.rows), self.width()
+        if width == now:
+            return
+        values = self.rows_now()
+        if width > now:
+            empty = Rows.empty(width - now, self.hparams.n_ctx)
+            values = Rows(*(np.concatenate([kept, np.pad(new, [(0, 0)] + [(0, k - e) for k, e in zip(
+                kept.shape[1:], new.shape[1:])], constant_values=new.flat[0])]) for kept, new in zip(values, empty)))
+            more = [[0, width - now], [0, 0], [0, 0], [0, 0]]
+            cache = [LayerCache(tf.pad(layer.keys, more), tf.pad(layer.values, more)) for layer in self.state.cache]
+        else:
+            values = Rows(*(value[:width] for value in values))
+            cache = [LayerCache(layer.keys[:width], layer.values[:width]) for layer in self.state.cache]
+        with self.placed():
+            self.state = State(cache, self.tensors(values))
+
     def _admit(self, rows, requests):
         n_prefix, hparams = len(self.prefix), self.hparams
+        self.fit_width(max(list(rows) + list(self.live)) + 1)
         own = [list(request.tokens)[n_prefix:] for request in requests]  # each has its last prompt token at least
         values = self.rows_now().admitted(rows, n_prefix, requests, hparams.n_vocab)
         live = values.left > 0  # the rows just admitted among them
@@ -72,7 +102,7 @@ class XlaEngine(Engine):
         with self.placed():
             cache = self.state.cache
             if not self.live and cache_len != self.cache_len():
-                cache = empty_cache(hparams, self.rows, cache_len, self.dtype)
+                cache = empty_cache(hparams, self.width(), cache_len, self.dtype)
             elif cache_len > self.cache_len():  # every row's slots grow (a new size: the loop compiles again)
                 more = [[0, 0], [0, 0], [0, cache_len - self.cache_len()], [0, 0]]
                 cache = [LayerCache(tf.pad(layer.keys, more), tf.pad(layer.values, more)) for layer in cache]
@@ -90,7 +120,7 @@ class XlaEngine(Engine):
                 if list(row_rest) != list(range(len(rows))):  # in the rows' order, each row's prompt's
                     which = tf.constant(row_rest)
                     new = [LayerCache(tf.gather(layer.keys, which), tf.gather(layer.values, which)) for layer in new]
-                if len(rows) == self.rows:  # every row is new: the pass's cache is the engine's
+                if len(rows) == self.width():  # every row is new (rows 0, 1, ...): the pass's cache is the engine's
                     cache = new
                 else:
                     index = tf.constant([[row] for row in rows])
@@ -100,6 +130,7 @@ class XlaEngine(Engine):
             self.state = State(cache, self.tensors(values))
 
     def _step(self, n):
+        self.fit_width(max(self.live) + 1)
         logprobs = bool(self.logprobs)  # only a loop of its own computes them
         with self.placed():
             self.state, out, steps = _advance(self.params, self.shared, self.state,
@@ -114,6 +145,8 @@ class XlaEngine(Engine):
         return Rows(*(t.numpy() for t in self.state.rows)).copy()
 
     def _release(self, row):
+        if row >= self.width():  # it ended, and the state narrowed past it
+            return
         values = self.rows_now()
         values.free(row)
         with self.placed():
