@@ -34,11 +34,12 @@ or all --prompt_tokens long. They are sent as lists of token ids, or with --text
 converted from it; the prompt tokens counted are then the server's, from its usage chunk, where
 it sends one). Every level sends the first requests of the same list.
 
-Warm-up: before the timed runs, one untimed request for each cache size the prompts need (prompt
+Warm-up: before the timed runs, untimed requests for each cache size the prompts need (prompt
 and new tokens less one, as the engine lays its cache out: the last new token is never fed back;
-rounded up as gpt2.engine.bucket rounds it), the longest prompt of each: the server compiles its
-decoding loop the first time it meets a cache size (some seconds), and that must not land in a
-timed run.
+rounded up as gpt2.engine.bucket rounds it), the longest prompt of each, sent 1, 2, 4, ... at a
+time up to the highest level: the server compiles its decoding loop the first time it meets a
+cache size with a number of rows in use (rounded up to a power of two), some seconds each, and
+that must not land in a timed run.
 
 What is measured, per request, as vLLM's `vllm bench serve` measures it (times from the client's
 clock, time.perf_counter, from the moment the request is sent; a request waiting for its turn
@@ -410,13 +411,19 @@ async def benchmark(url, args, prompts, n_ctx):
     limits = httpx.Limits(max_connections=biggest, max_keepalive_connections=biggest)
     async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=args.request_timeout, limits=limits) as client:
         warm_up = warm_up_prompts(prompts, args.max_tokens, n_ctx)
-        print(f"warm-up: {len(warm_up)} untimed request{'s' * (len(warm_up) > 1)}, prompts of "
-              f"{', '.join(str(len(p.tokens)) for p in warm_up)} tokens ...", end=" ", flush=True)
+        # Our engine steps the rows in use, rounded up to a power of two, and compiles each such
+        # width once per cache size: each prompt goes 1, 2, 4, ... at a time, up to the highest level.
+        widths = [1 << i for i in range((biggest - 1).bit_length() + 1)]  # the powers of two up to biggest's
+        print(f"warm-up: untimed requests, prompts of {', '.join(str(len(p.tokens)) for p in warm_up)} tokens, "
+              f"{', '.join(map(str, widths))} at a time ...", end=" ", flush=True)
         start = time.perf_counter()
         for number, prompt in enumerate(warm_up):
-            outcome = await send(client, request_body(args, prompt, number), len(prompt.tokens), args.max_tokens)
-            if not outcome.ok:
-                sys.exit(f"\nthe warm-up request failed: {outcome.error}")
+            for width in widths:
+                outcomes = await asyncio.gather(*(send(client, request_body(args, prompt, number), len(prompt.tokens),
+                                                       args.max_tokens) for _ in range(width)))
+                failed = [outcome for outcome in outcomes if not outcome.ok]
+                if failed:
+                    sys.exit(f"\nthe warm-up request failed: {failed[0].error}")
         print(f"{time.perf_counter() - start:.1f} s", flush=True)
         for concurrency in args.max_concurrency:
             outcomes, duration = await run_level(client, args, prompts[:num_prompts(args, concurrency)], concurrency)

@@ -495,7 +495,7 @@ def download(*model_names, models_dir=None, base_url=None):
 
 
 def serve(model_name="124M", models_dir=None, dtype="float32", host="127.0.0.1", port=8000, max_batch=8, max_queue=64,
-          max_body=1_000_000, timeout=600, drain_seconds=10, api_key=None, step_seconds=0.1):
+          max_body=1_000_000, timeout=600, drain_seconds=10, api_key=None, step_seconds=0.25):
     """Serve a model over HTTP with OpenAI's completions API (docs/server.md), until SIGTERM or Ctrl-C.
 
     model_name: 124M, 355M, 774M, 1558M, or a model folder in models_dir ($GPT2_MODELS_DIR, else models).

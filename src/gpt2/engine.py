@@ -236,7 +236,11 @@ class Engine:
                     raise ValueError(f"{len(tokens)} prompt tokens and {request.length} new ones do not fit the "
                                      f"model's context of {self.hparams.n_ctx}")
             rows, self.free = self.free[:len(requests)], self.free[len(requests):]
-            self._admit(rows, requests)
+            try:
+                self._admit(rows, requests)
+            except BaseException:  # the rows stay free (a prompt's pass ran out of memory, Ctrl-C)
+                self.free = sorted(self.free + rows)
+                raise
             self.live.update(rows)
             self.logprobs.update({row: request.settings.logprobs for row, request in zip(rows, requests)
                                   if request.settings.logprobs is not None})

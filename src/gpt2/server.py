@@ -49,7 +49,7 @@ class ServerSettings(NamedTuple):
     max_body: int = 1_000_000  # bytes of a request's body
     timeout: float = 600.0  # seconds a request may run; it then ends with what it has
     api_key: Optional[str] = None  # needed as "Authorization: Bearer KEY" when set
-    step_seconds: float = 0.1  # about how long one call of the engine's step lasts
+    step_seconds: float = 0.25  # about how long one call of the engine's step lasts
 
 
 # Fields of OpenAI's completions request that the server takes, and those that llama.cpp and vLLM

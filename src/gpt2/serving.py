@@ -60,7 +60,6 @@ class Job:
     def __init__(self, requests, deliver, deadline=None):
         self.requests, self.deliver, self.deadline = list(requests), deliver, deadline
         self.done = set()  # choices that need no more tokens (set by other threads): rows freed, or never given
-        self.waiting = len(self.requests)  # choices not admitted yet
 
     def finish(self, index=None):
         """Choice `index` (None: every one) needs no more tokens (a stop string, the client went
@@ -76,7 +75,7 @@ class Choice(NamedTuple):
 class Batcher:
     """Steps `engine` in a thread of its own for the jobs submitted (see the module's docstring)."""
 
-    def __init__(self, engine, *, max_queue=64, step_seconds=0.1):
+    def __init__(self, engine, *, max_queue=64, step_seconds=0.25):
         self.engine, self.max_queue, self.step_seconds = engine, max_queue, step_seconds
         self.waiting = collections.deque()  # Choices not admitted yet, in the order they came
         self.running = {}  # row -> Choice
@@ -138,9 +137,9 @@ class Batcher:
                     self.admit(admitted)
                 if self.running:
                     self.step()
-            except Exception as e:  # a failure nobody foresaw: its choices end with the error; the server goes on
+            except Exception as e:  # a failure nobody foresaw: the choices it touched end with it; the server goes on
                 traceback.print_exc(file=sys.stderr)
-                for choice in admitted if not self.running else list(self.running.values()):
+                for choice in set(admitted) | set(self.running.values()):
                     choice.job.deliver(Event(choice.index, np.zeros(0, np.int32), None, "length",
                                              f"the model failed: {type(e).__name__}: {e}"))
                 for row in list(self.running):
@@ -150,10 +149,8 @@ class Batcher:
         """Whether a waiting choice goes without a row: it is done, or its deadline passed."""
         job = choice.job
         if choice.index in job.done:
-            job.waiting -= 1
             return True
         if job.deadline is not None and time.monotonic() > job.deadline:
-            job.waiting -= 1
             self.end(choice, "length")
             return True
         return False
@@ -162,7 +159,6 @@ class Batcher:
         rows = self.engine.admit([choice.job.requests[choice.index] for choice in choices])
         for row, choice in zip(rows, choices):
             self.running[row] = choice
-            choice.job.waiting -= 1
 
     def step(self):
         n = 1 if self.seconds_per_token is None or not self.engine.fused_steps else \
