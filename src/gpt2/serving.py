@@ -9,7 +9,8 @@ calls rows slots):
    all in one `engine.admit` (the prompts run in one pass; choices with the same prompt run it
    once). A choice joins at the next step, beside rows that are halfway through theirs.
 3. Stepped: each step makes up to a few tokens for every live row (as many as fit in
-   `step_seconds`: one call of the compiled loop has a cost of its own, worth sharing), and hands
+   `step_seconds`: one call of the compiled loop has a cost of its own, worth sharing; one token
+   right after an admission, so that the new rows' first token comes at once), and hands
    each choice's new tokens to its job (`job.deliver`, from this thread: the server passes them on
    to the request's event loop). A row's tokens depend only on its own prompt, seed, sample
    number and flags, never on the rows beside it.
@@ -136,7 +137,8 @@ class Batcher:
                 if admitted:
                     self.admit(admitted)
                 if self.running:
-                    self.step()
+                    # A step that follows an admission makes one token: the new rows' first token comes at once.
+                    self.step(1 if admitted else None)
             except Exception as e:  # a failure nobody foresaw: the choices it touched end with it; the server goes on
                 traceback.print_exc(file=sys.stderr)
                 for choice in set(admitted) | set(self.running.values()):
@@ -160,9 +162,11 @@ class Batcher:
         for row, choice in zip(rows, choices):
             self.running[row] = choice
 
-    def step(self):
-        n = 1 if self.seconds_per_token is None or not self.engine.fused_steps else \
-            max(1, int(self.step_seconds / self.seconds_per_token))
+    def step(self, n=None):
+        """Up to n tokens for every running row (None: as many as take about step_seconds)."""
+        if n is None:
+            n = 1 if self.seconds_per_token is None or not self.engine.fused_steps else \
+                max(1, int(self.step_seconds / self.seconds_per_token))
         started = time.perf_counter()
         step = self.engine.step(n)  # fewer, once every row has ended
         seconds = time.perf_counter() - started
