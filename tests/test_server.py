@@ -279,6 +279,7 @@ def test_metrics_count_tokens_and_time_the_first_one(server):
     before = server.metric("gpt2_generation_tokens_total")
     server.post("/v1/completions", {"prompt": "The river", "max_tokens": 7, "ignore_eos": True})
     assert server.metric("gpt2_generation_tokens_total") == before + 7
+    assert server.metric('gpt2_choices_finished_total{finish_reason="length"}') >= 1
     assert server.metric("gpt2_time_to_first_token_seconds_count") >= 1
     assert server.metric("gpt2_rows") == 4
 

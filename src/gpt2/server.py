@@ -314,8 +314,8 @@ class Server:
         self.prompt_tokens = prometheus_client.Counter("gpt2_prompt_tokens", "Prompt tokens of requests served",
                                                        registry=r)
         self.generation_tokens = prometheus_client.Counter("gpt2_generation_tokens", "Tokens generated", registry=r)
-        self.finished = prometheus_client.Counter("gpt2_requests_finished", "Requests answered, by finish reason of "
-                                                  "their choices", ["finish_reason"], registry=r)
+        self.finished = prometheus_client.Counter("gpt2_choices_finished", "Choices answered, by finish reason",
+                                                  ["finish_reason"], registry=r)
         self.rejected = prometheus_client.Counter("gpt2_requests_rejected", "Requests refused, by HTTP status",
                                                   ["status"], registry=r)
         buckets = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5, 10, 30)
