@@ -101,8 +101,35 @@ def load_model(model_name, models_dir, dtype, strategy="one"):
     except (GPT2Error, OSError, TypeError, ValueError):  # not downloaded yet, or not a model:
         reading = contextlib.nullcontext()  # load fetches it or says what is wrong
     with reading:
-        from .api import load  # starts TensorFlow: only once the flags are known to be right
+        with interrupted_at_once():
+            from .api import load  # starts TensorFlow: only once the flags are known to be right
         return load(model_name, models_dir, dtype=dtype, strategy=strategy)
+
+
+@contextlib.contextmanager
+def interrupted_at_once():
+    """Ctrl-C ends the command at once, with "interrupted" and status 130, while TensorFlow imports.
+
+    TensorFlow's C code can turn a KeyboardInterrupt raised inside it into another error (seen in
+    CI: "AttributeError: 'tuple' object has no attribute '_type_spec'" from its import, a
+    traceback); an import has nothing to save. The line goes to the stderr of before the import,
+    which silences TensorFlow's C++ start-up lines by pointing file descriptor 2 elsewhere.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stderr = os.dup(2)
+
+    def interrupted(signum, frame):
+        os.write(stderr, b"interrupted\n")
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        os.close(stderr)
 
 
 def shown_prompt(text, file_name):
