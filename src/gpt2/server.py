@@ -294,7 +294,7 @@ class Server:
     def __init__(self, settings, load, on_ready=None, on_error=None):
         self.settings, self.load, self.on_ready, self.on_error = settings, load, on_ready, on_error
         self.model = self.batcher = None
-        self.load_error = None  # a GPT2Error's message, where loading failed
+        self.load_error = None  # the GPT2Error, where loading failed
         self.ready = threading.Event()
         self.scoring = threading.Lock()  # echo's scoring passes run one at a time, beside the batcher
         self.created = int(time.time())
@@ -469,22 +469,22 @@ class Server:
         header = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                   "model": self.settings.model_name}
 
-        def logprobs(index, entries):
+        def logprobs(entries, start):
+            """The logprobs object of these entries, their offsets counted from `start`; None where not asked for."""
             if completion.logprobs is None:
                 return None
-            return logprobs_object(model.encoder, entries, completion.logprobs, len(echoes[index // n][0]))
+            return logprobs_object(model.encoder, entries, completion.logprobs, start)
 
         async def pieces():
             """(choice index, text, logprobs or None, finish_reason or None) as the choices' tokens come."""
             for index in range(len(choices)):
                 if completion.echo:
                     text, entries = echoes[index // n]
-                    yield index, text, logprobs_object(model.encoder, entries, completion.logprobs) \
-                        if completion.logprobs is not None else None, None
+                    yield index, text, logprobs(entries, 0), None
             if not completion.max_tokens:
                 for index, choice in enumerate(choices):
                     choice.finish_reason = "length"
-                    yield index, "", logprobs(index, []), "length"
+                    yield index, "", logprobs([], len(echoes[index // n][0])), "length"
                 return
             last = [None] * len(choices)  # when each choice's latest tokens came
             while not all(choice.finish_reason for choice in choices):
@@ -508,7 +508,7 @@ class Server:
                     job.finish(event.index)  # ended, or stopped at a string: free its row now
                     self.batcher.wake()
                 if text or entries or choice.finish_reason:
-                    yield event.index, text, logprobs(event.index, entries), choice.finish_reason
+                    yield event.index, text, logprobs(entries, len(echoes[event.index // n][0])), choice.finish_reason
 
         def usage():
             made = sum(choice.n_tokens for choice in choices)
