@@ -202,7 +202,7 @@ def test_saving_replaces_a_folder_whole_or_not_at_all(tiny_model, tmp_path, monk
     assert os.listdir(tmp_path) == ["run"]  # nothing half-written left beside it
     monkeypatch.undo()
     trained = tf.nest.map_structure(lambda t: t * 2, model.params)
-    checkpoint.save_model(target, model.hparams, trained, tiny_model)
+    gpt2.GPT2(model.hparams, trained, model.encoder, model.model_dir).save(target)
     assert os.listdir(tmp_path) == ["run"]
     np.testing.assert_array_equal(load_params(target, model.hparams)["wte"], trained["wte"])
 

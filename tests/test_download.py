@@ -176,7 +176,8 @@ def test_unknown_names_are_refused_before_any_request(mirror, tmp_path):
                              "--models_dir", str(tmp_path), "--base_url", mirror.url],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert result.stderr.strip() == ("error: unknown model 2B: choose from 124M, 355M, 774M, 1558M, 117M, 345M")
+    assert result.stderr.strip() == ("error: unknown model 2B: choose from 124M, 355M, 774M, 1558M, 117M, 345M, or a "
+                                     "GPT-2 of the Hugging Face Hub as org/name")
     assert mirror.requests == [] and not os.listdir(tmp_path)
 
 

@@ -355,8 +355,8 @@ def test_int8_serves_concurrent_requests_as_generate_makes_them(models_dir):
 @pytest.mark.parametrize("flags, message", [
     (["--max_batch", "0"], "error: --max_batch must be a whole number of at least 1, not 0"),
     (["--port", "70000"], "error: --port must be a TCP port, a whole number from 0 to 65535, not 70000"),
-    (["--model_name", "nothere"], "error: unknown model 'nothere': use one of 124M, 355M, 774M, 1558M or the name of a "
-                                    "model folder in"),
+    (["--model_name", "no/such/model"], "error: unknown model 'no/such/model': use one of 124M, 355M, 774M, 1558M, the "
+                                          "name of a model folder in"),
     (["--max_bach", "4"], "error: unknown flag --max_bach: did you mean --max_batch?"),
 ])
 def test_bad_flags_are_one_line_before_anything_loads(models_dir, flags, message):

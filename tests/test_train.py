@@ -628,7 +628,7 @@ def test_a_damaged_run_folder_is_one_line_that_says_what_to_do(models_dir, damag
 
 def test_restore_from_a_folder_that_is_not_a_model_says_so(models_dir, tmp_path):
     with pytest.raises(GPT2Error, match=r"restore_from must be latest, fresh, or a model folder, and '.*' is none: "
-                                        "it has no hparams.json, model.ckpt.index"):
+                                        r"it has no hparams.json \(OpenAI's layout\) or config.json \(Hugging Face's\)"):
         small_run(models_dir, restore_from=str(tmp_path))
 
 

@@ -20,13 +20,13 @@ from . import tensorflow_start  # noqa: F401  (first: TensorFlow starts quietly,
 from .arguments import (GENERATION_STRATEGIES, ArgumentError, check_controls, check_first_sample, check_generation,
                         check_path, check_sampling, check_seed, check_stop, check_text, check_token_ids, new_seed,
                         whole)
-from .checkpoint import save_model
-from .weights import load_params
+from .weights import load_params, save_model
 from .decode import XlaEngine, decoding_memory, replicated
-from .download import download_model
+from .download import download_from_hub, download_model
 from .encoder import TextStream, read_encoder
 from .errors import GPT2Error
-from .folders import MODEL_NAMES, canonical_name, default_models_dir, find_model_dir, read_hparams
+from .folders import (MODEL_NAMES, UnknownModel, canonical_name, default_models_dir, find_model_dir, is_hub_name,
+                      read_hparams)
 from .engine import Replicas, Request, Settings, decode_requests, shared_prefix_length
 from .int8 import Int8Engine, Int8Model, load_int8
 from .score import Score, score_tokens
@@ -42,10 +42,13 @@ BATCH_CHUNK = 32
 
 def load(model_name="124M", models_dir=None, *, dtype="float32", base_url=None, download=True, strategy="one",
          progress=True):
-    """The model `model_name` (124M, 355M, 774M, 1558M, or a folder name in models_dir).
+    """The model `model_name`: one of OpenAI's (124M, 355M, 774M, 1558M), a model folder in
+    models_dir or at that path (OpenAI's layout or Hugging Face's), or a GPT-2 of the Hugging Face
+    Hub ("openai-community/gpt2", "distilgpt2", a fine-tune's "org/name").
 
     One of OpenAI's models that is not in models_dir yet is downloaded first, with a progress bar
-    (unless progress=False; download=False: not at all). models_dir defaults to $GPT2_MODELS_DIR,
+    (unless progress=False; download=False: not at all); a Hub model is fetched into huggingface_hub's
+    cache (download=False: taken from the cache only). models_dir defaults to $GPT2_MODELS_DIR,
     else ./models. dtype: "float32" (as stored), "float16" / "bfloat16" for half the memory (faster on GPUs), or "int8"
     (weights quantized to int8: a quarter of the memory, faster on a CPU; for generating only).
     strategy: the devices that `generate` spreads each batch over: "one" (the default device),
@@ -54,15 +57,24 @@ def load(model_name="124M", models_dir=None, *, dtype="float32", base_url=None, 
     """
     check_generation(dtype, strategy)  # before any download
     models_dir = default_models_dir() if models_dir is None else check_path("models_dir", models_dir)
+    return GPT2.from_folder(model_folder(model_name, models_dir, download, base_url, progress), dtype, strategy)
+
+
+def model_folder(model_name, models_dir, download=True, base_url=None, progress=True):
+    """The folder of `model_name` (see load), fetched first where it is OpenAI's or the Hub's and missing."""
     try:
-        model_dir = find_model_dir(model_name, models_dir)
-    except GPT2Error:
-        if not download or canonical_name(model_name) not in MODEL_NAMES:
+        return find_model_dir(model_name, models_dir)
+    except GPT2Error as not_here:  # missing, or missing files: an interrupted download resumes
+        if canonical_name(model_name) in MODEL_NAMES and download:
+            print(f"Fetching model {canonical_name(model_name)} into {models_dir} (only this once)", file=sys.stderr)
+            download_model(model_name, models_dir, base_url, progress=progress)
+            return find_model_dir(model_name, models_dir)
+        if not (isinstance(not_here, UnknownModel) and is_hub_name(model_name)):
             raise
-        print(f"Fetching model {canonical_name(model_name)} into {models_dir} (only this once)", file=sys.stderr)
-        download_model(model_name, models_dir, base_url, progress=progress)
-        model_dir = find_model_dir(model_name, models_dir)
-    return GPT2.from_folder(model_dir, dtype, strategy)
+        try:
+            return download_from_hub(str(model_name), download)
+        except GPT2Error as e:
+            raise GPT2Error(f"{not_here}; {e}") from e
 
 
 class GPT2:
@@ -72,7 +84,8 @@ class GPT2:
 
     def __init__(self, hparams, params, encoder, model_dir, strategy="one"):
         if encoder.n_vocab != hparams.n_vocab:
-            raise GPT2Error(f"encoder.json has {encoder.n_vocab} tokens but hparams.json says {hparams.n_vocab}: "
+            raise GPT2Error(f"the vocabulary has {encoder.n_vocab} tokens but the model has {hparams.n_vocab} "
+                            "(hparams.json or config.json): "
                             "the model folder mixes files of different models, download it again")
         self.hparams, self.params, self.encoder, self.model_dir = hparams, params, encoder, model_dir
         self.int8 = isinstance(params, Int8Model)
@@ -82,22 +95,25 @@ class GPT2:
 
     @classmethod
     def from_folder(cls, model_dir, dtype="float32", strategy="one"):
-        """The model in a folder of OpenAI's layout (hparams.json, model.ckpt.*, encoder.json, vocab.bpe)."""
+        """The model in a folder of OpenAI's layout (hparams.json, model.ckpt.*, encoder.json, vocab.bpe)
+        or Hugging Face's (config.json, model.safetensors, vocab.json and merges.txt or tokenizer.json)."""
         model_dir = check_path("model_dir", model_dir)
         check_generation(dtype, strategy)
         hparams = read_hparams(model_dir)
         params = load_int8(model_dir, hparams) if dtype == "int8" else load_params(model_dir, hparams, dtype)
         return cls(hparams, params, read_encoder(model_dir), model_dir, strategy)
 
-    def save(self, model_dir, write_more=None):
-        """Write this model (its weights as they are now) as an OpenAI model folder; returns its path.
+    def save(self, model_dir, write_more=None, save_format="openai"):
+        """Write this model (its weights as they are now) as a model folder; returns its path.
 
-        Every tool that reads OpenAI's checkpoints can load it; the folder appears whole or not at
-        all. `write_more(folder)` may add files to it first.
+        save_format "openai": OpenAI's layout, which every tool that reads OpenAI's checkpoints
+        loads; "huggingface": Hugging Face's (float32 safetensors), which transformers'
+        GPT2LMHeadModel and AutoTokenizer load as it is, and the Hub takes; "both": one folder with
+        both. The folder appears whole or not at all. `write_more(folder)` may add files to it first.
         """
         self._need_float("saving")
-        return save_model(check_path("model_dir", model_dir), self.hparams, self.params, self.model_dir,
-                          write_more)
+        return save_model(check_path("model_dir", model_dir), self.hparams, self.params, self.encoder, write_more,
+                          save_format)
 
     def encode(self, text):
         return self.encoder.encode(text)

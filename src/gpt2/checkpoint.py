@@ -7,15 +7,12 @@ a folder (its names, hparams.json, the vocabulary files) is gpt2.folders' job.
 import concurrent.futures
 import itertools
 import os
-import shutil
 
 import numpy as np
 import tensorflow as tf
 
 from .errors import GPT2Error
-from . import folders
-from .folders import VOCAB_FILES, check_replaceable, read_error, write_hparams
-from .storage import replace_folder, writing_name
+from .folders import read_error, write_hparams
 
 CKPT_PREFIX = "model.ckpt"
 
@@ -153,38 +150,6 @@ def checkpoint_variables(params, hparams):
             value = np.asarray(tf.cast(node[key], tf.float32))
         variables[name] = value
     return variables
-
-
-def save_model(model_dir, hparams, params, vocab_dir, write_more=None):
-    """Write a params tree as the OpenAI model folder `model_dir`, with vocab_dir's encoder.json and vocab.bpe.
-
-    The folder is written whole beside `model_dir`, then put in its place (gpt2.storage.replace_folder):
-    a crash leaves the previous folder (or none), never a half-written one. A folder there that
-    holds other files than a model's is not replaced: an ArgumentError says so before anything is
-    written. `write_more(folder)`, if given, adds files to it first (a fine-tuning run's state).
-    """
-    model_dir = os.path.abspath(model_dir)
-    check_replaceable(model_dir, "model_dir")
-    writing = writing_name(model_dir)
-    try:
-        with folders.writing(model_dir):  # one writer at a time, after what a killed one left is repaired
-            os.makedirs(writing)
-            write_checkpoint(writing, hparams, checkpoint_variables(params, hparams))
-            for name in VOCAB_FILES:
-                shutil.copyfile(os.path.join(vocab_dir, name), os.path.join(writing, name))
-            if write_more:
-                write_more(writing)
-            replace_folder(writing, model_dir)
-    except (OSError, tf.errors.OpError) as e:  # a full disk, say
-        shutil.rmtree(writing, ignore_errors=True)
-        # TensorFlow's message ends "<file>; No space left on device [Op:SaveV2]": the reason alone
-        reason = (e.strerror or e) if isinstance(e, OSError) else e.message.split(" [Op:")[0].rsplit("; ", 1)[-1]
-        raise GPT2Error(f"cannot save {model_dir} ({reason}): free some space, or choose another folder; what was "
-                        "there is kept as it was") from e
-    except BaseException:
-        shutil.rmtree(writing, ignore_errors=True)
-        raise
-    return model_dir
 
 
 def write_checkpoint(model_dir, hparams, variables):

@@ -157,7 +157,8 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
                    frequency_penalty=0.0, no_repeat_ngram_size=0, logit_bias=None, bad_words=None):
     """Continue each prompt typed (or piped) in, until end of input (Ctrl-D) or Ctrl-C at the prompt.
 
-    model_name: 124M, 355M, 774M, 1558M, or a model folder in models_dir.
+    model_name: 124M, 355M, 774M, 1558M, a model folder in models_dir (or its path), or a GPT-2 of the
+    Hugging Face Hub (org/name, fetched into its cache on first use).
     seed: a whole number; the same seed and flags give the same samples. None: a new one each run.
     nsamples: samples per prompt; batch_size: samples computed at once (nsamples must be a multiple).
     length: new tokens per sample; None: half the model's context (n_ctx // 2).
@@ -505,17 +506,21 @@ def score_line(summary):
 
 
 def download(*model_names, models_dir=None, base_url=None):
-    """Fetch OpenAI's model files into models_dir/<name>/ (124M, 355M, 774M, 1558M; several at once).
+    """Fetch OpenAI's model files into models_dir/<name>/ (124M, 355M, 774M, 1558M; several at once),
+    and GPT-2s of the Hugging Face Hub (org/name) into its cache.
 
     models_dir: where model folders live ($GPT2_MODELS_DIR, else models).
-    base_url: where to fetch from ($GPT2_BASE_URL, else OpenAI's storage); files are under
+    base_url: where to fetch OpenAI's models from ($GPT2_BASE_URL, else OpenAI's storage); files are under
     <base_url>/models/<name>/. Files already complete are skipped; an interrupted download resumes.
     """
-    from .download import check_model_names, download_model
+    from .download import check_model_names, download_from_hub, download_model
+    from .folders import is_hub_name
 
-    for name in check_model_names(model_names):
+    hub_names = [str(name) for name in model_names if "/" in str(name) and is_hub_name(name)]
+    openai_names = [name for name in model_names if str(name) not in hub_names]
+    for name in (check_model_names(openai_names) if openai_names or not hub_names else []) + hub_names:
         try:
-            model_dir = download_model(name, models_dir, base_url)
+            model_dir = download_from_hub(name) if name in hub_names else download_model(name, models_dir, base_url)
         except KeyboardInterrupt as e:
             raise Interrupted("interrupted: rerun the same command to resume the download") from e
         print(f"{name}: complete in {model_dir}")
@@ -525,7 +530,8 @@ def serve(model_name="124M", models_dir=None, dtype="float32", host="127.0.0.1",
           max_body=1_000_000, timeout=600, drain_seconds=10, api_key=None, step_seconds=0.25):
     """Serve a model over HTTP with OpenAI's completions API (docs/server.md), until SIGTERM or Ctrl-C.
 
-    model_name: 124M, 355M, 774M, 1558M, or a model folder in models_dir ($GPT2_MODELS_DIR, else models).
+    model_name: 124M, 355M, 774M, 1558M, a model folder in models_dir ($GPT2_MODELS_DIR, else models) or
+    at that path, or a GPT-2 of the Hugging Face Hub (org/name).
     dtype: float32, float16, bfloat16, or int8 (a quarter of the memory, faster on a CPU).
     host: the address to listen on: 127.0.0.1 (this machine only) unless you mean it, such as 0.0.0.0.
     port: the TCP port (0: any free one, shown at start).
@@ -542,7 +548,7 @@ def serve(model_name="124M", models_dir=None, dtype="float32", host="127.0.0.1",
     import socket
 
     from .arguments import check_text, is_real
-    from .folders import MODEL_NAMES, canonical_name
+    from .folders import MODEL_NAMES, UnknownModel, canonical_name, is_hub_name
 
     check_model_name(model_name)
     check_dtype(dtype, GENERATION_DTYPES)
@@ -557,8 +563,12 @@ def serve(model_name="124M", models_dir=None, dtype="float32", host="127.0.0.1",
             raise ArgumentError(f"{{{name}}} must be a number of seconds{' > 0' if name != 'drain_seconds' else ''}, "
                                 f"not {value!r}", name)
     api_key = os.environ.get("GPT2_API_KEY") or None if api_key is None else str(api_key)
-    if canonical_name(model_name) not in MODEL_NAMES:  # OpenAI's models are downloaded where missing
+    try:
         find_model_dir(model_name, models_dir)
+    except UnknownModel:
+        if canonical_name(model_name) not in MODEL_NAMES and not is_hub_name(model_name):
+            raise  # OpenAI's models and the Hub's are fetched where missing
+
     listening = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

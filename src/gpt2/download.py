@@ -20,7 +20,8 @@ import time
 import requests
 from tqdm.auto import tqdm  # widgets in notebooks, text bars in terminals
 
-from .folders import DOWNLOAD_LOCK, LEGACY_NAMES, MODEL_FILES, MODEL_NAMES, canonical_name, default_models_dir
+from .folders import (DOWNLOAD_LOCK, LEGACY_NAMES, MODEL_FILES, MODEL_NAMES, canonical_name, default_models_dir,
+                      missing_files)
 from .errors import GPT2Error
 from .storage import try_lock, unlock
 
@@ -45,8 +46,8 @@ def check_model_names(model_names):
                for name in model_names if canonical_name(name) not in MODEL_NAMES]
     if unknown or not model_names:
         valid = ", ".join(MODEL_NAMES + tuple(LEGACY_NAMES))
-        raise GPT2Error(f"unknown model {', '.join(unknown)}: choose from {valid}" if unknown
-                        else f"name a model to download: one of {valid}")
+        raise GPT2Error(f"unknown model {', '.join(unknown)}: choose from {valid}, or a GPT-2 of the Hugging Face Hub as "
+                        "org/name" if unknown else f"name a model to download: one of {valid}, or org/name of the Hub")
     return [canonical_name(name) for name in model_names]
 
 
@@ -244,3 +245,50 @@ def _reason(error):
     if isinstance(error, requests.ConnectionError):
         return "connection failed or dropped"
     return error.__class__.__name__
+
+
+# What loading a Hugging Face GPT-2 needs, of the files a Hub repository may hold (weights in other
+# frameworks' formats, ONNX exports, a README, ...).
+HUB_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
+             "vocab.json", "merges.txt", "tokenizer.json"]
+
+
+def download_from_hub(repo_id, download=True):
+    """The folder of the Hugging Face Hub's model `repo_id` in huggingface_hub's cache (~/.cache/huggingface,
+    or $HF_HOME, $HF_HUB_CACHE), with the files of HUB_FILES it has, fetched where missing.
+
+    huggingface_hub does the fetching: HF_TOKEN for private and gated models, HF_HUB_OFFLINE=1 (or
+    download=False) for the cache alone, HF_ENDPOINT for a mirror. A GPT2Error says in one line what
+    went wrong: no such model, no access, no connection, not in the cache.
+    """
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    try:
+        folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=not download)
+    except GatedRepoError as e:
+        raise GPT2Error(f"{repo_id} on the Hugging Face Hub is gated: accept its terms on huggingface.co, then set "
+                        "HF_TOKEN to a token of that account") from e
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise GPT2Error(f"the Hugging Face Hub has no model {repo_id} (if it is private, set HF_TOKEN to a token "
+                        "that may read it)") from e
+    except LocalEntryNotFoundError as e:
+        if not download or constants.HF_HUB_OFFLINE:
+            raise GPT2Error(f"{repo_id} is not in the Hugging Face cache, and fetching is off "
+                            f"({'HF_HUB_OFFLINE is set' if download else 'download=False'}): fetch it once "
+                            "while online") from e
+        reason = str(e.__cause__ or e).splitlines()[0]
+        raise GPT2Error(f"cannot reach the Hugging Face Hub to fetch {repo_id} ({reason}): check the connection, "
+                        "or set HF_ENDPOINT to a mirror") from e
+    except HfHubHTTPError as e:
+        raise GPT2Error(f"the Hugging Face Hub refused {repo_id} ({str(e).splitlines()[0]})") from e
+    except OSError as e:  # a full disk, say
+        raise GPT2Error(f"cannot store {repo_id} in the Hugging Face cache ({e.strerror or e}): free some space, "
+                        "or set HF_HUB_CACHE to another folder") from e
+    missing = missing_files(folder)
+    if missing:
+        raise GPT2Error(f"{repo_id} on the Hugging Face Hub has no {' and '.join(missing)}: gpt2 reads GPT-2 folders "
+                        "with safetensors weights (pytorch_model.bin alone is not enough)")
+    return folder

@@ -1,4 +1,5 @@
-"""GPT-2's byte-level BPE tokenizer, read from a model's encoder.json and vocab.bpe.
+"""GPT-2's byte-level BPE tokenizer, read from a model's encoder.json and vocab.bpe (or Hugging Face's
+vocab.json and merges.txt, the same files under other names, or its tokenizer.json).
 
 Text is split by GPT-2's regular expression into words, each word's UTF-8 bytes are merged by
 the ranks in vocab.bpe, and each merged piece is looked up in encoder.json. The merging runs in
@@ -18,7 +19,7 @@ from functools import lru_cache
 import tiktoken
 
 from .arguments import check_stop, check_text, check_tokens
-from .folders import find_model_dir, read_error
+from .folders import HUGGINGFACE_VOCAB_FILES, TOKENIZER_JSON, VOCAB_FILES, find_model_dir, is_file, read_error
 from .errors import GPT2Error
 
 # GPT-2's pre-tokenizer: English contractions, runs of letters, of digits, of other symbols (each
@@ -71,6 +72,7 @@ class Encoder:
     """
 
     def __init__(self, encoder, bpe_merges):
+        self.vocabulary, self.bpe_merges = encoder, bpe_merges  # as read, for write_vocabulary
         # A token's rank is the step of BPE that makes it: the 256 bytes first, then each merge.
         ranks = {bytes([byte]): rank for rank, byte in enumerate(bytes_to_unicode())}
         merged = to_bytes([part for merge in bpe_merges for part in merge])
@@ -82,7 +84,8 @@ class Encoder:
         ids = dict(zip(to_bytes(tokens), (encoder[token] for token in tokens)))
         if ids != ranks:
             # GPT-2's ids are exactly these ranks; tiktoken relies on it.
-            raise GPT2Error("encoder.json and vocab.bpe do not match each other: download the model again")
+            raise GPT2Error("the vocabulary's tokens (encoder.json, vocab.json) and merges (vocab.bpe, merges.txt) do not "
+                            "match each other: download the model again")
         if encoder[END_OF_TEXT] != len(ranks):
             # GPT-2's <|endoftext|> is the last id; another would leave an id that no token has.
             raise GPT2Error(f"encoder.json gives {END_OF_TEXT} the id {encoder[END_OF_TEXT]!r}, not {len(ranks)}: "
@@ -213,21 +216,37 @@ def read_encoder(model_dir):
 
 
 def _read_files(model_dir):
+    """The Encoder of OpenAI's two files, Hugging Face's two files under their names, or tokenizer.json."""
+    names = next((names for names in (VOCAB_FILES, HUGGINGFACE_VOCAB_FILES)
+                  if all(is_file(model_dir, name) for name in names)), None)
+    path = os.path.join(model_dir, TOKENIZER_JSON if names is None else names[1])
     try:
-        with open(os.path.join(model_dir, "encoder.json"), encoding="utf-8") as f:
-            encoder = json.load(f)
-        with open(os.path.join(model_dir, "vocab.bpe"), encoding="utf-8") as f:
-            lines = f.read().split("\n")
+        if names is None:  # tokenizer.json: both in one, newer files giving each merge as a pair
+            with open(path, encoding="utf-8") as f:
+                bpe = json.load(f)["model"]
+            encoder, merges = bpe["vocab"], [m.split(" ") if isinstance(m, str) else m for m in bpe["merges"]]
+        else:  # vocab.bpe: a "#version" line, then one merge per line, "left right"
+            with open(os.path.join(model_dir, names[0]), encoding="utf-8") as f:
+                encoder = json.load(f)
+            with open(path, encoding="utf-8") as f:
+                merges = [line.split(" ") for line in f.read().split("\n")[1:] if line]
     except OSError as e:
         raise read_error(e.filename, e) from e
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise GPT2Error(f"the vocabulary in {model_dir} is damaged ({e.__class__.__name__}): "
                         "download the model again") from e
-    # vocab.bpe: a "#version" line, then one merge per line, "left right".
-    merges = [tuple(line.split(" ")) for line in lines[1:] if line]
-    if any(len(merge) != 2 for merge in merges):
-        raise GPT2Error(f"{os.path.join(model_dir, 'vocab.bpe')} is damaged: download the model again")
-    return Encoder(encoder, merges)
+    if not isinstance(encoder, dict) or any(len(merge) != 2 for merge in merges):
+        raise GPT2Error(f"{path} is damaged: download the model again")
+    return Encoder(encoder, [tuple(merge) for merge in merges])
+
+
+def write_vocabulary(encoder, folder, names=VOCAB_FILES):
+    """Write an Encoder's vocabulary into `folder` as OpenAI's encoder.json and vocab.bpe, or under
+    other names (HUGGINGFACE_VOCAB_FILES)."""
+    with open(os.path.join(folder, names[0]), "w", encoding="utf-8") as f:
+        json.dump(encoder.vocabulary, f, ensure_ascii=False)
+    with open(os.path.join(folder, names[1]), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in encoder.bpe_merges))
 
 
 def get_encoder(model_name, models_dir):

@@ -4,11 +4,10 @@ gpt2.train does the work; this module holds what a user passes, with its default
 command line reads and checks its flags (and answers --help) without loading anything.
 """
 import math
-import os
 from typing import NamedTuple, Optional
 
 from .arguments import TRAINING_STRATEGIES, ArgumentError, check_dtype, check_seed, check_strategy, is_real, must, whole
-from .folders import REQUIRED_FILES, default_models_dir, run_folder
+from .folders import SAVE_FORMATS, default_models_dir, missing_files, run_folder
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 
@@ -48,6 +47,7 @@ class Settings(NamedTuple):
     dtype: str
     only_train_transformer_layers: bool
     lora_rank: Optional[int]
+    save_format: str
     strategy: object  # one of TRAINING_STRATEGIES, or a tf.distribute.Strategy
 
 
@@ -56,13 +56,15 @@ def finetune(dataset=None, model_name="124M", run_name="run1", models_dir=None, 
              optimizer="adamw", weight_decay=0.01, clip_norm=1.0, seed=0, save_every=500, sample_every=0,
              sample_prompt=None, sample_length=64, val_dataset=None, val_fraction=0.0, val_every=0, val_tokens=8192,
              keep_best=False, restore_from="latest", overwrite=False, csv_column="text", base_url=None, progress=True,
-             recompute=False, dtype="float32", only_train_transformer_layers=False, lora_rank=None, strategy="auto"):
+             recompute=False, dtype="float32", only_train_transformer_layers=False, lora_rank=None, save_format="openai",
+             strategy="auto"):
     """Fine-tune GPT-2 on your own text into the model folder models_dir/run_name; returns its path.
 
     dataset: a .txt, .csv or .jsonl file, a folder or glob of them, or a .tokens file written by an
     earlier run (documents are joined with <|endoftext|>; encoded once, cached in models_dir/datasets).
-    model_name: the model to start from (fetched on first use); run_name: the run's folder name,
-    which every script then loads as --model_name run_name.
+    model_name: the model to start from (fetched on first use): one of OpenAI's, a model folder, or
+    a GPT-2 of the Hugging Face Hub (org/name); run_name: the run's folder name, which every script
+    then loads as --model_name run_name.
     steps: how many steps THIS call trains. Rerunning the same command resumes the run from its last
     save and trains `steps` more (restore_from latest); restore_from fresh starts again from
     model_name; restore_from PATH starts from the model folder PATH.
@@ -74,6 +76,8 @@ def finetune(dataset=None, model_name="124M", run_name="run1", models_dir=None, 
     (adamw), clip_norm (the gradients' global norm is cut to it; 0: no clipping), seed (the same
     seed and data give the same run).
     save_every: save every N steps (0: only at the end and on Ctrl-C, which saves and stops).
+    save_format: the run folder's layout: openai (OpenAI's checkpoint), huggingface (safetensors,
+    which transformers loads and the Hub takes), or both in one folder.
     sample_every: print a sample every N steps, sample_length tokens from sample_prompt (default:
     the first line of the validation text, else of the training text).
     val_dataset or val_fraction (the last part of the dataset held out), val_every (steps),
@@ -138,9 +142,11 @@ def check(settings):
             raise ArgumentError("{lora_rank} trains the adapters alone: leave out {only_train_transformer_layers}",
                                 "lora_rank", "only_train_transformer_layers")
     check_strategy(settings.strategy, TRAINING_STRATEGIES)
+    if settings.save_format not in SAVE_FORMATS:
+        raise must("save_format", f"one of {', '.join(SAVE_FORMATS)}", settings.save_format)
     if settings.restore_from not in ("latest", "fresh"):
         folder = str(settings.restore_from)
-        missing = [name for name in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, name))]
+        missing = missing_files(folder)
         if missing:
             raise ArgumentError(f"{{restore_from}} must be latest, fresh, or a model folder, and "
                                 f"{settings.restore_from!r} is none: it has no {', '.join(missing)}", "restore_from")

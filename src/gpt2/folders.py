@@ -1,10 +1,14 @@
-"""OpenAI's model folders without TensorFlow: the released models, where folders live, hparams.json.
+"""Model folders without TensorFlow: the released models, where folders live, their shapes.
 
-A model folder holds, exactly as OpenAI publishes it:
+A model folder is in one of two layouts. OpenAI's, exactly as OpenAI publishes it:
     checkpoint, hparams.json, model.ckpt.index, model.ckpt.data-00000-of-00001, model.ckpt.meta,
     encoder.json, vocab.bpe
-gpt2.checkpoint reads and writes the weights (model.ckpt.*); this module knows the rest, so that
-downloading and the commands' start-up need no TensorFlow.
+or Hugging Face's, as transformers' `save_pretrained` writes it and the Hub holds it:
+    config.json, model.safetensors (or model-0000i-of-0000n.safetensors and their index),
+    vocab.json and merges.txt (OpenAI's encoder.json and vocab.bpe under other names), or tokenizer.json
+gpt2.checkpoint and gpt2.huggingface read and write the weights; this module knows the rest, so
+that downloading and the commands' start-up need no TensorFlow. A folder with both layouts' files
+is read as OpenAI's.
 """
 import contextlib
 import json
@@ -40,6 +44,15 @@ MODEL_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00
 # The files that loading reads (the meta graph and the `checkpoint` pointer are not needed).
 REQUIRED_FILES = ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001", "encoder.json", "vocab.bpe")
 VOCAB_FILES = ("encoder.json", "vocab.bpe")
+HUGGINGFACE_CONFIG = "config.json"
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"  # beside model-0000i-of-0000n.safetensors, sharded
+SAFETENSORS_SHARD = r"model-\d+-of-\d+\.safetensors"
+HUGGINGFACE_VOCAB_FILES = ("vocab.json", "merges.txt")
+TOKENIZER_JSON = "tokenizer.json"  # the tokenizers library's file: the same vocabulary and merges in one
+HUGGINGFACE_FILES = (HUGGINGFACE_CONFIG, SAFETENSORS, SAFETENSORS_INDEX, *HUGGINGFACE_VOCAB_FILES, TOKENIZER_JSON,
+                     "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+SAVE_FORMATS = ("openai", "huggingface", "both")
 TRAINING = "training"  # a fine-tuning run's subfolder: what resuming needs (see gpt2.train)
 DOWNLOAD_LOCK = ".download.lock"  # in a model folder while a download works in it
 DATASETS = "datasets"  # models_dir's cache of encoded datasets (see gpt2.train)
@@ -62,11 +75,15 @@ def check_model_name(model_name):
     return str(model_name)
 
 
-def find_model_dir(model_name, models_dir=None):
-    """The folder of `model_name` under `models_dir`, checked to hold the files loading needs.
+class UnknownModel(GPT2Error):
+    """No folder of that name: not downloaded yet, a name of the Hugging Face Hub, or a typo."""
 
-    `model_name` is one of OpenAI's names (legacy names accepted) or any folder in `models_dir`,
-    such as a fine-tuned model.
+
+def find_model_dir(model_name, models_dir=None):
+    """The folder of `model_name`, checked to hold the files loading needs (an UnknownModel where there is none).
+
+    `model_name` is one of OpenAI's names (legacy names accepted), any folder in `models_dir` (such
+    as a fine-tuned model), or the path of a model folder elsewhere.
     """
     models_dir = models_dir or default_models_dir()
     model_name = check_model_name(model_name)
@@ -77,17 +94,57 @@ def find_model_dir(model_name, models_dir=None):
         with contextlib.suppress(GPT2Error):  # another process writes it, or the folder is read-only
             with writing(path):  # which puts the newest save back
                 pass
+    if not os.path.isdir(path) and os.path.isdir(model_name):
+        path = model_name
     if not os.path.isdir(path):
         if canonical_name(model_name) in MODEL_NAMES:
-            raise GPT2Error(f"model {model_name} is not in {models_dir}: "
-                            f"run `python download_model.py {canonical_name(model_name)}` to fetch it")
-        raise GPT2Error(f"unknown model {model_name!r}: use one of {', '.join(MODEL_NAMES)} "
-                        f"or the name of a model folder in {models_dir}")
-    missing = [f for f in REQUIRED_FILES if not is_file(path, f)]
+            raise UnknownModel(f"model {model_name} is not in {models_dir}: "
+                               f"run `python download_model.py {canonical_name(model_name)}` to fetch it")
+        raise UnknownModel(f"unknown model {model_name!r}: use one of {', '.join(MODEL_NAMES)}, the name of a model "
+                           f"folder in {models_dir}, or a GPT-2 of the Hugging Face Hub (such as openai-community/gpt2)")
+    missing = missing_files(path)
     if missing:
+        if folder_format(path) == "huggingface":
+            torch_only = is_file(path, "pytorch_model.bin") and not is_file(path, SAFETENSORS_INDEX)
+            raise GPT2Error(f"{path} is missing {' and '.join(missing)}" + (
+                ": it has PyTorch's pytorch_model.bin only, and gpt2 reads safetensors (save it again with "
+                "transformers' save_pretrained, which writes model.safetensors)" if torch_only
+                else ": it is not a whole Hugging Face GPT-2 folder, fetch it again"))
         raise GPT2Error(f"{path} is missing {', '.join(missing)}: download the model again "
                         f"(`python download_model.py {model_name}`)")
     return path
+
+
+def folder_format(folder):
+    """"openai" (hparams.json), "huggingface" (config.json), or None for a folder of neither."""
+    if is_file(folder, "hparams.json"):
+        return "openai"
+    return "huggingface" if is_file(folder, HUGGINGFACE_CONFIG) else None
+
+
+def missing_files(folder):
+    """What loading needs that the folder lacks, by its layout (see folder_format); [] when nothing."""
+    layout = folder_format(folder)
+    if layout == "openai":
+        return [name for name in REQUIRED_FILES if not is_file(folder, name)]
+    if layout is None:
+        return ["hparams.json (OpenAI's layout) or config.json (Hugging Face's)"]
+    missing = []
+    if not (is_file(folder, SAFETENSORS) or is_file(folder, SAFETENSORS_INDEX)):
+        missing.append(SAFETENSORS)
+    if not (all(is_file(folder, name) for name in HUGGINGFACE_VOCAB_FILES) or is_file(folder, TOKENIZER_JSON)):
+        missing.append(f"{' and '.join(HUGGINGFACE_VOCAB_FILES)} (or {TOKENIZER_JSON})")
+    return missing
+
+
+HUB_NAME = r"([\w.-]+/)?[\w.-]+"  # "org/name", or the older names of a single part ("distilgpt2")
+
+
+def is_hub_name(model_name):
+    """Whether `model_name` could name a model of the Hugging Face Hub (and not one of OpenAI's)."""
+    name = str(model_name)
+    return (bool(re.fullmatch(HUB_NAME, name)) and ".." not in name and "--" not in name and len(name) <= 96
+            and canonical_name(name) not in MODEL_NAMES)
 
 
 def run_folder(models_dir, run_name):
@@ -115,8 +172,8 @@ def foreign_files(folder):
         return []
     if not os.path.isdir(folder):
         return [os.path.basename(folder)]
-    ours = set(MODEL_FILES) | {TRAINING, DOWNLOAD_LOCK} | {f"{name}.part" for name in MODEL_FILES}
-    return sorted(set(os.listdir(folder)) - ours)
+    ours = set(MODEL_FILES) | set(HUGGINGFACE_FILES) | {TRAINING, DOWNLOAD_LOCK} | {f"{name}.part" for name in MODEL_FILES}
+    return sorted(name for name in set(os.listdir(folder)) - ours if not re.fullmatch(SAFETENSORS_SHARD, name))
 
 
 def check_replaceable(folder, name):
@@ -200,22 +257,70 @@ def read_error(path, error):
 
 
 def read_hparams(model_dir):
-    """The HParams of a model folder, from its hparams.json: every field a whole number >= 1."""
-    path = os.path.join(model_dir, "hparams.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-        hparams = HParams(**{name: values[name] for name in HParams._fields})
-    except OSError as e:
-        raise read_error(path, e) from e
-    except (ValueError, KeyError, TypeError) as e:
-        raise GPT2Error(f"{path} is damaged ({e.__class__.__name__}: {e}): download the model again") from e
+    """The HParams of a model folder, from its hparams.json or config.json: every field a whole number >= 1."""
+    if folder_format(model_dir) == "huggingface":
+        path, hparams = read_config(model_dir)
+    else:
+        path = os.path.join(model_dir, "hparams.json")
+        values = read_json(path)
+        try:
+            hparams = HParams(**{name: values[name] for name in HParams._fields})
+        except (KeyError, TypeError) as e:
+            raise GPT2Error(f"{path} is damaged ({e.__class__.__name__}: {e}): download the model again") from e
     for name, value in hparams._asdict().items():
         if not is_whole(value) or value < 1:
             raise GPT2Error(f"{path} is damaged: {name} is {value!r}, not a whole number of at least 1")
     if hparams.n_embd % hparams.n_head:
         raise GPT2Error(f"{path} is damaged: n_embd {hparams.n_embd} is not a multiple of n_head {hparams.n_head}")
     return hparams
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise read_error(path, e) from e
+    except ValueError as e:
+        raise GPT2Error(f"{path} is damaged ({e.__class__.__name__}: {e}): download the model again") from e
+
+
+# transformers' GPT2Config: what a config.json that leaves a field out means by it.
+CONFIG_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
+                   "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+                   "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                   "reorder_and_upcast_attn": False, "add_cross_attention": False}
+# "gelu_pytorch_tanh" is PyTorch's own kernel for the same tanh approximation as OpenAI's "gelu_new".
+GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def read_config(model_dir):
+    """(path, HParams) of a Hugging Face folder's config.json; a one-line GPT2Error for a model that
+    is not GPT-2 or has an option that gpt2 does not compute."""
+    path = os.path.join(model_dir, HUGGINGFACE_CONFIG)
+    values = read_json(path)
+    if not isinstance(values, dict):
+        raise GPT2Error(f"{path} is damaged (not a JSON object): fetch the model again")
+    if values.get("model_type") != "gpt2":
+        raise GPT2Error(f"{path} describes a {values.get('model_type')!r} model, not GPT-2 (model_type 'gpt2'): "
+                        "gpt2 runs GPT-2's architecture only")
+    config = {**CONFIG_DEFAULTS, **values}
+    refused = {
+        "activation_function": config["activation_function"] not in GELU_NAMES,
+        "layer_norm_epsilon": config["layer_norm_epsilon"] != 1e-5,
+        "n_inner": config["n_inner"] not in (None, 4 * config["n_embd"]),
+        "scale_attn_weights": config["scale_attn_weights"] is not True,
+        "scale_attn_by_inverse_layer_idx": config["scale_attn_by_inverse_layer_idx"] is not False,
+        "reorder_and_upcast_attn": config["reorder_and_upcast_attn"] is not False,
+        "add_cross_attention": config["add_cross_attention"] is not False,
+    }
+    for name, is_refused in refused.items():
+        if is_refused:
+            raise GPT2Error(f"{path} sets {name} to {config[name]!r}, which gpt2 does not compute: it runs GPT-2 as "
+                            f"OpenAI made it ({name} {CONFIG_DEFAULTS[name]!r}"
+                            + (" or 4 x n_embd)" if name == "n_inner" else ")"))
+    return path, HParams(n_vocab=config["vocab_size"], n_ctx=config["n_positions"], n_embd=config["n_embd"],
+                         n_head=config["n_head"], n_layer=config["n_layer"])
 
 
 def write_hparams(model_dir, hparams):

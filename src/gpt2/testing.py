@@ -1,12 +1,12 @@
 """Model folders made here, for tests, the notebook and benchmarks: no download needed.
 
-`make_model_folder` writes a complete folder in OpenAI's exact layout and variable names, with
-random weights of any shape (tiny for tests, the real 124M..1558M shapes for benchmarks) and a
-small BPE vocabulary that `learn_bpe` learns from text, written as encoder.json and vocab.bpe.
+`make_model_folder` writes a complete folder in OpenAI's exact layout and variable names (or in
+Hugging Face's), with random weights of any shape (tiny for tests, the real 124M..1558M shapes for
+benchmarks) and a small BPE vocabulary that `learn_bpe` learns from text, written as encoder.json
+and vocab.bpe (vocab.json and merges.txt).
 """
 import base64
 import hashlib
-import json
 import os
 import threading
 import time
@@ -17,8 +17,9 @@ import numpy as np
 import regex
 
 from .checkpoint import variable_shapes, write_checkpoint
-from .encoder import END_OF_TEXT, PATTERN, bytes_to_unicode
-from .folders import OPENAI_HPARAMS, HParams
+from .encoder import END_OF_TEXT, PATTERN, Encoder, bytes_to_unicode, write_vocabulary
+from .folders import HUGGINGFACE_VOCAB_FILES, OPENAI_HPARAMS, VOCAB_FILES, HParams
+from .huggingface import MAX_SHARD_BYTES, write_config, write_safetensors
 
 # Text to learn a vocabulary from: English prose with contractions, numbers and punctuation,
 # plus a little of other scripts so that their words are not all single bytes.
@@ -122,12 +123,15 @@ def random_variables(hparams, seed=0):
     return variables
 
 
-def make_model_folder(model_dir, hparams=None, *, seed=0, text=SAMPLE_TEXT, **shape):
+def make_model_folder(model_dir, hparams=None, *, seed=0, text=SAMPLE_TEXT, layout="openai", dtype="float32",
+                      max_shard_bytes=MAX_SHARD_BYTES, **shape):
     """Write a complete GPT-2 model folder with random weights; returns its HParams.
 
     `hparams` is an HParams, the name of one of OpenAI's models ("124M": its real shapes and
     vocabulary size), or None for a tiny model: n_ctx=128, n_embd=32, n_head=4, n_layer=2 and a
     vocabulary learned from `text`, each changeable by keyword (`n_layer=3`).
+    layout "openai" writes OpenAI's files; "huggingface" the same model as transformers saves it
+    (gpt2.huggingface), its weights stored as `dtype`, in shards of at most max_shard_bytes.
     """
     if isinstance(hparams, str):
         hparams = OPENAI_HPARAMS[hparams]
@@ -136,11 +140,15 @@ def make_model_folder(model_dir, hparams=None, *, seed=0, text=SAMPLE_TEXT, **sh
         hparams = HParams(**{"n_ctx": 128, "n_embd": 32, "n_head": 4, "n_layer": 2, **shape, "n_vocab": len(encoder)})
     else:
         encoder, merges = make_vocab(hparams.n_vocab, text)
-    write_checkpoint(model_dir, hparams, random_variables(hparams, seed))
-    with open(os.path.join(model_dir, "encoder.json"), "w", encoding="utf-8") as f:
-        json.dump(encoder, f, ensure_ascii=False)
-    with open(os.path.join(model_dir, "vocab.bpe"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    vocabulary = Encoder(encoder, merges)
+    if layout == "openai":
+        write_checkpoint(model_dir, hparams, random_variables(hparams, seed))
+        write_vocabulary(vocabulary, model_dir, VOCAB_FILES)
+    else:
+        os.makedirs(model_dir, exist_ok=True)
+        write_safetensors(model_dir, random_variables(hparams, seed), dtype, max_shard_bytes)
+        write_config(model_dir, hparams, vocabulary.eot_token, dtype)
+        write_vocabulary(vocabulary, model_dir, HUGGINGFACE_VOCAB_FILES)
     return hparams
 
 

@@ -553,8 +553,8 @@ def train_run(s, strategy, models_dir, run_dir):
             metrics = read_metrics(os.path.join(run_dir, TRAINING, "metrics.csv"))
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, csv.Error) as e:
             raise damaged_run(run_dir, e) from e
-    vocab_dir = model.model_dir
-    trained = GPT2(hparams, trainer.params, encoder, vocab_dir)
+    model_dir = model.model_dir
+    trained = GPT2(hparams, trainer.params, encoder, model_dir)
     best = min((m["val_loss"] for m in metrics if m.get("val_loss") is not None), default=math.inf)
     prompt = s.sample_prompt or first_line(encoder.decode(np.asarray((val if val is not None else tokens)[:200])))
 
@@ -575,7 +575,7 @@ def train_run(s, strategy, models_dir, run_dir):
                 json.dump({**s._asdict(), "strategy": strategy_name}, f, indent=2)
         # With adapters, the folder holds them merged into the weights: a plain model for every script.
         try:
-            GPT2(hparams, merge_adapters(trainer.params), encoder, vocab_dir).save(path, write_more=write_training)
+            GPT2(hparams, merge_adapters(trainer.params), encoder, model_dir).save(path, write_training, s.save_format)
         except GPT2Error as e:
             raise GPT2Error(f"{e} (step {int(trainer.step.numpy())} was not saved)") from e
         if path == run_dir:
