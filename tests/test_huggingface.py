@@ -6,8 +6,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 import gpt2
 from gpt2.errors import GPT2Error
 from gpt2.model import forward, logits
-from gpt2.testing import make_model_folder
+from gpt2.testing import FakeHub, make_model_folder
 from gpt2.train import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,8 +162,8 @@ def transformers_names(hparams):
     return names
 
 
-def test_a_model_saved_in_huggingface_format_is_what_transformers_loads_and_loads_back_the_same(openai_model,
-                                                                                                   models_dir, tmp_path):
+def test_a_model_saved_in_huggingface_format_has_transformers_names_and_loads_back_the_same(openai_model, models_dir,
+                                                                                             tmp_path):
     saved = tmp_path / "saved"
     assert openai_model.save(saved, save_format="huggingface") == str(saved)
     assert sorted(os.listdir(saved)) == ["config.json", "generation_config.json", "merges.txt", "model.safetensors",
@@ -182,7 +180,8 @@ def test_a_model_saved_in_huggingface_format_is_what_transformers_loads_and_load
         "n_positions": hparams.n_ctx, "n_embd": hparams.n_embd, "n_layer": hparams.n_layer, "n_head": hparams.n_head,
         "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "eos_token_id": hparams.n_vocab - 1}
     # vocab.json and merges.txt are OpenAI's encoder.json and vocab.bpe under Hugging Face's names
-    assert json.loads((saved / "vocab.json").read_text()) == json.loads((models_dir / "openai" / "encoder.json").read_text())
+    openai_vocabulary = json.loads((models_dir / "openai" / "encoder.json").read_text())
+    assert json.loads((saved / "vocab.json").read_text()) == openai_vocabulary
     assert (saved / "merges.txt").read_text() == (models_dir / "openai" / "vocab.bpe").read_text()
     again = gpt2.GPT2.from_folder(str(saved))
     assert_same_params(openai_model, again)
@@ -294,18 +293,26 @@ def test_gelu_pytorch_tanh_and_a_4x_n_inner_are_gpt2s_own(models_dir, openai_mod
     assert_same_params(openai_model, gpt2.load(str(folder)))
 
 
-# The Hub: huggingface_hub's cache in a folder of the test's, never the network.
-REPO, COMMIT = "tester/tiny-gpt2", "0123456789abcdef0123456789abcdef01234567"
+# The Hub: a fake one on 127.0.0.1 (gpt2.testing.FakeHub), and huggingface_hub's cache in a folder of the test's.
+REPO = "tester/tiny-gpt2"
 
 
 @pytest.fixture(scope="module")
 def hub_cache(models_dir, tmp_path_factory):
-    """A huggingface_hub cache that holds REPO (the Hugging Face tiny model) as snapshot_download leaves it."""
+    """A huggingface_hub cache into which download_model.py fetched REPO from a FakeHub, whose repository
+    holds the Hugging Face tiny model and files that loading does not need."""
+    repo = tmp_path_factory.mktemp("repo")
+    shutil.copytree(models_dir / "huggingface", repo, dirs_exist_ok=True)
+    (repo / "pytorch_model.bin").write_bytes(b"PyTorch's copy of the weights")
+    (repo / "README.md").write_text("# tiny-gpt2\n")
     cache = tmp_path_factory.mktemp("hub")
-    repo = cache / ("models--" + REPO.replace("/", "--"))
-    shutil.copytree(models_dir / "huggingface", repo / "snapshots" / COMMIT)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
+    with FakeHub(repo, REPO) as hub:
+        fetched = run_command("download_model.py", REPO, env={"HF_HUB_CACHE": str(cache), "HF_ENDPOINT": hub.url})
+    assert fetched.returncode == 0, fetched.stderr
+    snapshot = cache / "models--tester--tiny-gpt2" / "snapshots" / FakeHub.COMMIT
+    assert fetched.stdout.strip() == f"{REPO}: complete in {snapshot}"
+    # only what loading needs: not PyTorch's weights, not the README, not the tokenizer's settings
+    assert sorted(hub.requests) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
     return cache
 
 
@@ -314,13 +321,10 @@ def run_command(script, *args, env=None):
                           timeout=300, env={**os.environ, **(env or {})})
 
 
-def test_a_hub_name_is_read_from_huggingface_hubs_cache_offline(models_dir, hub_cache, tmp_path):
-    env = {"HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
-    fetched = run_command("download_model.py", REPO, env=env)
-    assert fetched.returncode == 0, fetched.stderr
-    assert fetched.stdout.strip() == f"{REPO}: complete in {hub_cache}/models--tester--tiny-gpt2/snapshots/{COMMIT}"
+def test_a_hub_model_fetched_once_is_read_from_huggingface_hubs_cache_offline(models_dir, hub_cache, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(PROMPT * 4, encoding="utf-8")
+    env = {"HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
     scored = run_command("score.py", str(text), "--model_name", REPO, "--models_dir", str(models_dir), env=env)
     assert scored.returncode == 0, scored.stderr
     expected = gpt2.load("openai", str(models_dir)).score(PROMPT * 4)
@@ -339,6 +343,15 @@ def test_a_hub_name_that_cannot_be_had_is_one_line(hub_cache, env, message):
     assert re.fullmatch(message, result.stderr.strip()), result.stderr
 
 
+def test_a_name_the_hub_does_not_have_is_one_line(tmp_path):
+    with FakeHub(tmp_path, REPO) as hub:
+        result = run_command("download_model.py", "tester/nothing-here",
+                             env={"HF_HUB_CACHE": str(tmp_path / "cache"), "HF_ENDPOINT": hub.url})
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: the Hugging Face Hub has no model tester/nothing-here (if it is private, "
+                                     "set HF_TOKEN to a token that may read it)")
+
+
 def test_a_name_that_is_neither_a_folder_nor_on_the_hub_says_both(models_dir, hub_cache):
     result = run_command("generate_unconditional.py", "--model_name", "tester/missing", "--models_dir",
                          str(models_dir), env={"HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"})
@@ -348,30 +361,16 @@ def test_a_name_that_is_neither_a_folder_nor_on_the_hub_says_both(models_dir, hu
                         r"tester/missing is not in the Hugging Face cache, .*", result.stderr.strip()), result.stderr
 
 
-class RepoNotFound(BaseHTTPRequestHandler):
-    """The Hub's answer for a repository that does not exist (or that the token may not see)."""
-
-    def do_GET(self):
-        self.send_response(404)
-        self.send_header("X-Error-Code", "RepoNotFound")
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(b'{"error": "Repository not found"}')
-
-    do_HEAD = do_GET
-
-    def log_message(self, *args):
-        pass
-
-
-def test_a_name_the_hub_does_not_have_is_one_line(hub_cache, tmp_path):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), RepoNotFound)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        env = {"HF_HUB_CACHE": str(tmp_path), "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}"}
-        result = run_command("download_model.py", "tester/nothing-here", env=env)
-    finally:
-        server.shutdown()
-    assert result.returncode == 1
-    assert result.stderr.strip() == ("error: the Hugging Face Hub has no model tester/nothing-here (if it is private, "
-                                     "set HF_TOKEN to a token that may read it)")
+def test_a_hub_repository_without_safetensors_is_one_line(models_dir, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("config.json", "vocab.json", "merges.txt"):
+        shutil.copy(models_dir / "huggingface" / name, repo / name)
+    (repo / "pytorch_model.bin").write_bytes(b"PyTorch's weights")
+    with FakeHub(repo, REPO) as hub:
+        result = run_command("download_model.py", REPO,
+                             env={"HF_HUB_CACHE": str(tmp_path / "cache"), "HF_ENDPOINT": hub.url})
+    assert result.returncode == 1  # after huggingface_hub's progress bar of the files it found
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {REPO} on the Hugging Face Hub has no model.safetensors: gpt2 reads GPT-2 folders with safetensors "
+        "weights (pytorch_model.bin alone is not enough)")

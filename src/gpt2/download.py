@@ -46,8 +46,9 @@ def check_model_names(model_names):
                for name in model_names if canonical_name(name) not in MODEL_NAMES]
     if unknown or not model_names:
         valid = ", ".join(MODEL_NAMES + tuple(LEGACY_NAMES))
-        raise GPT2Error(f"unknown model {', '.join(unknown)}: choose from {valid}, or a GPT-2 of the Hugging Face Hub as "
-                        "org/name" if unknown else f"name a model to download: one of {valid}, or org/name of the Hub")
+        raise GPT2Error(f"unknown model {', '.join(unknown)}: choose from {valid}, or a GPT-2 of the Hugging Face "
+                        "Hub as org/name" if unknown else f"name a model to download: one of {valid}, or org/name of "
+                        "the Hub")
     return [canonical_name(name) for name in model_names]
 
 

@@ -84,8 +84,8 @@ class Encoder:
         ids = dict(zip(to_bytes(tokens), (encoder[token] for token in tokens)))
         if ids != ranks:
             # GPT-2's ids are exactly these ranks; tiktoken relies on it.
-            raise GPT2Error("the vocabulary's tokens (encoder.json, vocab.json) and merges (vocab.bpe, merges.txt) do not "
-                            "match each other: download the model again")
+            raise GPT2Error("the vocabulary's tokens (encoder.json, vocab.json) and merges (vocab.bpe, merges.txt) "
+                            "do not match each other: download the model again")
         if encoder[END_OF_TEXT] != len(ranks):
             # GPT-2's <|endoftext|> is the last id; another would leave an id that no token has.
             raise GPT2Error(f"encoder.json gives {END_OF_TEXT} the id {encoder[END_OF_TEXT]!r}, not {len(ranks)}: "

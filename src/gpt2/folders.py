@@ -101,7 +101,8 @@ def find_model_dir(model_name, models_dir=None):
             raise UnknownModel(f"model {model_name} is not in {models_dir}: "
                                f"run `python download_model.py {canonical_name(model_name)}` to fetch it")
         raise UnknownModel(f"unknown model {model_name!r}: use one of {', '.join(MODEL_NAMES)}, the name of a model "
-                           f"folder in {models_dir}, or a GPT-2 of the Hugging Face Hub (such as openai-community/gpt2)")
+                           f"folder in {models_dir}, or a GPT-2 of the Hugging Face Hub "
+                           "(such as openai-community/gpt2)")
     missing = missing_files(path)
     if missing:
         if folder_format(path) == "huggingface":
@@ -172,7 +173,7 @@ def foreign_files(folder):
         return []
     if not os.path.isdir(folder):
         return [os.path.basename(folder)]
-    ours = set(MODEL_FILES) | set(HUGGINGFACE_FILES) | {TRAINING, DOWNLOAD_LOCK} | {f"{name}.part" for name in MODEL_FILES}
+    ours = {*MODEL_FILES, *HUGGINGFACE_FILES, TRAINING, DOWNLOAD_LOCK, *(f"{name}.part" for name in MODEL_FILES)}
     return sorted(name for name in set(os.listdir(folder)) - ours if not re.fullmatch(SAFETENSORS_SHARD, name))
 
 

@@ -7,9 +7,11 @@ and vocab.bpe (vocab.json and merges.txt).
 """
 import base64
 import hashlib
+import json
 import os
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -279,6 +281,76 @@ class _MirrorHandler(BaseHTTPRequestHandler):
                 pass
             if fault in ("drop", "stall"):
                 self.close_connection = True
+
+
+class FakeHub:
+    """A local HTTP server that answers as the Hugging Face Hub does for one model repository, `repo`,
+    whose files are those of the folder `root`; any other repository is not found.
+
+        with FakeHub(folder, "org/name") as hub:   # then HF_ENDPOINT=hub.url for huggingface_hub
+            ...
+
+    It answers what huggingface_hub's snapshot_download asks: the repository's commit
+    (/api/models/<repo>/revision/<rev>), its files (/api/models/<repo>/tree/<commit>), and each
+    file (/<repo>/resolve/<commit>/<file>, with the X-Repo-Commit and ETag headers). `requests`
+    lists the files that were sent.
+    """
+
+    COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, root, repo, host="127.0.0.1"):
+        self.root, self.repo, self.requests = str(root), repo, []
+        self._server = ThreadingHTTPServer((host, 0), _HubHandler)
+        self._server.daemon_threads = True
+        self._server.hub = self
+        self.url = f"http://{host}:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+    def files(self):
+        return {name: open(os.path.join(self.root, name), "rb").read() for name in sorted(os.listdir(self.root))}
+
+
+class _HubHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_GET(self):
+        hub = self.server.hub
+        path = urllib.parse.unquote(urllib.parse.urlparse(self.path).path)
+        files = hub.files()
+        if path.startswith(f"/api/models/{hub.repo}/revision/"):
+            return self.answer(200, {"id": hub.repo, "sha": hub.COMMIT, "siblings": [{"rfilename": f} for f in files]})
+        if path.startswith(f"/api/models/{hub.repo}/tree/"):
+            return self.answer(200, [{"type": "file", "path": name, "size": len(data),
+                                      "oid": hashlib.sha1(data).hexdigest()} for name, data in files.items()])
+        prefix = f"/{hub.repo}/resolve/{hub.COMMIT}/"
+        if path.startswith(prefix) and path[len(prefix):] in files:
+            data = files[path[len(prefix):]]
+            if self.command == "GET":
+                hub.requests.append(path[len(prefix):])
+            return self.answer(200, data, {"X-Repo-Commit": hub.COMMIT, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'})
+        # The Hub's answer for a repository that does not exist, or that the token may not see
+        self.answer(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+
+    do_HEAD = do_GET
+
+    def answer(self, status, body, headers=None):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(data)
 
 
 def sample(engine, contexts, length, **flags):
