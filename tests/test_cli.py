@@ -533,7 +533,7 @@ def test_console_commands_point_at_the_cli():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
     assert set(scripts) == {"gpt2-interactive", "gpt2-unconditional", "gpt2-download", "gpt2-score", "gpt2-finetune",
-                            "gpt2-serve"}
+                            "gpt2-serve", "gpt2-pipeline"}
     for target in scripts.values():
         module, function = target.split(":")
         assert callable(getattr(importlib.import_module(module), function))

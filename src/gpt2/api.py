@@ -11,7 +11,6 @@ The command-line scripts are thin callers of this module.
 """
 import collections
 import os
-import sys
 from typing import List, NamedTuple, Tuple
 
 import numpy as np
@@ -22,14 +21,13 @@ from .arguments import (GENERATION_STRATEGIES, ArgumentError, check_controls, ch
                         whole)
 from .weights import load_params, save_model
 from .decode import XlaEngine, decoding_memory, replicated
-from .download import download_from_hub, download_model
+from .download import model_folder
 from .encoder import TextStream, read_encoder
 from .errors import GPT2Error
-from .folders import (MODEL_NAMES, UnknownModel, canonical_name, default_models_dir, find_model_dir, is_hub_name,
-                      read_hparams)
+from .folders import default_models_dir, read_hparams
 from .engine import Replicas, Request, Settings, decode_requests, shared_prefix_length
 from .int8 import Int8Engine, Int8Model, load_int8
-from .score import Score, score_tokens
+from .score import Score, check_stride, score_tokens, score_windows
 from .strategies import distribution
 
 # Seconds of decoding per compiled call while streaming: text comes five times a second and
@@ -58,23 +56,6 @@ def load(model_name="124M", models_dir=None, *, dtype="float32", base_url=None, 
     check_generation(dtype, strategy)  # before any download
     models_dir = default_models_dir() if models_dir is None else check_path("models_dir", models_dir)
     return GPT2.from_folder(model_folder(model_name, models_dir, download, base_url, progress), dtype, strategy)
-
-
-def model_folder(model_name, models_dir, download=True, base_url=None, progress=True):
-    """The folder of `model_name` (see load), fetched first where it is OpenAI's or the Hub's and missing."""
-    try:
-        return find_model_dir(model_name, models_dir)
-    except GPT2Error as not_here:  # missing, or missing files: an interrupted download resumes
-        if canonical_name(model_name) in MODEL_NAMES and download:
-            print(f"Fetching model {canonical_name(model_name)} into {models_dir} (only this once)", file=sys.stderr)
-            download_model(model_name, models_dir, base_url, progress=progress)
-            return find_model_dir(model_name, models_dir)
-        if not (isinstance(not_here, UnknownModel) and is_hub_name(model_name)):
-            raise
-        try:
-            return download_from_hub(str(model_name), download)
-        except GPT2Error as e:
-            raise GPT2Error(f"{not_here}; {e}") from e
 
 
 class GPT2:
@@ -180,28 +161,43 @@ class GPT2:
             min_p, repetition_penalty, repeat_last_n, presence_penalty, frequency_penalty, no_repeat_ngram_size,
             logit_bias, bad_words, logprobs))
         length = self.sample_length(length, prompts[0])
-        rows = [(p, self.context(p, length, truncate_prompt)) for p in prompts for _ in range(nsamples)]
+        rows = [Row(self.context(p, length, truncate_prompt), length, flags, first_sample + i, ignore_eot)
+                for i, p in enumerate(p for p in prompts for _ in range(nsamples))]
+        texts = self.generate_rows(rows, batch_size)
+        if isinstance(prompt, str):
+            return texts
+        return [texts[i * nsamples:(i + 1) * nsamples] for i in range(len(prompts))]
+
+    def sample_row(self, prompt="", length=None, *, seed, sample_index=0, truncate_prompt=False, ignore_eot=False,
+                   temperature=1.0, top_k=0, top_p=1.0, stop=None, **controls):
+        """The Row of one sample, its arguments (generate's) checked: generate_rows makes of it what
+        `generate(prompt, length, seed=seed, first_sample=sample_index, ...)[0]` gives. Rows of
+        other prompts and flags share batches there (gpt2.beam's GenerateSamples)."""
+        [prompt] = check_prompts(prompt, several=False)
+        flags = self.sampling_flags(length, temperature, top_k, top_p, seed, sample_index, stop,
+                                    check_controls(**controls))
+        length = self.sample_length(length, prompt)
+        return Row(self.context(prompt, length, truncate_prompt), length, flags, sample_index, ignore_eot)
+
+    def generate_rows(self, rows, batch_size=1):
+        """The sample of each Row (a str, or a Sample where its flags ask for logprobs), its rows
+        computed batch_size at a time: a row that ends makes room for the next at once."""
         replicas = self.strategy.num_replicas_in_sync  # each takes an equal share of a batch's rows
-        self._check_memory(-(-min(batch_size, len(rows)) // replicas), max(len(context) for _, context in rows),
-                           length, batch_size)
-        contexts = [context for _, context in rows]
-        requests = [Request(context, length, self.settings(flags, first_sample + i, ignore_eot))
-                    for i, context in enumerate(contexts)]
-        streams = [TextStream(self.encoder, flags["stop"], self._stop_token(ignore_eot)) for _ in rows]
+        self._check_memory(-(-min(batch_size, len(rows)) // replicas), max(len(row.context) for row in rows),
+                           max(row.length for row in rows), batch_size)
+        requests = [Request(row.context, row.length, self.settings(row.flags, row.sample, row.ignore_eot))
+                    for row in rows]
+        streams = [TextStream(self.encoder, row.flags["stop"], self._stop_token(row.ignore_eot)) for row in rows]
         samples = [Sample("", [], [], []) for _ in rows]
-        # The rows take turns in batch_size rows: a row that ends makes room for the next at once.
+        contexts = [row.context for row in rows]
         engine = self.engine(min(batch_size, len(rows)), contexts[0][:shared_prefix_length(contexts)])
         for made in decode_requests(engine, requests, chunk_size=BATCH_CHUNK,
                                     is_finished=lambda index: streams[index].finished):
             streams[made.index].feed(made.tokens)
             if made.logprobs:
-                self._add_logprobs(samples[made.index], made, ignore_eot)
-        texts = [s.finish() for s in streams]
-        if flags["controls"].logprobs is not None:
-            texts = [sample._replace(text=text) for sample, text in zip(samples, texts)]
-        if isinstance(prompt, str):
-            return texts
-        return [texts[i * nsamples:(i + 1) * nsamples] for i in range(len(prompts))]
+                self._add_logprobs(samples[made.index], made, rows[made.index].ignore_eot)
+        return [sample._replace(text=stream.finish()) if row.flags["controls"].logprobs is not None else stream.finish()
+                for row, stream, sample in zip(rows, streams, samples)]
 
     def stream(self, prompt="", length=None, *, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=None,
                truncate_prompt=False, ignore_eot=False, first_sample=0, min_p=0.0, repetition_penalty=1.0,
@@ -345,14 +341,13 @@ class GPT2:
         return scores.perplexity if isinstance(scores, Score) else [s.perplexity for s in scores]
 
     def window_stride(self, stride):
-        """How far apart scoring windows start: `stride`, checked to be in 1..n_ctx - 1, or n_ctx // 2 for None."""
-        n_ctx = self.hparams.n_ctx
-        if stride is None:
-            return n_ctx // 2
-        if whole("stride", stride, 1) >= n_ctx:
-            raise ArgumentError(f"{{stride}} must be less than the model's context of {n_ctx} tokens, not {stride}",
-                                "stride")
-        return stride
+        """How far apart scoring windows start: `stride` checked, or n_ctx // 2 for None (gpt2.score.check_stride)."""
+        return check_stride(stride, self.hparams.n_ctx)
+
+    def score_windows(self, windows, rows):
+        """The log-probabilities of windows of any texts (gpt2.score.score_windows), `rows` at a time."""
+        self._need_float("scoring")
+        return score_windows(self.params, self.hparams, windows, rows)
 
     def score_pieces(self, pieces, stride=None, *, batch_size=1):
         """`score` for a text too large for memory, given as pieces of text (strings, read as needed;
@@ -419,9 +414,27 @@ def check_prompts(prompt, several=True, name="prompt"):
                         f"not {prompt!r}", name)
 
 
+class Row(NamedTuple):
+    """One sample to make (see GPT2.sample_row): its prompt's tokens, new tokens, checked flags
+    (GPT2.sampling_flags), sample number and whether <|endoftext|> ends it."""
+    context: List[int]
+    length: int
+    flags: dict
+    sample: int
+    ignore_eot: bool
+
+
 class Sample(NamedTuple):
     """A sample (or, from `stream`, a piece of one) with its tokens' log-probabilities (logprobs=N)."""
     text: str
     tokens: List[int]  # the tokens made, its stop token left out (a stop string's may be among them)
     logprobs: List[float]  # each token's log-probability, under the model's own distribution
     top_logprobs: List[List[Tuple[int, float]]]  # each token's N most likely alternatives: (token, log-probability)
+
+    def logprob_fields(self):
+        """Its tokens, their log-probabilities and each one's likeliest tokens with theirs ([token,
+        log-probability] pairs, the likeliest first), as JSON records hold them (--output x.jsonl)."""
+        return {"tokens": [int(token) for token in self.tokens],
+                "logprobs": [float(logprob) for logprob in self.logprobs],
+                "top_logprobs": [[[int(token), float(logprob)] for token, logprob in likeliest]
+                                 for likeliest in self.top_logprobs]}

@@ -296,7 +296,7 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
                         record = {"number": number, "text": text, "sample_index": number - 1,
                                   "model_name": str(model_name), "dtype": dtype, "length": length, **flags}
                         if logprobs is not None:
-                            record.update(logprob_fields(sample))
+                            record.update(sample.logprob_fields())
                         out_file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
                     elif out_file:
                         out_file.write(shown.encode("utf-8"))
@@ -308,15 +308,6 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
         progress.close()
         if out_file:
             out_file.close()
-
-
-def logprob_fields(sample):
-    """A gpt2.api.Sample's tokens, their log-probabilities and each one's likeliest tokens with theirs
-    ([token, log-probability] pairs, the likeliest first), as a record of --output x.jsonl holds them."""
-    return {"tokens": [int(token) for token in sample.tokens],
-            "logprobs": [float(logprob) for logprob in sample.logprobs],
-            "top_logprobs": [[[int(token), float(logprob)] for token, logprob in likeliest]
-                             for likeliest in sample.top_logprobs]}
 
 
 def score_files(*files, model_name="124M", models_dir=None, stride=None, batch_size=1, output=None, dtype="float32"):
@@ -608,6 +599,73 @@ def serve(model_name="124M", models_dir=None, dtype="float32", host="127.0.0.1",
     print(f"gpt2-serve: stopped ({signal.Signals(signals[0]).name if signals else 'done'})", file=sys.stderr)
 
 
+def pipeline(task=None, input=None, output=None, model_name="124M", models_dir=None, dtype="float32", batch_size=8,
+             stride=None, text_field="text", id_field="id", large_model=False, length=None, seed=None, nsamples=1,
+             temperature=1, top_k=0, top_p=1, stop=None, truncate_prompt=False, ignore_eot=False, min_p=0.0,
+             repetition_penalty=1.0, repeat_last_n=0, presence_penalty=0.0, frequency_penalty=0.0,
+             no_repeat_ngram_size=0, logit_bias=None, bad_words=None, logprobs=None, **beam_options):
+    """Score or generate a whole corpus on Apache Beam (docs/pipeline.md): `score` or `generate`.
+
+    score --input GLOB --output PREFIX: each document's tokens, nll, perplexity, bytes and bits
+    per byte (as score.py gives them) into PREFIX-SSSSS-of-NNNNN.jsonl, the corpus's totals into
+    PREFIX-summary.json. Input: .txt files (one document each, its id the path) and .jsonl files (a
+    document a line: text_field, default text, and id_field, default id). stride: as for score.py.
+    generate --input PROMPTS.jsonl --output PREFIX: a record per line with `prompt` and any of
+    model.generate's arguments (length, seed, nsamples, temperature, top_k, top_p, stop, ...), whose
+    defaults are this command's flags of the same names; the samples into PREFIX-SSSSS-of-NNNNN.jsonl,
+    each with what reproduces it.
+    Records that cannot be used go to PREFIX-errors.jsonl with the reason; the job goes on.
+    model_name, models_dir, dtype: the model, as for the other commands. batch_size: windows (or
+    samples) computed at once. large_model: one model per machine, shared by its worker processes.
+    Every other flag is a Beam pipeline option: --runner (DirectRunner, DataflowRunner,
+    FlinkRunner, SparkRunner), --direct_num_workers, --direct_running_mode, Dataflow's --project,
+    --region, --temp_location, --requirements_file, ...
+    """
+    from .arguments import must
+    from .download import model_folder
+    from .folders import read_hparams
+
+    if task not in ("score", "generate"):
+        raise ArgumentError("name the task first: `pipeline.py score ...` or `pipeline.py generate ...`", "task")
+    for name, value in (("input", input), ("output", output)):
+        if not isinstance(value, str) or not value:
+            raise must(name, "a path or a glob (" + ("the files to read" if name == "input" else "the prefix of the "
+                                                     "files to write, such as out/scores") + ")", value)
+    from .beam import GenerateSamples, ScoreDocuments, pipeline_options, run_corpus  # Apache Beam starts here
+
+    options = pipeline_options(beam_options)  # an unknown option is an error before anything starts
+    flags = dict(length=length, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop,
+                 truncate_prompt=truncate_prompt, ignore_eot=ignore_eot, min_p=min_p,
+                 repetition_penalty=repetition_penalty, repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
+                 frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                 logit_bias=logit_bias, bad_words=bad_words, logprobs=logprobs)
+    check_sampling(length, temperature, top_k, top_p)
+    check_seed(seed)
+    check_stop(stop)
+    check_controls(min_p, repetition_penalty, repeat_last_n, presence_penalty, frequency_penalty,
+                   no_repeat_ngram_size, logit_bias, bad_words, logprobs)
+    whole("nsamples", nsamples, 1)
+    folder = model_folder(model_name, models_dir)  # here too: a bad name is one line, not a failed job
+    n_ctx = read_hparams(folder).n_ctx
+    if task == "score" and stride is not None and (whole("stride", stride, 1) >= n_ctx):
+        raise ArgumentError(f"{{stride}} must be less than the model's context of {n_ctx} tokens, not {stride}",
+                            "stride")
+    if task == "score":
+        transform = ScoreDocuments(model_name, models_dir, stride, batch_size, dtype, text_field, id_field, large_model)
+    else:
+        defaults = {name: value for name, value in {**flags, "nsamples": nsamples}.items() if value is not None}
+        transform = GenerateSamples(model_name, models_dir, batch_size, dtype, large_model, **defaults)
+    errors, summary = run_corpus(transform, input, output, "prompt" if task == "generate" else text_field, options)
+    told = f"; {errors} records could not be used: see {output}-errors.jsonl" if errors else "; no bad records"
+    if task == "score":
+        s = summary
+        print(f"gpt2-pipeline: {s['documents']} documents, {s['tokens']} tokens"
+              + (f", perplexity {s['perplexity']:.3f}, {s['bits_per_byte']:.4f} bits/byte" if s["tokens"] else "")
+              + f": {output}-*.jsonl, {output}-summary.json{told}", file=sys.stderr)
+    else:
+        print(f"gpt2-pipeline: samples in {output}-*.jsonl{told}", file=sys.stderr)
+
+
 def flag_wording(error):
     """A GPT2Error's message as the command line says it: parameter names as flags (--top_p)."""
     return error.worded("--") if isinstance(error, ArgumentError) else str(error)
@@ -720,6 +778,10 @@ def score_main(argv=None):
 
 def serve_main(argv=None):
     run(serve, argv)
+
+
+def pipeline_main(argv=None):
+    run(pipeline, argv)
 
 
 def finetune_main(argv=None):

@@ -20,8 +20,8 @@ import time
 import requests
 from tqdm.auto import tqdm  # widgets in notebooks, text bars in terminals
 
-from .folders import (DOWNLOAD_LOCK, LEGACY_NAMES, MODEL_FILES, MODEL_NAMES, canonical_name, default_models_dir,
-                      missing_files)
+from .folders import (DOWNLOAD_LOCK, LEGACY_NAMES, MODEL_FILES, MODEL_NAMES, UnknownModel, canonical_name,
+                      default_models_dir, find_model_dir, is_hub_name, missing_files)
 from .errors import GPT2Error
 from .storage import try_lock, unlock
 
@@ -74,6 +74,25 @@ def download_model(model_name, models_dir=None, base_url=None, *, retries=5, bac
             _fetch_files(model_dir, name, base_url, todo, retries=retries, backoff=backoff, timeout=timeout,
                          progress=progress)
     return model_dir
+
+
+def model_folder(model_name, models_dir, download=True, base_url=None, progress=True):
+    """The folder of `model_name` (see gpt2.load): in models_dir or at that path, else fetched
+    first where it is OpenAI's (into models_dir) or the Hugging Face Hub's (into its cache)."""
+    models_dir = models_dir or default_models_dir()
+    try:
+        return find_model_dir(model_name, models_dir)
+    except GPT2Error as not_here:  # missing, or missing files: an interrupted download resumes
+        if canonical_name(model_name) in MODEL_NAMES and download:
+            print(f"Fetching model {canonical_name(model_name)} into {models_dir} (only this once)", file=sys.stderr)
+            download_model(model_name, models_dir, base_url, progress=progress)
+            return find_model_dir(model_name, models_dir)
+        if not (isinstance(not_here, UnknownModel) and is_hub_name(model_name)):
+            raise
+        try:
+            return download_from_hub(str(model_name), download)
+        except GPT2Error as e:
+            raise GPT2Error(f"{not_here}; {e}") from e
 
 
 def _missing_files(model_dir):

@@ -20,6 +20,7 @@ import numpy as np
 import regex
 import tensorflow as tf
 
+from .arguments import ArgumentError, whole
 from .decode import bucket
 from .model import forward
 from .tensorflow_start import compiled
@@ -142,6 +143,26 @@ def score_tokens(params, hparams, tokens, eot_token, *, stride, batch_size=1, to
             batch = []
     if batch:
         yield _score_batch(params, hparams, batch, top)
+
+
+def score_windows(params, hparams, batch, rows):
+    """The log-probabilities (float64) of each window's scored tokens, for windows of any texts:
+    `batch` is [(window tokens, n_scored)], computed as `rows` rows (short windows fill the rest),
+    so that batches of other sizes share the compiled program of `rows`."""
+    padding = [([0, 0], 1)] * (rows - len(batch))
+    logprobs = _score_batch(params, hparams, batch + padding, top=0).logprobs
+    ends = np.cumsum([n_scored for _, n_scored in batch])
+    return np.split(logprobs[:ends[-1]], ends[:-1])
+
+
+def check_stride(stride, n_ctx):
+    """How far apart scoring windows start: `stride`, checked to be in 1..n_ctx - 1, or n_ctx // 2 for None."""
+    if stride is None:
+        return n_ctx // 2
+    if whole("stride", stride, 1) >= n_ctx:
+        raise ArgumentError(f"{{stride}} must be less than the model's context of {n_ctx} tokens, not {stride}",
+                            "stride")
+    return stride
 
 
 def _score_batch(params, hparams, batch, top):
