@@ -63,8 +63,9 @@ def totals(records):
             "bytes": n_bytes, "bits_per_byte": nats / math.log(2) / n_bytes}
 
 
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_each_document_gets_model_scores_numbers_whatever_the_batch_size(model, tiny_model, batch_size):
+@pytest.mark.parametrize("batch_size, large_model", [(1, False), (3, False), (3, True)])
+def test_each_document_gets_model_scores_numbers_whatever_the_batch_size(model, tiny_model, batch_size, large_model):
+    """large_model: the model lives in a process of its own that this one's threads call (Beam's MultiProcessShared)."""
     texts = {f"doc{i}": document(i) for i in range(6)}
     expected = {name: expected_record(model, name, text) for name, text in texts.items()}
 
@@ -77,7 +78,8 @@ def test_each_document_gets_model_scores_numbers_whatever_the_batch_size(model, 
 
     with beam.Pipeline() as pipeline:
         records = pipeline | beam.Create([{"id": name, "text": text} for name, text in texts.items()])
-        scored = records | ScoreDocuments("tiny", str(tiny_model.parent), batch_size=batch_size)
+        scored = records | ScoreDocuments("tiny", str(tiny_model.parent), batch_size=batch_size,
+                                          large_model=large_model)
         assert_that(scored["documents"], check_documents, label="documents")
         assert_that(scored["summary"], check_summary, label="summary")
         assert_that(scored["errors"], is_empty(), label="errors")

@@ -73,3 +73,15 @@ def test_serve_benchmark_prints_its_table(tmp_path):
         row = (rf"\| {concurrency} \| 8 \| 0 \| {number} \| {number} \| {number} \| {number} \| {number} \| {number} "
                rf"\| {number} \| ({number}|-) \| ({number}|-) \|")
         assert re.search(row, result.stdout), result.stdout
+
+
+@pytest.mark.slow
+def test_pipeline_benchmark_prints_its_table(tmp_path):
+    """And checks that pipeline.py made the samples that generate_unconditional.py made (it exits otherwise)."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "pipeline.py"), "--tiny", "--models_dir",
+                             str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    for row in (r"\| score \| score.py \(a file per document\) \| [\d.]+ \| \d+ tokens/s \| 100% \|",
+                r"\| score \| pipeline.py, 1 worker process \| [\d.]+ \| \d+ tokens/s \| \d+% \|",
+                r"\| generate \| pipeline.py, 1 worker process \| [\d.]+ \| [\d.]+ samples/s \| \d+% \|"):
+        assert re.search(row, result.stdout), result.stdout
