@@ -58,7 +58,7 @@ def test_notebook_is_ready_for_colab():
     assert "%tensorflow_version" not in source and "compat.v1" not in source
     assert 'model_name = "124M"  # @param ["124M", "355M", "774M", "1558M"]' in source
     for tag in ("install", "gpu", "choose", "load", "generate", "stream", "unconditional", "speed", "finetune",
-                "finetune-plot", "finetune-generate", "finetune-drive", "finetune-resume"):
+                "finetune-plot", "finetune-generate", "finetune-drive", "finetune-resume", "serve"):
         cell(nb, tag)
     assert 'SOURCE = "/content/drive/MyDrive/gpt2"  # @param {type:"string"}' in source  # a Git URL, wheel or folder
 
@@ -126,3 +126,6 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert banner(1) in tuned and banner(2) in tuned
     assert "Not in Colab: the run stays in" in stream_text(cell(nb, "finetune-drive"))
     assert f"it has trained {STEPS + STEPS // 3} steps in all" in stream_text(cell(nb, "finetune-resume"))
+
+    # The page: the server answered /health, and outside Colab the cell says where the page is.
+    assert "The page is at http://127.0.0.1:" in stream_text(cell(nb, "serve"))

@@ -10,6 +10,10 @@ text here (stop strings are cut across tokens, and text that could still begin o
 back), sent as server-sent events while they come (`stream`) or as one response at the end. A
 client that goes away, a stop string, or the request's deadline frees its rows at the next step.
 
+`GET /` is a page to write with the model in a browser (gpt2/page/: plain HTML, CSS and
+JavaScript, no build step) that talks to /v1/completions like any other client; the page is
+public and asks for the API key itself.
+
 The HTTP layer is Starlette on uvicorn (the ASGI server that runs it, with its graceful shutdown:
 SIGTERM or Ctrl-C stop accepting, running requests finish for up to --drain_seconds), and
 /metrics is prometheus_client's. The model loads in a thread after the port is open, so /health
@@ -26,13 +30,15 @@ import threading
 import time
 import traceback
 import uuid
+from pathlib import Path
 from typing import List, NamedTuple, Optional
 
 import numpy as np
 import prometheus_client
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from .arguments import ArgumentError, check_controls, is_real, is_whole, new_seed
 from .encoder import TextStream
@@ -59,6 +65,7 @@ FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream"
           "suffix", "top_k", "min_p", "repetition_penalty", "repeat_last_n", "no_repeat_ngram_size", "bad_words",
           "ignore_eos", "timeout"}
 MAX_CHOICES = 128  # prompts x n in one request
+PAGE = Path(__file__).with_name("page")  # the page's files, shipped in the package
 # gpt2.arguments' names for the request's fields, in its messages.
 ARGUMENT_NAMES = {"length": "max_tokens"}
 
@@ -362,10 +369,15 @@ class Server:
     # Routes ---------------------------------------------------------------------------------
 
     def routes(self):
-        return [Route("/health", self.health), Route("/metrics", self.metrics),
+        # The page and its files need no key: they hold nothing but code, and the page asks for the key.
+        return [Route("/", self.page), Mount("/page", StaticFiles(directory=PAGE)),
+                Route("/health", self.health), Route("/metrics", self.metrics),
                 Route("/v1/models", self.models), Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/tokenize", self.tokenize, methods=["POST"]),
                 Route("/detokenize", self.detokenize, methods=["POST"])]
+
+    async def page(self, request):
+        return FileResponse(PAGE / "index.html")
 
     async def health(self, request):
         if self.serving():
@@ -601,8 +613,9 @@ def create_app(settings, load, on_ready=None, on_error=None):
         return error.response()
 
     async def not_found(request, error):
-        return APIError(error.status_code, f"{request.method} {request.url.path} is not served here: see /v1/models, "
-                        "/v1/completions, /health, /metrics, /tokenize, /detokenize", code="not_found").response()
+        return APIError(error.status_code, f"{request.method} {request.url.path} is not served here: see / (the page), "
+                        "/v1/models, /v1/completions, /health, /metrics, /tokenize, /detokenize",
+                        code="not_found").response()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
