@@ -16,10 +16,12 @@
 
 The model runs inside Beam's RunInference: each worker process loads it once and its threads
 share it (with large_model, one copy per machine is shared by its processes). Batches have few
-shapes: their rows are padded to a power of two up to batch_size, and windows to the lengths of
-gpt2.engine.bucket, so XLA compiles a few programs, not one per batch. A document's windows may
-share a batch with other documents' and come back in any order; they are put together again by
-document, so a document's numbers are `model.score(text)`'s. Bad records never stop a job: they
+shapes, so XLA compiles a few programs, not one per batch: a scoring batch holds windows of one
+length class (lengths within a factor of two, gathered with GroupIntoBatches, so that little of
+it is padding), its rows padded to a power of two and its windows to the lengths of
+gpt2.engine.bucket. A document's windows share batches with other documents' and come back in
+any order; they are put together again by document, so a document's numbers are
+`model.score(text)`'s. Bad records never stop a job: they
 go to the "errors" output with the reason (Beam's dead-letter pattern).
 
 This module is the only one that imports Apache Beam (`pip install .[beam]`).
@@ -132,8 +134,8 @@ class ReadCorpus(beam.PTransform):
 
 
 class Handler(ModelHandler):
-    """RunInference's ModelHandler for a GPT2: loads it, and runs `task(model, batch, rows)` on batches of
-    batch_size elements at most, as `rows` rows (a power of two, at most batch_size)."""
+    """RunInference's ModelHandler for a GPT2: loads it, and runs `task(model, batch)` on batches of
+    batch_size elements."""
 
     def __init__(self, model, task, batch_size, large_model=False):
         super().__init__()
@@ -145,11 +147,12 @@ class Handler(ModelHandler):
         return GPT2.from_folder(self.model.folder(), self.model.dtype)
 
     def run_inference(self, batch, model, inference_args=None):
-        rows = min(self.batch_size, 1 << (len(batch) - 1).bit_length())
-        return [PredictionResult(element, result) for element, result in zip(batch, self.task(model, batch, rows))]
+        return [PredictionResult(element, result) for element, result in zip(batch, self.task(model, batch))]
 
     def batch_elements_kwargs(self):
-        return {"min_batch_size": 1, "max_batch_size": self.batch_size}
+        # Full batches: Beam's adaptive batching would start at one element and grow, and each
+        # size of its way is another shape to compile (a bundle's last batch may still be smaller).
+        return {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
 
     def share_model_across_processes(self):
         return self.large_model
@@ -202,25 +205,37 @@ class Windows(beam.DoFn):
             yield Window(key, document_id, index, len(parts), window, n_scored, len(text.encode("utf-8")))
 
 
-def score_task(model, batch, rows):
-    return model.score_windows([(window.tokens, window.n_scored) for window in batch], rows)
+def length_class(window):
+    """Windows of one class have lengths within a factor of two: batched together, little is padding."""
+    return (len(window.tokens) - 1).bit_length(), window
 
 
-def document_key(result):
-    return result.example.key
+def score_task(model, batch):
+    """Each element is a batch of windows of one length class: their log-probabilities, computed as a
+    power of two rows (a few shapes, so a few compiled programs)."""
+    return [model.score_windows([(window.tokens, window.n_scored) for window in windows],
+                                rows=1 << (len(windows) - 1).bit_length()) for windows in batch]
 
 
-def document_record(key_and_results):
+def scored_windows(result):
+    """(window, its log-probabilities) of each window of a scored batch."""
+    return zip(result.example, result.inference)
+
+
+def document_key(scored):
+    return scored[0].key
+
+
+def document_record(key_and_windows):
     """A document's record from its windows' log-probabilities: model.score's numbers."""
     from .score import Score
 
-    _, results = key_and_results
-    results = sorted(results, key=lambda result: result.example.index)
-    first = results[0].example
-    if len(results) != first.count:  # never expected: a window lost on the way
-        raise GPT2Error(f"document {first.id!r} came back with {len(results)} of its {first.count} windows")
-    logprobs = [result.inference for result in results]
-    score = Score(None, np.concatenate(logprobs), first.n_bytes)
+    _, scored = key_and_windows
+    scored = sorted(scored, key=lambda pair: pair[0].index)
+    first = scored[0][0]
+    if len(scored) != first.count:  # never expected: a window lost on the way
+        raise GPT2Error(f"document {first.id!r} came back with {len(scored)} of its {first.count} windows")
+    score = Score(None, np.concatenate([logprobs for _, logprobs in scored]), first.n_bytes)
     return {"id": first.id, "tokens": len(score.logprobs), "nll": score.nll, "perplexity": score.perplexity,
             "bytes": score.n_bytes, "bits_per_byte": score.bits_per_byte}
 
@@ -294,8 +309,14 @@ class ScoreDocuments(beam.PTransform):
     def expand(self, records):
         windows = records | "Windows" >> beam.ParDo(
             Windows(self.model, self.stride, self.text_field, self.id_field)).with_outputs("errors", main="windows")
+        # Beam's batches would mix windows of any lengths, each padded to the longest: batches of
+        # windows of one length class instead, each of them one element of RunInference.
         documents = (windows.windows
-                     | "Score" >> RunInference(Handler(self.model, score_task, self.batch_size, self.large_model))
+                     | "ByLength" >> beam.Map(length_class)
+                     | "Batches" >> beam.GroupIntoBatches(self.batch_size)
+                     | "Batch" >> beam.Values()
+                     | "Score" >> RunInference(Handler(self.model, score_task, 1, self.large_model))
+                     | "Scored" >> beam.FlatMap(scored_windows)
                      | "ByDocument" >> beam.GroupBy(document_key)
                      | "Document" >> beam.Map(document_record)
                      | "Progress" >> beam.ParDo(Progress("documents scored")))
@@ -344,7 +365,7 @@ class Samples(beam.DoFn):
             yield SampleSpec(source, prompt, index, arguments)
 
 
-def generate_task(model, batch, rows):
+def generate_task(model, batch):
     """Each SampleSpec's text (its Row checked first: an impossible one is a GPT2Error in its place)."""
     results, made = [], []
     for spec in batch:
@@ -355,7 +376,7 @@ def generate_task(model, batch, rows):
             results.append(e)
         except TypeError as e:  # an argument of the wrong kind that the checks did not name
             results.append(GPT2Error(str(e)))
-    texts = iter(model.generate_rows(made, rows) if made else [])
+    texts = iter(model.generate_rows(made, len(made)) if made else [])
     return [next(texts) if result is None else result for result in results]
 
 
