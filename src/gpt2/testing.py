@@ -154,7 +154,27 @@ def make_model_folder(model_dir, hparams=None, *, seed=0, text=SAMPLE_TEXT, layo
     return hparams
 
 
-class ModelMirror:
+class LocalServer:
+    """An HTTP server on 127.0.0.1 in a thread of its own while the `with` block runs, its handler
+    class answering; the handler finds this object as self.server.owner."""
+
+    def __init__(self, handler, host="127.0.0.1", port=0):
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self._server.owner = self
+        self.url = f"http://{host}:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class ModelMirror(LocalServer):
     """A local HTTP server that serves model folders as OpenAI's storage does, and can misbehave.
 
         with ModelMirror(models_dir) as mirror:   # serves models_dir/<name>/<file>
@@ -181,19 +201,7 @@ class ModelMirror:
         self.requests = []
         self._faults = {}
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer((host, port), _MirrorHandler)
-        self._server.daemon_threads = True
-        self._server.mirror = self
-        self.url = f"http://{host}:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(_MirrorHandler, host, port)
 
     def fail(self, file_name, *faults):
         with self._lock:
@@ -226,7 +234,7 @@ class _MirrorHandler(BaseHTTPRequestHandler):
         self.serve(send_body=True)
 
     def serve(self, send_body):
-        mirror = self.server.mirror
+        mirror = self.server.owner
         parts = self.path.lstrip("/").split("/")
         path = os.path.join(mirror.root, *parts[1:]) if len(parts) == 3 and parts[0] == "models" else None
         fault = mirror._next_fault(parts[-1]) if send_body else None
@@ -283,7 +291,7 @@ class _MirrorHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
 
 
-class FakeHub:
+class FakeHub(LocalServer):
     """A local HTTP server that answers as the Hugging Face Hub does for one model repository, `repo`,
     whose files are those of the folder `root`; any other repository is not found.
 
@@ -300,19 +308,7 @@ class FakeHub:
 
     def __init__(self, root, repo, host="127.0.0.1"):
         self.root, self.repo, self.requests = str(root), repo, []
-        self._server = ThreadingHTTPServer((host, 0), _HubHandler)
-        self._server.daemon_threads = True
-        self._server.hub = self
-        self.url = f"http://{host}:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(_HubHandler, host)
 
     def files(self):
         return {name: open(os.path.join(self.root, name), "rb").read() for name in sorted(os.listdir(self.root))}
@@ -323,7 +319,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
-        hub = self.server.hub
+        hub = self.server.owner
         path = urllib.parse.unquote(urllib.parse.urlparse(self.path).path)
         files = hub.files()
         if path.startswith(f"/api/models/{hub.repo}/revision/"):
