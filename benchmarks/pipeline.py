@@ -109,21 +109,17 @@ def main():
               f"{args.samples} samples of {args.length} tokens, batch size {args.batch_size}; each command whole, "
               f"start-up included; {os.cpu_count()} cores\n")
         print("| work | command | seconds | rate | of the plain command |\n| --- | --- | --- | --- | --- |")
-        plain = timed(score_py)
-        print(f"| score | score.py (a file per document) | {plain:.1f} | {tokens / plain:.0f} tokens/s | 100% |",
-              flush=True)
-        for workers in args.workers:
-            seconds = timed(pipeline("score", workers))
-            print(f"| score | pipeline.py, {workers} worker process{'es' if workers > 1 else ''} | {seconds:.1f} | "
-                  f"{tokens / seconds:.0f} tokens/s | {plain / seconds:.0%} |", flush=True)
-        plain = timed(unconditional)
-        print(f"| generate | generate_unconditional.py | {plain:.1f} | {args.samples / plain:.2f} samples/s | 100% |",
-              flush=True)
-        for workers in args.workers:
-            seconds = timed(pipeline("generate", workers))
-            print(f"| generate | pipeline.py, {workers} worker process{'es' if workers > 1 else ''} | {seconds:.1f} | "
-                  f"{args.samples / seconds:.2f} samples/s | {plain / seconds:.0%} |", flush=True)
-            same_samples(os.path.join(work, "u.jsonl"), os.path.join(work, "out", f"generate-{workers}"))
+        for task, plain_command, label, amount, unit in (
+                ("score", score_py, "score.py (a file per document)", tokens, "{:.0f} tokens/s"),
+                ("generate", unconditional, "generate_unconditional.py", args.samples, "{:.2f} samples/s")):
+            plain = timed(plain_command)
+            print(f"| {task} | {label} | {plain:.1f} | {unit.format(amount / plain)} | 100% |", flush=True)
+            for workers in args.workers:
+                seconds = timed(pipeline(task, workers))
+                print(f"| {task} | pipeline.py, {workers} worker process{'es' if workers > 1 else ''} | {seconds:.1f} | "
+                      f"{unit.format(amount / seconds)} | {plain / seconds:.0%} |", flush=True)
+                if task == "generate":
+                    same_samples(os.path.join(work, "u.jsonl"), os.path.join(work, "out", f"generate-{workers}"))
 
 
 def same_samples(unconditional, prefix):

@@ -17,8 +17,8 @@ import numpy as np
 
 from . import tensorflow_start  # noqa: F401  (first: TensorFlow starts quietly, with its compilation cache)
 from .arguments import (GENERATION_STRATEGIES, ArgumentError, check_controls, check_first_sample, check_generation,
-                        check_path, check_sampling, check_seed, check_stop, check_text, check_token_ids, new_seed,
-                        whole)
+                        check_path, check_sampling, check_seed, check_stop, check_stride, check_text, check_token_ids,
+                        new_seed, whole)
 from .weights import load_params, save_model
 from .decode import XlaEngine, decoding_memory, replicated
 from .download import model_folder
@@ -27,7 +27,7 @@ from .errors import GPT2Error
 from .folders import default_models_dir, read_hparams
 from .engine import Replicas, Request, Settings, decode_requests, shared_prefix_length
 from .int8 import Int8Engine, Int8Model, load_int8
-from .score import Score, check_stride, score_tokens, score_windows
+from .score import Score, score_tokens, score_windows
 from .strategies import distribution
 
 # Seconds of decoding per compiled call while streaming: text comes five times a second and
@@ -341,7 +341,7 @@ class GPT2:
         return scores.perplexity if isinstance(scores, Score) else [s.perplexity for s in scores]
 
     def window_stride(self, stride):
-        """How far apart scoring windows start: `stride` checked, or n_ctx // 2 for None (gpt2.score.check_stride)."""
+        """How far apart scoring windows start: `stride` checked, or n_ctx // 2 for None (gpt2.arguments.check_stride)."""
         return check_stride(stride, self.hparams.n_ctx)
 
     def score_windows(self, windows, rows):

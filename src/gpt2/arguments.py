@@ -53,6 +53,16 @@ def whole(name, value, minimum):
     return int(value)
 
 
+def check_stride(stride, n_ctx):
+    """How far apart scoring windows start: `stride`, checked to be in 1..n_ctx - 1, or n_ctx // 2 for None."""
+    if stride is None:
+        return n_ctx // 2
+    if whole("stride", stride, 1) >= n_ctx:
+        raise ArgumentError(f"{{stride}} must be less than the model's context of {n_ctx} tokens, not {stride}",
+                            "stride")
+    return stride
+
+
 def check_sampling(length, temperature, top_k, top_p):
     """How tokens are chosen; `length` may be None (the default length)."""
     if length is not None:

@@ -49,7 +49,7 @@ try:
 finally:
     logging.getLogger().setLevel(_level)
 
-from .arguments import ArgumentError, check_dtype, new_seed, whole
+from .arguments import ArgumentError, check_dtype, check_stride, new_seed, whole
 from .download import model_folder
 from .encoder import read_encoder
 from .errors import GPT2Error
@@ -183,8 +183,6 @@ class Windows(beam.DoFn):
         self.model, self.stride, self.text_field, self.id_field = model, stride, text_field, id_field
 
     def setup(self):
-        from .score import check_stride  # the tokenizer and the windows need no model
-
         folder = self.model.folder()
         self.encoder, self.n_ctx = read_encoder(folder), read_hparams(folder).n_ctx
         self.stride = check_stride(self.stride, self.n_ctx)

@@ -621,7 +621,7 @@ def pipeline(task=None, input=None, output=None, model_name="124M", models_dir=N
     FlinkRunner, SparkRunner), --direct_num_workers, --direct_running_mode, Dataflow's --project,
     --region, --temp_location, --requirements_file, ...
     """
-    from .arguments import must
+    from .arguments import check_stride, must
     from .download import model_folder
     from .folders import read_hparams
 
@@ -646,11 +646,8 @@ def pipeline(task=None, input=None, output=None, model_name="124M", models_dir=N
                    no_repeat_ngram_size, logit_bias, bad_words, logprobs)
     whole("nsamples", nsamples, 1)
     folder = model_folder(model_name, models_dir)  # here too: a bad name is one line, not a failed job
-    n_ctx = read_hparams(folder).n_ctx
-    if task == "score" and stride is not None and (whole("stride", stride, 1) >= n_ctx):
-        raise ArgumentError(f"{{stride}} must be less than the model's context of {n_ctx} tokens, not {stride}",
-                            "stride")
     if task == "score":
+        check_stride(stride, read_hparams(folder).n_ctx)
         transform = ScoreDocuments(model_name, models_dir, stride, batch_size, dtype, text_field, id_field, large_model)
     else:
         defaults = {name: value for name, value in {**flags, "nsamples": nsamples}.items() if value is not None}

@@ -20,7 +20,6 @@ import numpy as np
 import regex
 import tensorflow as tf
 
-from .arguments import ArgumentError, whole
 from .decode import bucket
 from .model import forward
 from .tensorflow_start import compiled
@@ -153,16 +152,6 @@ def score_windows(params, hparams, batch, rows):
     logprobs = _score_batch(params, hparams, batch + padding, top=0).logprobs
     ends = np.cumsum([n_scored for _, n_scored in batch])
     return np.split(logprobs[:ends[-1]], ends[:-1])
-
-
-def check_stride(stride, n_ctx):
-    """How far apart scoring windows start: `stride`, checked to be in 1..n_ctx - 1, or n_ctx // 2 for None."""
-    if stride is None:
-        return n_ctx // 2
-    if whole("stride", stride, 1) >= n_ctx:
-        raise ArgumentError(f"{{stride}} must be less than the model's context of {n_ctx} tokens, not {stride}",
-                            "stride")
-    return stride
 
 
 def _score_batch(params, hparams, batch, top):
