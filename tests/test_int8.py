@@ -7,12 +7,12 @@ import pytest
 import tensorflow as tf
 
 import gpt2
-from gpt2 import int8, sampling
+from gpt2 import int8, int8_programs, sampling
 from gpt2.arguments import ArgumentError, check_dtype
 from gpt2.decode import XlaEngine
 from gpt2.engine import Request, Settings, Step, decode_requests, shared_prefix_length
 from gpt2.errors import GPT2Error
-from gpt2.tensorflow_start import MIN_FREE_BYTES
+from gpt2.cache import MIN_FREE_BYTES
 from gpt2.testing import make_model_folder, sample
 
 # What quantizing costs, measured on the tiny model (its 32-wide layers quantize worse than real
@@ -30,7 +30,7 @@ def int8_model(tiny_model, model):
 def test_quantize_keeps_each_weight_within_half_a_step_of_its_column():
     w = np.random.default_rng(0).standard_normal((48, 16)).astype(np.float32)
     w[:, 3] = 0  # an all-zero column stays zeros
-    q, scale = int8.quantize(w)
+    q, scale = int8_programs.quantize(w)
     assert q.dtype == np.int8 and q.shape == (16, 48) and scale.shape == (16,)
     assert np.all(np.abs(q * scale[:, None] - w.T) <= scale[:, None] / 2 + 1e-7)
     assert np.all(np.abs(q[[i for i in range(16) if i != 3]]).max(axis=1) == 127)  # each column's range is used
@@ -229,37 +229,39 @@ def test_int8_is_for_generating_on_one_replica(tiny_model):
 def test_a_damaged_cached_program_is_made_again(model, tmp_path, monkeypatch):
     hparams, _ = model
     monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path))
-    made = int8.cached_template(hparams, "block")
-    [path] = tmp_path.glob("*/int8-block-*.tflite")
+    made = int8_programs.cached_template(hparams, "block")
+    [path] = tmp_path.glob("int8/int8-block-*.tflite")
     assert path.read_bytes()[:len(made.program)] == made.program
     stored = path.read_bytes()
     for damage in (lambda: path.write_bytes(stored[:1000]), lambda: changed(path, 1.0), lambda: changed(path, 0.5)):
         damage()  # cut off, or bytes changed at its end (segmentation fault) or in its middle (other numbers)
-        again = int8.cached_template(hparams, "block")
+        again = int8_programs.cached_template(hparams, "block")
         assert again == made and path.read_bytes() == stored
-    monkeypatch.setitem(int8.TEMPLATES, "block", (lambda hparams: pytest.fail("converted again"), int8.block_shapes))
-    read = int8.cached_template(hparams, "block")
+    monkeypatch.setitem(int8_programs.TEMPLATES, "block", (lambda hparams: pytest.fail("converted again"),
+                                                          int8_programs.block_shapes))
+    read = int8_programs.cached_template(hparams, "block")
     assert read == made
 
 
 def test_making_a_program_removes_other_versions_programs(model, tmp_path, monkeypatch):
     hparams, _ = model
     monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path))
-    folder = tmp_path / os.path.basename(int8.xla_cache_folder())
+    folder = tmp_path / "int8"
+    folder.mkdir()
     stale = [folder / "int8-block-32-4-8192.tflite", folder / f"int8-head-768-12-7180-{'0' * 12}.tflite"]
     kept = [folder / f"int8-head-768-12-12565-{int8.version()}.tflite",  # another size, this version
             folder / "int8-block-768-12-12565-0.tflite.999.tmp"]  # another process writing one
     for path in stale + kept:
         path.write_bytes(b"program")
-    int8.cached_template(hparams, "block")
+    int8_programs.cached_template(hparams, "block")
     assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)
 
 
 def test_the_programs_take_the_weights_in_place_of_the_stand_ins(model):
     hparams, _ = model
-    template = int8.cached_template(hparams, "block")
+    template = int8_programs.cached_template(hparams, "block")
     rng = np.random.default_rng(2)
-    weights = {name: int8.quantize(rng.standard_normal((a * hparams.n_embd, b * hparams.n_embd)))
+    weights = {name: int8_programs.quantize(rng.standard_normal((a * hparams.n_embd, b * hparams.n_embd)))
                for name, _, (a, b) in int8.LAYERS}
     program = int8.Program(template.fill(weights), {}).interpreter
     for detail in program.get_tensor_details():
@@ -274,7 +276,7 @@ def prompt_logits(model, tokens=(3, 1, 4, 1, 5)):
 
 
 def stored_folders(cache):
-    return sorted(cache.glob("*/int8-models/*"))
+    return sorted(path for path in cache.glob("int8/*") if path.is_dir())
 
 
 def test_a_stored_model_loads_again_without_reading_its_checkpoint(model, tiny_model, int8_model, tmp_path,
@@ -286,7 +288,7 @@ def test_a_stored_model_loads_again_without_reading_its_checkpoint(model, tiny_m
     assert sorted(p.name for p in folder.iterdir()) == [
         "block0.tflite", "block1.tflite", "checksums.json", "head0.tflite", "ln_f_b.npy", "ln_f_g.npy", "vectors.npz",
         "wpe.npy", "wte.npy", "wte_scale.npy"]
-    monkeypatch.setattr(int8, "read_weights", lambda *args: pytest.fail("the checkpoint was read"))
+    monkeypatch.setattr(int8_programs, "read_weights", lambda *args: pytest.fail("the checkpoint was read"))
     again = int8.load_int8(tiny_model, hparams)
     assert (prompt_logits(again) == prompt_logits(first)).all()
     assert (prompt_logits(again) == prompt_logits(int8_model)).all()  # the test session's cache: the same programs
@@ -328,15 +330,14 @@ def test_storing_cut_off_leaves_nothing_behind(model, tiny_model, int8_model, tm
     else:
         with pytest.raises(KeyboardInterrupt):
             int8.load_int8(tiny_model, hparams)
-    [models] = tmp_path.glob("*/int8-models")
-    assert list(models.iterdir()) == []
+    assert stored_folders(tmp_path) == [] and not list(tmp_path.glob("int8/*.tmp"))
 
 
 def test_a_nearly_full_disk_stores_nothing(model, tiny_model, int8_model, tmp_path, monkeypatch):
     hparams, _ = model
     monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path))
-    total, used, _ = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: (total, used, MIN_FREE_BYTES + 1))  # the XLA cache's minimum
+    nearly_full = shutil.disk_usage(tmp_path)._replace(free=MIN_FREE_BYTES + 1)  # the cache's minimum
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: nearly_full)
     assert (prompt_logits(int8.load_int8(tiny_model, hparams)) == prompt_logits(int8_model)).all()
     assert stored_folders(tmp_path) == []
 
@@ -405,7 +406,6 @@ def test_storing_removes_what_no_load_will_open(model, tiny_model, tmp_path, mon
     hparams, _ = model
     monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path))
     models = int8.stored_folder(tiny_model, hparams).rsplit(os.sep, 1)[0]
-    os.makedirs(models)
     other_version = os.path.join(models, "0123456789ab-another-version")
     abandoned = os.path.join(models, f"{int8.version()}-a-load.999.tmp")
     writing = os.path.join(models, f"{int8.version()}-a-load.998.tmp")  # another process's, still being written
@@ -414,5 +414,6 @@ def test_storing_removes_what_no_load_will_open(model, tiny_model, tmp_path, mon
         os.makedirs(folder)
     os.utime(abandoned, (0, 0))
     int8.load_int8(tiny_model, hparams)
-    assert sorted(os.listdir(models)) == sorted([os.path.basename(int8.stored_folder(tiny_model, hparams)),
-                                                 os.path.basename(writing), os.path.basename(other_model)])
+    assert sorted(path.name for path in stored_folders(tmp_path)) == sorted([
+        os.path.basename(int8.stored_folder(tiny_model, hparams)), os.path.basename(writing),
+        os.path.basename(other_model)])

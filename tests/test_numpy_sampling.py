@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt2 import numpy_sampling, sampling
+from gpt2 import engine, numpy_sampling, sampling
 from test_sampling import exact_nucleus, hard_rows
 
 FLAG_SETS = [  # (temperature, top_k, top_p)
@@ -114,7 +114,7 @@ def test_adjust_gives_the_logits_of_the_compiled_rules():
     rows = rows_of_normal_numbers()[:, :40]
     fields = random_adjustments(np.random.default_rng(5), len(rows), rows.shape[1])
     want = tf.function(sampling.adjust, jit_compile=True)(
-        tf.constant(rows), sampling.Adjustments(**{name: tf.constant(value) for name, value in fields.items()}))
+        tf.constant(rows), engine.Adjustments(**{name: tf.constant(value) for name, value in fields.items()}))
     got = numpy_sampling.adjust(rows, **fields)
     np.testing.assert_array_equal(got, want.numpy())
     assert np.isinf(got).any() and (got != rows).any(axis=1).mean() > 0.5

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gpt2.sampling import (NO_TOKEN, Adjustments, Draws, adjust, choose, min_p_filter, top_k_filter,
-                           top_logprobs, top_p_filter, uniform_noise)
+from gpt2.engine import NO_TOKEN, Adjustments
+from gpt2.sampling import Draws, adjust, choose, min_p_filter, top_k_filter, top_logprobs, top_p_filter, uniform_noise
 
 
 def softmax(x):

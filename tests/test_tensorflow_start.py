@@ -11,8 +11,8 @@ import time
 import pytest
 import tensorflow as tf
 
-from gpt2 import tensorflow_start
-from gpt2.tensorflow_start import is_whole_protobuf, xla_cache_folder
+from gpt2 import cache, tensorflow_start
+from gpt2.cache import is_whole_protobuf, xla_cache_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,14 +109,14 @@ def test_the_cache_folder_and_when_it_stays_off(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path / "xla"))
     folder = xla_cache_folder()
     assert os.path.dirname(folder) == str(tmp_path / "xla") and os.path.isdir(folder)
-    assert os.path.basename(folder) == tensorflow_start.machine_key()  # one per TensorFlow and processor
+    assert os.path.basename(folder) == cache.machine_key()  # one per TensorFlow and processor
 
     old_tmp, new_tmp = os.path.join(folder, "a.pb.tmp"), os.path.join(folder, "b.pb.tmp")
     for path in (old_tmp, new_tmp):
         open(path, "w").close()
     os.utime(old_tmp, (time.time() - 7200,) * 2)
     assert xla_cache_folder() == folder
-    tensorflow_start.check_entries(folder)  # as the start of a process does
+    cache.check_entries(folder)  # as the start of a process does
     assert not os.path.exists(old_tmp) and os.path.exists(new_tmp)  # the other may be a write under way
 
     monkeypatch.setenv("GPT2_XLA_CACHE", "off")
@@ -126,7 +126,7 @@ def test_the_cache_folder_and_when_it_stays_off(tmp_path, monkeypatch):
     assert xla_cache_folder() is None  # cannot be made
     monkeypatch.setenv("GPT2_XLA_CACHE", str(tmp_path / "xla"))
     full = shutil.disk_usage(tmp_path)._replace(free=1 << 20)
-    monkeypatch.setattr(tensorflow_start.shutil, "disk_usage", lambda path: full)
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda path: full)
     assert xla_cache_folder() is None  # TensorFlow would fail the call that cannot write its program
 
 

@@ -8,6 +8,9 @@
     model.score("The river ran past the mill.").perplexity
 
 The command-line scripts are thin callers of this module.
+
+TensorFlow starts when a float model is loaded (the modules that need it are imported there): an
+int8 model whose programs are stored runs without it (gpt2.int8).
 """
 import collections
 import os
@@ -15,20 +18,15 @@ from typing import List, NamedTuple, Tuple
 
 import numpy as np
 
-from . import tensorflow_start  # noqa: F401  (first: TensorFlow starts quietly, with its compilation cache)
 from .arguments import (GENERATION_STRATEGIES, ArgumentError, check_controls, check_first_sample, check_generation,
                         check_path, check_sampling, check_seed, check_stop, check_stride, check_text, check_token_ids,
                         new_seed, whole)
-from .weights import load_params, save_model
-from .decode import XlaEngine, decoding_memory, replicated
 from .download import model_folder
 from .encoder import TextStream, read_encoder
 from .errors import GPT2Error
 from .folders import default_models_dir, read_hparams
-from .engine import Replicas, Request, Settings, decode_requests, shared_prefix_length
+from .engine import Replicas, Request, Settings, decode_requests, decoding_memory, shared_prefix_length
 from .int8 import Int8Engine, Int8Model, load_int8
-from .score import Score, score_tokens, score_windows
-from .strategies import distribution
 
 # Seconds of decoding per compiled call while streaming: text comes five times a second and
 # Ctrl-C is felt at once, while a call's own cost (mostly handling its 130 arguments; timed in
@@ -70,9 +68,15 @@ class GPT2:
                             "the model folder mixes files of different models, download it again")
         self.hparams, self.params, self.encoder, self.model_dir = hparams, params, encoder, model_dir
         self.int8 = isinstance(params, Int8Model)
-        self.strategy = distribution("one" if self.int8 else strategy, GENERATION_STRATEGIES)
-        # Each replica reads its own copy of the weights; one replica reads `params` themselves.
-        self._replica_params = replicated(params, self.strategy) if self.strategy.num_replicas_in_sync > 1 else params
+        if self.int8:  # on the CPU, as one replica, without TensorFlow
+            self.strategy, self.replicas, self._replica_params = None, 1, params
+        else:
+            from .decode import replicated
+            from .strategies import distribution
+            self.strategy = distribution(strategy, GENERATION_STRATEGIES)
+            self.replicas = self.strategy.num_replicas_in_sync
+            # Each replica reads its own copy of the weights; one replica reads `params` themselves.
+            self._replica_params = replicated(params, self.strategy) if self.replicas > 1 else params
 
     @classmethod
     def from_folder(cls, model_dir, dtype="float32", strategy="one"):
@@ -81,7 +85,12 @@ class GPT2:
         model_dir = check_path("model_dir", model_dir)
         check_generation(dtype, strategy)
         hparams = read_hparams(model_dir)
-        params = load_int8(model_dir, hparams) if dtype == "int8" else load_params(model_dir, hparams, dtype)
+        if dtype == "int8":
+            params = load_int8(model_dir, hparams)
+        else:
+            from . import tensorflow_start  # noqa: F401  (first: TensorFlow starts quietly, with its compilation cache)
+            from .weights import load_params
+            params = load_params(model_dir, hparams, dtype)
         return cls(hparams, params, read_encoder(model_dir), model_dir, strategy)
 
     def save(self, model_dir, write_more=None, save_format="openai"):
@@ -93,6 +102,7 @@ class GPT2:
         both. The folder appears whole or not at all. `write_more(folder)` may add files to it first.
         """
         self._need_float("saving")
+        from .weights import save_model
         return save_model(check_path("model_dir", model_dir), self.hparams, self.params, self.encoder, write_more,
                           save_format)
 
@@ -182,8 +192,8 @@ class GPT2:
     def generate_rows(self, rows, batch_size=1):
         """The sample of each Row (a str, or a Sample where its flags ask for logprobs), its rows
         computed batch_size at a time: a row that ends makes room for the next at once."""
-        replicas = self.strategy.num_replicas_in_sync  # each takes an equal share of a batch's rows
-        self._check_memory(-(-min(batch_size, len(rows)) // replicas), max(len(row.context) for row in rows),
+        # Each replica takes an equal share of a batch's rows.
+        self._check_memory(-(-min(batch_size, len(rows)) // self.replicas), max(len(row.context) for row in rows),
                            max(row.length for row in rows), batch_size)
         requests = [Request(row.context, row.length, self.settings(row.flags, row.sample, row.ignore_eot))
                     for row in rows]
@@ -282,7 +292,8 @@ class GPT2:
         once for all of them (where that is faster)."""
         if self.int8:
             return Int8Engine(self.params, rows, prefix)
-        replicas = self.strategy.num_replicas_in_sync
+        from .decode import XlaEngine
+        replicas = self.replicas
         if replicas == 1:
             return XlaEngine(self.params, self.hparams, rows, prefix)
         copies = self.strategy.experimental_local_results(self._replica_params)
@@ -331,6 +342,7 @@ class GPT2:
         """
         if not isinstance(text, str):
             return [self.score(t, stride, batch_size=batch_size) for t in check_prompts(text, name="text")]
+        from .score import Score
         chunks = list(self.score_pieces([text], stride, batch_size=batch_size))
         return Score(np.concatenate([tokens for tokens, _ in chunks]),
                      np.concatenate([logprobs for _, logprobs in chunks]), len(text.encode("utf-8")))
@@ -338,7 +350,7 @@ class GPT2:
     def perplexity(self, text, stride=None, *, batch_size=1):
         """exp(mean negative log-likelihood per token) of `text` (or a list of them), as `score` computes it."""
         scores = self.score(text, stride, batch_size=batch_size)
-        return scores.perplexity if isinstance(scores, Score) else [s.perplexity for s in scores]
+        return scores.perplexity if isinstance(text, str) else [s.perplexity for s in scores]
 
     def window_stride(self, stride):
         """How far apart scoring windows start: `stride` checked, or n_ctx // 2 for None (gpt2.arguments.check_stride)."""
@@ -347,6 +359,7 @@ class GPT2:
     def score_windows(self, windows, rows):
         """The log-probabilities of windows of any texts (gpt2.score.score_windows), `rows` at a time."""
         self._need_float("scoring")
+        from .score import score_windows
         return score_windows(self.params, self.hparams, windows, rows)
 
     def score_pieces(self, pieces, stride=None, *, batch_size=1):
@@ -356,6 +369,7 @@ class GPT2:
         Yields (tokens, logprobs) arrays as the windows are computed, in the text's order.
         """
         self._need_float("scoring")
+        from .score import score_tokens
         stride = self.window_stride(stride)
         whole("batch_size", batch_size, 1)
         pending = collections.deque()  # tokens encoded, not yet scored

@@ -12,9 +12,8 @@ import numpy as np
 import tensorflow as tf
 
 from .errors import GPT2Error
-from .folders import read_error, write_hparams
+from .folders import CKPT_PREFIX, checkpoint_files, read_error, write_hparams
 
-CKPT_PREFIX = "model.ckpt"
 
 
 def variable_shapes(hparams):
@@ -34,12 +33,6 @@ def variable_shapes(hparams):
         shapes.update({f"model/h{i}/{name}": shape for name, shape in block.items()})
     shapes.update({"model/ln_f/g": [n_embd], "model/ln_f/b": [n_embd]})
     return shapes
-
-
-def checkpoint_files(model_dir):
-    """The paths of the folder's checkpoint: its index and its data."""
-    prefix = os.path.join(model_dir, CKPT_PREFIX)
-    return prefix + ".index", prefix + ".data-00000-of-00001"
 
 
 def read_checkpoint(model_dir, hparams, read_ahead=False):

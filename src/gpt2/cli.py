@@ -102,8 +102,24 @@ def load_model(model_name, models_dir, dtype, strategy="one"):
         reading = contextlib.nullcontext()  # load fetches it or says what is wrong
     with reading:
         with interrupted_at_once():
-            from .api import load  # starts TensorFlow: only once the flags are known to be right
+            from .api import load
+            if needs_tensorflow(model_name, models_dir, dtype):
+                from . import tensorflow_start  # noqa: F401  (TensorFlow starts: only once the flags are known to be right)
         return load(model_name, models_dir, dtype=dtype, strategy=strategy)
+
+
+def needs_tensorflow(model_name, models_dir, dtype):
+    """Whether loading the model starts TensorFlow: all but an int8 model whose programs are stored (gpt2.int8)."""
+    if dtype != "int8":
+        return True
+    from .folders import read_hparams
+    from .int8 import stored_folder
+    try:
+        model_dir = find_model_dir(model_name, models_dir)
+        folder = stored_folder(model_dir, read_hparams(model_dir))
+    except (GPT2Error, OSError, TypeError, ValueError):  # not downloaded yet, or not a model: load says what
+        return True
+    return not (folder and os.path.isdir(folder))
 
 
 @contextlib.contextmanager

@@ -17,9 +17,9 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from .engine import Engine, Logprobs, Rows, bucket
+from .engine import MAX_LOGPROBS, Adjustments, Engine, Logprobs, Rows, bucket
 from .model import LayerCache, SharedPrefix, empty_cache, forward_cached, logits
-from .sampling import MAX_LOGPROBS, Adjustments, Draws, adjust, choose, top_logprobs
+from .sampling import Draws, adjust, choose, top_logprobs
 from .tensorflow_start import compiled
 
 
@@ -151,23 +151,6 @@ class XlaEngine(Engine):
         values.free(row)
         with self.placed():
             self.state = self.state._replace(rows=self.tensors(values))
-
-
-def decoding_memory(hparams, rows, context_len, length, itemsize):
-    """About how many bytes decoding `rows` rows of up to `context_len` prompt tokens and `length`
-    new ones needs beyond the weights, in weights of `itemsize` bytes; it grows with the rows.
-
-    The cache dominates: keys and values of every layer and slot, twice while a compiled call
-    returns the updated copy of its input (docs/performance.md has 1558M's measured peak). Then
-    the prompt's pass, whose largest
-    pieces are one layer's attention scores (float32, and the softmax of them) and MLP activations,
-    and each step's float32 logits with the copies that sampling makes of them.
-    """
-    cache_len = bucket(context_len + length - 1, hparams.n_ctx)  # as XlaEngine lays it out, unshared
-    cache = 2 * hparams.n_layer * cache_len * hparams.n_embd * itemsize
-    prompt_pass = context_len * (2 * hparams.n_head * cache_len * 4 + 2 * 4 * hparams.n_embd * itemsize)
-    step = 4 * hparams.n_vocab * 4
-    return rows * (2 * cache + prompt_pass + step)
 
 
 def raises_ctrl_c(function):

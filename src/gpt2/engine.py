@@ -42,6 +42,8 @@ import numpy as np
 
 
 NO_TOKEN = -1  # what fills up the rows of per-row token lists (logit_bias's tokens, bad words)
+MAX_LOGPROBS = 20  # the most alternatives a caller may ask for, per token (vLLM's default limit)
+MIN_TEMPERATURE = 1e-9  # what a temperature above 0 divides the logits by at least
 
 
 class Settings(NamedTuple):
@@ -82,6 +84,22 @@ class Step(NamedTuple):
     tokens: Dict[int, np.ndarray]  # row -> its new tokens (int32), for every row that was live
     ended: List[int]  # the rows that ended in this step: each drew its stop token or made its tokens
     logprobs: Dict[int, Logprobs] = {}  # for the rows that asked for them
+
+
+class Adjustments(NamedTuple):
+    """What each row's logits are adjusted by before its token is chosen (gpt2.sampling.adjust), [batch]
+    each unless said: arrays, or tensors in a compiled loop."""
+    history: np.ndarray  # [batch, H] int32: the row's text, its prompt then its sample; later slots unused
+    text_len: np.ndarray  # int32: tokens in the history
+    prompt_len: np.ndarray  # int32: the prompt's tokens among them
+    bias_tokens: np.ndarray  # [batch, B] int32: logit_bias's tokens (NO_TOKEN: none) ...
+    bias_values: np.ndarray  # [batch, B] float32: ... and their biases (-inf: a banned token)
+    bad_words: np.ndarray  # [batch, W, L] int32: token sequences never to complete (NO_TOKEN after each)
+    no_repeat_ngram_size: np.ndarray  # int32; 0: off
+    repetition_penalty: np.ndarray  # float32; 1: off
+    repeat_last_n: np.ndarray  # int32: the last tokens of the text that count for it; 0: all
+    presence_penalty: np.ndarray  # float32; 0: off
+    frequency_penalty: np.ndarray  # float32; 0: off
 
 
 class Rows(NamedTuple):
@@ -200,6 +218,23 @@ def bucket(n, limit):
     while size < n:
         size = size // 2 * 3 if size & (size - 1) == 0 else size // 3 * 4
     return min(size, limit)
+
+
+def decoding_memory(hparams, rows, context_len, length, itemsize):
+    """About how many bytes decoding `rows` rows of up to `context_len` prompt tokens and `length`
+    new ones needs beyond the weights, in weights of `itemsize` bytes; it grows with the rows.
+
+    The cache dominates: keys and values of every layer and slot, twice while a compiled call
+    returns the updated copy of its input (docs/performance.md has 1558M's measured peak). Then
+    the prompt's pass, whose largest
+    pieces are one layer's attention scores (float32, and the softmax of them) and MLP activations,
+    and each step's float32 logits with the copies that sampling makes of them.
+    """
+    cache_len = bucket(context_len + length - 1, hparams.n_ctx)  # as XlaEngine lays it out, unshared
+    cache = 2 * hparams.n_layer * cache_len * hparams.n_embd * itemsize
+    prompt_pass = context_len * (2 * hparams.n_head * cache_len * 4 + 2 * 4 * hparams.n_embd * itemsize)
+    step = 4 * hparams.n_vocab * 4
+    return rows * (2 * cache + prompt_pass + step)
 
 
 class Engine:

@@ -45,6 +45,7 @@ MODEL_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00
 REQUIRED_FILES = ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001", "encoder.json", "vocab.bpe")
 VOCAB_FILES = ("encoder.json", "vocab.bpe")
 HUGGINGFACE_CONFIG = "config.json"
+CKPT_PREFIX = "model.ckpt"  # OpenAI's checkpoint files' names start so
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"  # beside model-0000i-of-0000n.safetensors, sharded
 SAFETENSORS_SHARD = r"model-\d+-of-\d+\.safetensors"
@@ -233,6 +234,33 @@ def leftovers(folder):
         if match and not foreign_files(os.path.join(parent, other)):
             found[os.path.join(parent, other)] = match.group(1)
     return dict(sorted(found.items(), key=lambda item: -os.path.getmtime(item[0])))
+
+
+# Which files hold a folder's weights (gpt2.int8 reads their sizes and times without TensorFlow).
+
+def checkpoint_files(model_dir):
+    """The paths of the folder's checkpoint: its index and its data."""
+    prefix = os.path.join(model_dir, CKPT_PREFIX)
+    return prefix + ".index", prefix + ".data-00000-of-00001"
+
+
+def safetensors_files(model_dir):
+    """The folder's weight files: model.safetensors, or the shards that its index names."""
+    if is_file(model_dir, SAFETENSORS) or not is_file(model_dir, SAFETENSORS_INDEX):
+        return [os.path.join(model_dir, SAFETENSORS)]
+    index = os.path.join(model_dir, SAFETENSORS_INDEX)
+    values = read_json(index)
+    weight_map = values.get("weight_map") if isinstance(values, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise GPT2Error(f"{index} is damaged (it has no weight_map of names to files): fetch the model again")
+    return [os.path.join(model_dir, name) for name in sorted(set(weight_map.values()))]
+
+
+def weight_files(model_dir):
+    """The paths of the files that the folder's weights are read from."""
+    if folder_format(model_dir) == "huggingface":
+        return safetensors_files(model_dir)
+    return list(checkpoint_files(model_dir))
 
 
 def is_file(folder, name):

@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 
 from .checkpoint import split_name, variable_shapes
 from .errors import GPT2Error
-from .folders import HUGGINGFACE_CONFIG, SAFETENSORS, SAFETENSORS_INDEX, is_file, read_error, read_json
+from .folders import HUGGINGFACE_CONFIG, SAFETENSORS, SAFETENSORS_INDEX, read_error, safetensors_files
 
 PREFIX = "transformer."
 FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}  # safetensors' names; each loads as float32
@@ -41,18 +41,6 @@ def huggingface_name(name):
     block, name = split_name(name)
     *path, leaf = name.split("/") if "/" in name else (name, "w")
     return ".".join(([] if block is None else ["h", str(block)]) + path + ["bias" if leaf == "b" else "weight"])
-
-
-def safetensors_files(model_dir):
-    """The folder's weight files: model.safetensors, or the shards that its index names."""
-    if is_file(model_dir, SAFETENSORS) or not is_file(model_dir, SAFETENSORS_INDEX):
-        return [os.path.join(model_dir, SAFETENSORS)]
-    index = os.path.join(model_dir, SAFETENSORS_INDEX)
-    values = read_json(index)
-    weight_map = values.get("weight_map") if isinstance(values, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-        raise GPT2Error(f"{index} is damaged (it has no weight_map of names to files): fetch the model again")
-    return [os.path.join(model_dir, name) for name in sorted(set(weight_map.values()))]
 
 
 def read_safetensors(model_dir, hparams):

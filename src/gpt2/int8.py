@@ -8,14 +8,12 @@ int8 weights with a float scale per output column, each input row quantized to i
 
 The model runs as small TensorFlow Lite programs, one per block and one per piece of the
 output layer (see piece_rows):
-- A program is made once per shape, by TensorFlow Lite's converter, from a block written with
-  stand-in weights (`template`); each block's program is a copy of it with the block's own
-  quantized weights written over the stand-ins' bytes (`Template.fill`). So loading converts
-  nothing per block, and quantizes one checkpoint tensor at a time (1558M never needs its float32
-  weights in memory).
-- The first load of a model keeps its programs in files in the cache folder (`store`); loads run
-  them from there (`open_stored`): later loads read no checkpoint, and each program's weights are
-  in memory once, in XNNPACK's layout (see Program).
+- gpt2.int8_programs makes them, with TensorFlow: the first load of a model quantizes its
+  checkpoint into programs in the cache folder (`int8_programs.store`). Loads run them from there
+  (`open_stored`) in the LiteRT runtime (the ai-edge-litert package), without TensorFlow, which
+  takes seconds to import: this module imports none.
+  Later loads read no checkpoint, and each program's weights are in memory once, in XNNPACK's
+  layout (see Program).
 - Int8Engine is gpt2.engine's interface on these programs. The rows' keys and values stay in the
   block programs' input tensors between steps; a step adds the new tokens' ones in place
   (`Int8Engine.forward`), so no cache is copied. The programs hold one engine's caches at a time:
@@ -25,34 +23,31 @@ output layer (see piece_rows):
   TensorFlow between two steps is slow), with the same seeds and sample numbers as the
   float32 decoder.
 """
-import contextlib
 import ctypes
 import functools
-import glob
 import hashlib
 import json
-import logging
-import math
 import os
 import shutil
-import struct
 import threading
-import warnings
 import zipfile
 from typing import List, NamedTuple
 
 import numpy as np
-import tensorflow as tf
 
 from . import numpy_sampling
-from .engine import Engine, Logprobs, Rows, bucket
-from .model import LayerCache, attention_weights, gelu, layer_norm, merge_heads, split_heads
-from .sampling import MAX_LOGPROBS, Adjustments
-from .storage import checked, file_checksum, with_checksum
-from .tensorflow_start import MIN_FREE_BYTES, abandoned, c_stderr_silenced, xla_cache_folder
-from .weights import read_weights, weight_files, weights_size
+from .cache import INT8_CHECKSUMS, int8_folder, prune
+from .engine import MAX_LOGPROBS, Adjustments, Engine, Logprobs, Rows, bucket
+from .errors import c_stderr_silenced
+from .folders import weight_files
+from .storage import file_checksum, shared_lock
+
+with c_stderr_silenced():  # LiteRT's start-up lines
+    from ai_edge_litert.interpreter import Interpreter
 
 # The linear layers of a block: (name, checkpoint name, [n_in, n_out] in units of n_embd).
+
+
 LAYERS = (("c_attn", "attn/c_attn", (1, 3)), ("attn_proj", "attn/c_proj", (1, 1)),
           ("c_fc", "mlp/c_fc", (1, 4)), ("mlp_proj", "mlp/c_proj", (4, 1)))
 PIECE_WEIGHTS = 12 * 1024 ** 2  # weights per program of the output layer at most (see piece_rows)
@@ -62,133 +57,12 @@ VECTORS = {"ln_1_g": "ln_1/g", "ln_1_b": "ln_1/b", "c_attn_b": "attn/c_attn/b", 
            "ln_2_g": "ln_2/g", "ln_2_b": "ln_2/b", "c_fc_b": "mlp/c_fc/b", "mlp_proj_b": "mlp/c_proj/b"}
 
 
-def quantize(w):
-    """w [n_in, n_out] float32 -> (q [n_out, n_in] int8, scale [n_out] float32), q * scale ~ w.T.
-
-    One scale per output column, the largest magnitude to 127 (symmetric: zero stays zero), as
-    TensorFlow Lite's kernels read it.
-    """
-    w = np.asarray(w, np.float32).T
-    scale = np.abs(w).max(axis=1) / 127
-    scale[scale == 0] = 1  # an all-zero column: any scale gives zeros
-    return np.round(w / scale[:, None]).astype(np.int8), scale.astype(np.float32)
-
-
-def dense(x, w, b=None):
-    # [..., n_in] @ w [n_in, n_out] (+ b) -> [..., n_out], as one 2-D product (TensorFlow Lite's FULLY_CONNECTED)
-    out = tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), w)
-    out = tf.reshape(out, tf.concat([tf.shape(x)[:-1], [w.shape[1]]], axis=0))
-    return out if b is None else out + b
-
-
-def attention_after(q, k, v, keys, values, pos, shared_keys, shared_values, n_shared):
-    """Attention of tokens q, k, v [batch, n_head, seq, head_dim] that come after the n_shared positions
-    that all rows share, cached once in shared_keys [n_head, head_dim, shared_len] and shared_values
-    [n_head, shared_len, head_dim], then each row's own first pos[b] cached keys [batch, n_head,
-    head_dim, cache_len] and values [batch, n_head, cache_len, head_dim] (later slots are ignored).
-
-    The shared positions (several samples of one prompt) are one product broadcast over the rows,
-    whose rows read them from the processor's caches: at 8 rows with 768 shared slots a step took
-    about as long as with the rows folded into one product (4 transposes more a block), and half as
-    long as with a cache of 768 slots per row. The cache is never joined with the new tokens' keys
-    and values: that copied the whole cache at every step (with 8 rows and 384 slots, as many bytes
-    as 124M's int8 weights). (Keys are cached transposed; values transposed instead, or neither,
-    measured the same.)
-    """
-    shared_len, cache_len, seq = tf.shape(shared_keys)[2], tf.shape(keys)[3], tf.shape(q)[2]
-    shared = tf.matmul(q, shared_keys)  # [batch, n_head, seq, shared_len]
-    past = tf.matmul(q, keys)  # [batch, n_head, seq, cache_len]
-    new = tf.matmul(q, k, transpose_b=True)  # [batch, n_head, seq, seq]
-    query = tf.range(seq)
-    shared_visible = tf.broadcast_to(tf.range(shared_len) < n_shared, tf.shape(shared))
-    past_visible = tf.broadcast_to(tf.range(cache_len)[None, None, None, :] < pos[:, None, None, None],
-                                   tf.shape(past))
-    new_visible = tf.broadcast_to((query[None, :] <= query[:, None])[None, None], tf.shape(new))
-    probs = attention_weights(tf.concat([shared, past, new], axis=-1) / math.sqrt(q.shape[-1]),
-                              tf.concat([shared_visible, past_visible, new_visible], axis=-1), tf.float32)
-    shared_probs, past_probs, new_probs = tf.split(probs, tf.stack([shared_len, cache_len, seq]), axis=-1)
-    return tf.matmul(shared_probs, shared_values) + tf.matmul(past_probs, values) + tf.matmul(new_probs, v)
-
-
-class Template(NamedTuple):
-    """A converted program with stand-in weights, and where in its bytes each weight matrix lies."""
-    program: bytes
-    places: dict  # name -> (offset of the int8 [n_out, n_in] data, offset of its [n_out] float32 scales)
-
-    def fill(self, weights):
-        """The program with `weights` (name -> quantize's (q, scale)) written over the stand-ins."""
-        program = bytearray(self.program)
-        for name, (q, scale) in weights.items():
-            data, scales = self.places[name]
-            program[data:data + q.nbytes] = q.tobytes()
-            program[scales:scales + scale.nbytes] = scale.tobytes()
-        return bytes(program)
-
-
-def stand_ins(shapes):
-    """Stand-in weights [n_in, n_out] for the matrices in `shapes` (name -> [n_out, n_in], each shape
-    different), to build in the function that `template` converts.
-
-    Each is one number filled in: the converter keeps it as that number until it writes the int8
-    program. (Random stand-ins made it hold many bytes a weight: converting 1558M's block needed
-    gigabytes.) Their signs alternate, so that no two of the same size quantize to the same
-    bytes, which the converter would store once for both.
-    """
-    return {name: tf.fill(shape[::-1], 0.5 if i % 2 == 0 else -0.5) for i, (name, shape) in enumerate(shapes.items())}
-
-
-def template(function, shapes):
-    """Convert the tf.function `function`, whose weights are the `stand_ins` of `shapes`, to a
-    TensorFlow Lite program with int8 weights."""
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)
-    try:
-        # Without the trackable object that the converter asks for (it warns): with one, its newer
-        # path makes programs that XNNPACK cannot resize.
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()])
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]  # int8 weights, one scale per output column
-        with c_stderr_silenced():  # the converter's progress lines
-            program = converter.convert()
-    finally:
-        absl_logger.setLevel(level)
-    return Template(program, find_weights(program, shapes))
-
-
-def find_weights(program, shapes):
-    """Where each int8 weight matrix of `program` (name -> its [n_out, n_in] shape) keeps its data and scales."""
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    model = schema.Model.GetRootAsModel(program, 0)
-    graph = model.Subgraphs(0)
-    base = np.frombuffer(program, np.uint8).ctypes.data
-    places = {}
-    for i in range(graph.TensorsLength()):
-        tensor = graph.Tensors(i)
-        shape = tuple(tensor.ShapeAsNumpy()) if tensor.ShapeLength() else ()
-        name = next((n for n, s in shapes.items() if s == shape), None)
-        if name is None or tensor.Type() != schema.TensorType.INT8:
-            continue
-        data = model.Buffers(tensor.Buffer()).DataAsNumpy()
-        scales = tensor.Quantization().ScaleAsNumpy()
-        if data.size != np.prod(shape) or scales.size != shape[0] or tensor.Quantization().QuantizedDimension() != 0:
-            raise RuntimeError(f"TensorFlow Lite's converter laid out the {name} weights unexpectedly")
-        places[name] = (data.ctypes.data - base, scales.ctypes.data - base)
-    if set(places) != set(shapes):
-        raise RuntimeError(f"TensorFlow Lite's converter kept {sorted(set(shapes) - set(places))} in float32")
-    if len({data for data, _ in places.values()}) != len(places):  # one buffer for two: `fill` would mix them
-        raise RuntimeError("TensorFlow Lite's converter stored two weight matrices as one")
-    return places
-
-
-def block_shapes(hparams):
-    """name -> [n_out, n_in] of a block's weight matrices, as its program stores them."""
-    return {name: (b * hparams.n_embd, a * hparams.n_embd) for name, _, (a, b) in LAYERS}
-
-
-def head_shapes(hparams):
-    """The same for a piece of the output layer: piece_rows tokens' embeddings."""
-    return {"wte": (piece_rows(hparams), hparams.n_embd)}
+class BlockCache(NamedTuple):
+    """One block's keys and values of earlier positions, as its program reads them: keys transposed
+    [rows, n_head, head_dim, cache_len], values [rows, n_head, cache_len, head_dim] (without rows
+    for the shared positions)."""
+    keys: np.ndarray
+    values: np.ndarray
 
 
 def piece_rows(hparams):
@@ -204,50 +78,6 @@ def piece_rows(hparams):
     return -(-hparams.n_vocab // pieces)
 
 
-def block_template(hparams):
-    """The Template of one block's step: x [batch, seq, n_embd] of tokens that come after n_shared
-    positions that all rows share (shared_keys [n_head, head_dim, shared_len], shared_values [n_head,
-    shared_len, head_dim]), then each row's pos[b] own cached keys [batch, n_head, head_dim,
-    cache_len] and values [batch, n_head, cache_len, head_dim] -> the block's output (same shape as
-    x) and the tokens' own keys and values [batch, n_head, seq, head_dim]. Its other inputs are the
-    block's VECTORS."""
-    n_embd, n_head, shapes = hparams.n_embd, hparams.n_head, block_shapes(hparams)
-    head_dim = n_embd // n_head
-    signature = [tf.TensorSpec([None, None, n_embd], name="x"), tf.TensorSpec([None, n_head, head_dim, None], name="keys"),
-                 tf.TensorSpec([None, n_head, None, head_dim], name="values"), tf.TensorSpec([None], tf.int32, name="pos"),
-                 tf.TensorSpec([n_head, head_dim, None], name="shared_keys"),
-                 tf.TensorSpec([n_head, None, head_dim], name="shared_values"), tf.TensorSpec([], tf.int32, name="n_shared")]
-    sizes = {"c_attn_b": 3 * n_embd, "c_fc_b": 4 * n_embd}
-    signature += [tf.TensorSpec([sizes.get(name, n_embd)], name=name) for name in VECTORS]
-
-    @tf.function(input_signature=signature, autograph=False)
-    def step(x, keys, values, pos, shared_keys, shared_values, n_shared, *vectors):
-        p, w = dict(zip(VECTORS, vectors)), stand_ins(shapes)
-        qkv = dense(layer_norm(x, {"g": p["ln_1_g"], "b": p["ln_1_b"]}), w["c_attn"], p["c_attn_b"])
-        q, k, v = (split_heads(t, n_head) for t in tf.split(qkv, 3, axis=-1))
-        attention = attention_after(q, k, v, keys, values, pos, shared_keys, shared_values, n_shared)
-        x = x + dense(merge_heads(attention), w["attn_proj"], p["attn_proj_b"])
-        h = gelu(dense(layer_norm(x, {"g": p["ln_2_g"], "b": p["ln_2_b"]}), w["c_fc"], p["c_fc_b"]))
-        return x + dense(h, w["mlp_proj"], p["mlp_proj_b"]), k, v
-
-    return template(step, shapes)
-
-
-def head_template(hparams):
-    """The Template of one piece of the output layer: hidden states h [batch, seq, n_embd] (before
-    ln_f) -> the logits [batch, seq, rows] of piece_rows(hparams) tokens, through their embeddings
-    ("wte", their rows quantized); its other inputs are ln_f_g, ln_f_b."""
-    n_embd, shapes = hparams.n_embd, head_shapes(hparams)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None, n_embd], name="h"),
-                                  tf.TensorSpec([n_embd], name="ln_f_g"), tf.TensorSpec([n_embd], name="ln_f_b")],
-                 autograph=False)
-    def output(h, g, b):
-        return dense(layer_norm(h, {"g": g, "b": b}), stand_ins(shapes)["wte"])
-
-    return template(output, shapes)
-
-
 class Program:
     """One TensorFlow Lite program, its inputs and outputs by name, its sizes set by `resize`.
 
@@ -257,12 +87,11 @@ class Program:
     """
 
     def __init__(self, program, constants):
-        # tf.lite.Interpreter warns that it moves to the ai-edge-litert package (the same class there);
-        # TensorFlow 2.21's is the one this was measured with (ai-edge-litert 2.3's ran slower).
+        # LiteRT's interpreter is tf.lite.Interpreter's class in a package of its own; per step it
+        # ran about 4% slower than TensorFlow 2.21's on the same programs (docs/int8.md says what
+        # was tried), but it needs no TensorFlow: an answer comes seconds sooner.
         source = dict(model_content=program) if isinstance(program, bytes) else dict(model_path=program)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.interpreter = tf.lite.Interpreter(**source, num_threads=len(os.sched_getaffinity(0)))
+        self.interpreter = Interpreter(**source, num_threads=len(os.sched_getaffinity(0)))
         self.inputs = {d["name"]: d["index"] for d in self.interpreter.get_input_details()}  # as the TensorSpecs name them
         self.outputs = [d["index"] for d in self.interpreter.get_output_details()]
         self.constants = constants  # name -> array: inputs that stay the same, set again after each resize
@@ -331,45 +160,15 @@ def release_mapped(path):
             madvise(start, end - start, MADV_DONTNEED)
 
 
-TEMPLATES = {"block": (block_template, block_shapes), "head": (head_template, head_shapes)}
-
-
 @functools.lru_cache(maxsize=None)
 def version():
-    """A hash of this file: programs and stored models made by another version of it are not read."""
-    with open(__file__, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:12]
-
-
-def cached_template(hparams, kind):
-    """The Template of `kind` (see TEMPLATES), kept in the compilation cache's folder
-    (gpt2.tensorflow_start) for later loads: converting takes seconds, reading it milliseconds."""
-    make, shapes = TEMPLATES[kind]
-    folder = xla_cache_folder()
-    name = f"int8-{kind}-{hparams.n_embd}-{hparams.n_head}-{piece_rows(hparams)}-{version()}.tflite"
-    path = folder and os.path.join(folder, name)
-    if path and os.path.exists(path):
-        try:
-            with open(path, "rb") as f:
-                program = checked(f.read())
-            if program is not None:  # else cut off or changed: made again below
-                return Template(program, find_weights(program, shapes(hparams)))
-        except (OSError, RuntimeError, ValueError, IndexError, TypeError, struct.error):
-            pass  # unreadable or damaged: made again below
-    made = make(hparams)
-    if path:
-        try:
-            temporary = f"{path}.{os.getpid()}.tmp"
-            with open(temporary, "wb") as f:
-                f.write(with_checksum(made.program))
-            os.replace(temporary, path)  # whole or not at all
-            for older in glob.glob(os.path.join(glob.escape(folder), "int8-*.tflite")):  # other versions', any size
-                if not older.endswith(f"-{version()}.tflite"):
-                    with contextlib.suppress(OSError):  # another process's load removed it first, or has it open
-                        os.remove(older)
-        except OSError:
-            pass  # a read-only or full disk: the next load converts again
-    return made
+    """A hash of this file and gpt2.int8_programs: programs and stored models that another version
+    of them made are not read."""
+    digest = hashlib.sha256()
+    for name in ("int8.py", "int8_programs.py"):
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
 
 
 class Int8Model:
@@ -389,6 +188,7 @@ class Int8Model:
         self.wpe = wpe  # [n_ctx, n_embd] float32
         self.lock = threading.RLock()
         self.bound = None
+        self.in_use = None  # a stored model's open checksums file, locked shared (see open_stored)
 
     def embed(self, tokens, positions):
         # tokens, positions [batch, seq] -> [batch, seq, n_embd]
@@ -413,7 +213,7 @@ class Int8Model:
         """
         (rows, seq, n_embd), n_head = x.shape, self.hparams.n_head
         piece = min(seq, PROMPT_PIECE)
-        cache = LayerCache(np.zeros([rows, n_head, n_embd // n_head, cache_len], np.float32),
+        cache = BlockCache(np.zeros([rows, n_head, n_embd // n_head, cache_len], np.float32),
                            np.zeros([rows, n_head, cache_len, n_embd // n_head], np.float32))
         self.set_cache(block, cache, shared, n_shared, seq=piece)
         out = []
@@ -446,58 +246,32 @@ def load_int8(model_dir, hparams):
     """The Int8Model of a model folder.
 
     The first load reads the checkpoint and quantizes it one tensor at a time (1558M never needs its
-    float32 weights in memory), into files in the cache folder (`store`); this load and later ones
-    open them from there (`open_stored`): later loads read no checkpoint, and from files each
-    program's weights are in memory once (see Program). Where nothing can be stored (the cache is
-    off, a nearly full disk), the programs stay in memory as bytes.
+    float32 weights in memory), into files in the cache folder (gpt2.int8_programs.store, which
+    imports TensorFlow); this load and later ones open them from there (`open_stored`): later loads
+    read no checkpoint and need no TensorFlow, and from files each program's weights are in memory
+    once (see Program). Where nothing can be stored (the cache is off, a nearly full disk), the
+    programs stay in memory as bytes.
     """
     folder = stored_folder(model_dir, hparams)
-    if folder and not os.path.isdir(folder):
+    stored_now = folder and not os.path.isdir(folder)
+    if stored_now:
+        from .int8_programs import store
         store(model_dir, hparams, folder)
         release_freed_memory()
     if folder and os.path.isdir(folder):
         try:
-            return open_stored(folder, hparams)
+            model = open_stored(folder, hparams)
         except (OSError, ValueError, KeyError, EOFError, RuntimeError, zipfile.BadZipFile):
             shutil.rmtree(folder, ignore_errors=True)  # damaged: quantized again below, stored by the next load
+        else:
+            if stored_now:
+                prune(version())  # within the cache's size, now that this model is open (and stays)
+            return model
+    from .int8_programs import quantized
     return build_model(hparams, *quantized(model_dir, hparams, keep=lambda name, program: program))
 
 
-def quantized(model_dir, hparams, keep):
-    """Read the checkpoint and quantize it one tensor at a time. Each program's bytes go to
-    keep(name, bytes), which returns what Program takes (the bytes, or the path of a file of them).
-    Returns ([(block program, its VECTORS)], [output layer programs], ARRAYS by name)."""
-    block, head = cached_template(hparams, "block"), cached_template(hparams, "head")
-    layers = {checkpoint_name + "/w": name for name, checkpoint_name, _ in LAYERS}
-    vectors = {checkpoint_name: name for name, checkpoint_name in VECTORS.items()}
-    block_read, arrays, blocks, pieces = {}, {}, [], []
-    for weight in read_weights(model_dir, hparams):
-        value = weight.value.numpy()
-        if weight.name == "wte":  # [n_vocab, n_embd]: the output layer's [n_out, n_in], a piece at a time
-            wte, wte_scale = np.empty(value.shape, np.int8), np.empty(len(value), np.float32)
-            rows = piece_rows(hparams)
-            for start in range(0, len(value), rows):
-                q, scale = quantize(value[start:start + rows].T)
-                wte[start:start + len(q)], wte_scale[start:start + len(q)] = q, scale
-                if len(q) < rows:  # the last piece's rows after the vocabulary's end: zeros, cut off in `logits`
-                    q = np.concatenate([q, np.zeros([rows - len(q), q.shape[1]], np.int8)])
-                    scale = np.concatenate([scale, np.ones(rows - len(scale), np.float32)])
-                pieces.append(keep(f"head{len(pieces)}", head.fill({"wte": (q, scale)})))
-            arrays.update(wte=wte, wte_scale=wte_scale)
-        elif weight.block is not None:  # the blocks come in order, each whole
-            block_read[layers[weight.name] if weight.name in layers else vectors[weight.name]] = value
-            if len(block_read) == len(LAYERS) + len(VECTORS):
-                weights = {name: quantize(block_read.pop(name)) for name, _, _ in LAYERS}
-                blocks.append((keep(f"block{len(blocks)}", block.fill(weights)), block_read))
-                block_read = {}
-        else:
-            arrays[weight.name.replace("/", "_")] = value  # wpe, ln_f_g, ln_f_b
-        del value, weight
-    return blocks, pieces, arrays
-
-
 ARRAYS = ("wte", "wte_scale", "wpe", "ln_f_g", "ln_f_b")  # what an Int8Model keeps beside its programs
-CHECKSUMS = "checksums.json"  # a stored folder's files' sizes and CRC-32s
 
 
 def build_model(hparams, blocks, head, arrays):
@@ -508,10 +282,10 @@ def build_model(hparams, blocks, head, arrays):
 
 
 def stored_folder(model_dir, hparams):
-    """The cache folder's place for the int8 programs of model_dir's checkpoint as it is now (its
-    files' sizes, times and inodes), made by this version of this file; or None: the cache is off,
-    or there are no weights (read_weights then says what is missing)."""
-    cache = xla_cache_folder()
+    """The cache's place for the int8 programs of model_dir's checkpoint as it is now (its files'
+    sizes, times and inodes), made by this version of gpt2.int8 (`version`); or None: the cache is
+    off, or there are no weights (read_weights then says what is missing)."""
+    cache = int8_folder()
     try:
         stamp = [(s.st_size, s.st_mtime_ns, s.st_ino) for s in map(os.stat, weight_files(model_dir))]
     except OSError:
@@ -520,67 +294,21 @@ def stored_folder(model_dir, hparams):
         return None
     model = hashlib.sha256(os.path.realpath(model_dir).encode()).hexdigest()[:16]
     weights = hashlib.sha256(repr((stamp, tuple(hparams))).encode()).hexdigest()[:16]  # version() covers the rest
-    return os.path.join(cache, "int8-models", f"{version()}-{model}-{weights}")
-
-
-def store(model_dir, hparams, folder):
-    """Quantize the checkpoint into `folder`: a .tflite file per program, the ARRAYS as .npy files, the
-    blocks' VECTORS in vectors.npz.
-
-    First the folders that no load will open again are removed: other versions', this model
-    folder's older checkpoints', abandoned temporary ones. Nothing is written where the disk would
-    keep less than MIN_FREE_BYTES free. `folder` is whole or absent, also after a full disk, Ctrl-C
-    or a power cut: it is written under another name, each file synced to the disk, and renamed.
-    CHECKSUMS records each file's size and CRC-32, for open_stored to check.
-    """
-    parent = os.path.dirname(folder)
-    version_and_model = os.path.basename(folder).rsplit("-", 1)[0] + "-"
-    temporary = f"{folder}.{os.getpid()}.tmp"
-    checksums = {}  # name -> (size, CRC-32), checked by open_stored before a file is used
-
-    def write(name, save):
-        path = os.path.join(temporary, name)
-        with open(path, "wb") as f:
-            save(f)
-            f.flush()
-            os.fsync(f.fileno())
-        checksums[name] = file_checksum(path)
-        return path
-
-    try:
-        os.makedirs(parent, exist_ok=True)
-        for name in os.listdir(parent):
-            path = os.path.join(parent, name)
-            with contextlib.suppress(FileNotFoundError):  # another process removed it first
-                if abandoned(path) or not name.endswith(".tmp") and (
-                        not name.startswith(version()) or name.startswith(version_and_model)):
-                    shutil.rmtree(path)
-        need = weights_size(model_dir) // 4 + MIN_FREE_BYTES  # int8: a quarter of float32
-        if shutil.disk_usage(parent).free < need:
-            return
-        os.makedirs(temporary)
-        blocks, _, arrays = quantized(model_dir, hparams,
-                                      keep=lambda name, program: write(name + ".tflite", lambda f: f.write(program)))
-        for name in ARRAYS:
-            write(name + ".npy", lambda f: np.save(f, arrays[name]))
-        write("vectors.npz", lambda f: np.savez(f, **{f"{i}/{name}": value for i, (_, vectors) in enumerate(blocks)
-                                                       for name, value in vectors.items()}))
-        write(CHECKSUMS, lambda f: f.write(json.dumps(checksums).encode()))
-        os.rename(temporary, folder)
-    except OSError:
-        pass  # a full or read-only disk: load_int8 keeps the programs in memory
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+    return os.path.join(cache, f"{version()}-{model}-{weights}")
 
 
 def open_stored(folder, hparams):
-    """The Int8Model that `store` wrote to `folder`: its programs mapped from their files, its arrays too.
+    """The Int8Model that gpt2.int8_programs.store wrote to `folder`: its programs mapped from their
+    files, its arrays too.
 
-    Each file's size and CRC-32 are checked first: TensorFlow Lite's interpreter crashes the whole
-    process on a program cut off, and computes other numbers from one whose bytes changed. A
-    ValueError where one differs."""
-    with open(os.path.join(folder, CHECKSUMS), encoding="utf-8") as f:
-        checksums = json.load(f)
+    While the model is open, it holds a shared lock on the folder's INT8_CHECKSUMS, so that no
+    process's gpt2.cache.prune removes the folder; opening marks it as just used. Each file's size
+    and CRC-32 are checked first: TensorFlow Lite's interpreter crashes the whole process on a
+    program cut off, and computes other numbers from one whose bytes changed. A ValueError where
+    one differs, an OSError where the folder is being removed."""
+    in_use = shared_lock(os.path.join(folder, INT8_CHECKSUMS))
+    os.utime(folder)
+    checksums = json.load(in_use)
     for name, expected in checksums.items():
         if list(file_checksum(os.path.join(folder, name))) != expected:
             raise ValueError(f"{name} in {folder} is damaged")
@@ -589,7 +317,9 @@ def open_stored(folder, hparams):
                   for i in range(hparams.n_layer)]
     head = [os.path.join(folder, f"head{i}.tflite") for i in range(-(-hparams.n_vocab // piece_rows(hparams)))]
     arrays = {name: np.load(os.path.join(folder, name + ".npy"), mmap_mode="r") for name in ARRAYS}
-    return build_model(hparams, blocks, head, arrays)
+    model = build_model(hparams, blocks, head, arrays)
+    model.in_use = in_use
+    return model
 
 
 class Int8Engine(Engine):
@@ -607,11 +337,11 @@ class Int8Engine(Engine):
         n_head, head_dim = hparams.n_head, hparams.n_embd // hparams.n_head
         self.values = Rows.empty(rows, hparams.n_ctx)
         # The rows' own caches while this engine is not bound (None while it is), and the prefix's
-        # cache, which every row reads: a LayerCache per block.
-        self.own = [LayerCache(np.zeros([rows, n_head, head_dim, bucket(1, hparams.n_ctx)], np.float32),
+        # cache, which every row reads: a BlockCache per block.
+        self.own = [BlockCache(np.zeros([rows, n_head, head_dim, bucket(1, hparams.n_ctx)], np.float32),
                                np.zeros([rows, n_head, bucket(1, hparams.n_ctx), head_dim], np.float32))
                     for _ in model.blocks]
-        nothing = LayerCache(np.zeros([n_head, head_dim, 1], np.float32), np.zeros([n_head, 1, head_dim], np.float32))
+        nothing = BlockCache(np.zeros([n_head, head_dim, 1], np.float32), np.zeros([n_head, 1, head_dim], np.float32))
         self.shared = [nothing] * len(model.blocks)
         if self.prefix:
             with model.lock:
@@ -619,13 +349,13 @@ class Int8Engine(Engine):
                 x = model.embed_prompt(np.array([self.prefix], np.int32), 0)
                 for i, block in enumerate(model.blocks):
                     x, cache = model.run_prompt(block, x, nothing, 0, len(self.prefix))
-                    self.shared[i] = LayerCache(cache.keys[0], cache.values[0])
+                    self.shared[i] = BlockCache(cache.keys[0], cache.values[0])
 
     def unbind_all(self):
         """Move the bound engine's caches (if any) out of the programs, into its own arrays."""
         bound = self.model.bound
         if bound is not None:
-            bound.own = [LayerCache(block.input("keys").copy(), block.input("values").copy())
+            bound.own = [BlockCache(block.input("keys").copy(), block.input("values").copy())
                          for block in self.model.blocks]
             self.model.bound = None
 
@@ -668,7 +398,7 @@ class Int8Engine(Engine):
         """Give the rows' own caches cache_len slots (unbound), keeping what they hold."""
         more = cache_len - self.own[0].keys.shape[3]
         if more > 0:
-            self.own = [LayerCache(np.pad(own.keys, [(0, 0), (0, 0), (0, 0), (0, more)]),
+            self.own = [BlockCache(np.pad(own.keys, [(0, 0), (0, 0), (0, 0), (0, more)]),
                                    np.pad(own.values, [(0, 0), (0, 0), (0, more), (0, 0)])) for own in self.own]
 
     def _step(self, n):

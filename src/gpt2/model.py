@@ -32,8 +32,7 @@ import tensorflow as tf
 
 class LayerCache(NamedTuple):
     """One block's keys and values of earlier positions: [batch, n_head, cache_len, head_dim] each
-    ([n_head, shared_len, head_dim] in a SharedPrefix; gpt2.int8 keeps its keys transposed, [...,
-    head_dim, cache_len])."""
+    ([n_head, shared_len, head_dim] in a SharedPrefix)."""
     keys: tf.Tensor
     values: tf.Tensor
 

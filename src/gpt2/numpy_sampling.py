@@ -14,8 +14,7 @@ NumPy rules take less of a step (the timings are in docs/performance.md).
 """
 import numpy as np
 
-from .engine import NO_TOKEN
-from .sampling import MIN_TEMPERATURE
+from .engine import MIN_TEMPERATURE, NO_TOKEN
 
 _U64 = np.uint64
 
@@ -92,7 +91,7 @@ def choose(logits, steps, row_seeds, temperature, top_k, top_p, min_p=0.0):
 def adjust(logits, history, text_len, prompt_len, bias_tokens, bias_values, bad_words, no_repeat_ngram_size,
            repetition_penalty, repeat_last_n, presence_penalty, frequency_penalty):
     """gpt2.sampling.adjust's rules on logits [batch, n_vocab] (a new array), one row at a time; the
-    arguments are gpt2.sampling.Adjustments' fields, as arrays."""
+    arguments are gpt2.engine.Adjustments' fields, as arrays."""
     logits = np.array(logits, np.float32)
     for b, row in enumerate(logits):
         words = [[int(t) for t in word if t != NO_TOKEN] for word in bad_words[b]]

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from .engine import NO_TOKEN
+from .engine import MIN_TEMPERATURE, NO_TOKEN
 from .tensorflow_start import Compiled
 
 
@@ -141,21 +141,6 @@ def min_p_filter(logits, min_p):
 
 
 
-class Adjustments(NamedTuple):
-    """What each row's logits are adjusted by before its token is chosen, [batch] each unless said."""
-    history: tf.Tensor  # [batch, H] int32: the row's text, its prompt then its sample; later slots unused
-    text_len: tf.Tensor  # int32: tokens in the history
-    prompt_len: tf.Tensor  # int32: the prompt's tokens among them
-    bias_tokens: tf.Tensor  # [batch, B] int32: logit_bias's tokens (NO_TOKEN: none) ...
-    bias_values: tf.Tensor  # [batch, B] float32: ... and their biases (-inf: a banned token)
-    bad_words: tf.Tensor  # [batch, W, L] int32: token sequences never to complete (NO_TOKEN after each)
-    no_repeat_ngram_size: tf.Tensor  # int32; 0: off
-    repetition_penalty: tf.Tensor  # float32; 1: off
-    repeat_last_n: tf.Tensor  # int32: the last tokens of the text that count for it; 0: all
-    presence_penalty: tf.Tensor  # float32; 0: off
-    frequency_penalty: tf.Tensor  # float32; 0: off
-
-
 def adjust(logits, a):
     """Logits [batch, n_vocab] with each row's logit_bias added, its banned tokens at -inf, then its
     repetition, presence and frequency penalties. A rule that no row uses does no work (tf.cond);
@@ -250,9 +235,6 @@ def bad_word_bans(history, text_len, bad_words, n_vocab):
     return tokens_at(last, tf.cast(match, tf.float32), n_vocab) > 0
 
 
-MAX_LOGPROBS = 20  # the most alternatives a caller may ask for, per token (vLLM's default limit)
-
-
 def top_logprobs(logits, n):
     """The log-probabilities [batch, n] of each row's n most likely tokens, most likely first, and
     those tokens [batch, n], from logits [batch, n_vocab]; and the whole row's [batch, n_vocab]."""
@@ -263,9 +245,6 @@ def top_logprobs(logits, n):
     tokens = tf.gather(tf.reshape(tf.broadcast_to(lanes.tokens, tf.shape(lanes.logits)), [-1, columns]), index,
                        batch_dims=1)
     return values, tokens, logprobs
-
-
-MIN_TEMPERATURE = 1e-9  # what a temperature above 0 divides the logits by at least
 
 
 class Draws(NamedTuple):

@@ -49,6 +49,19 @@ def try_lock(path):
     return lock
 
 
+def shared_lock(path):
+    """The file `path` opened for reading, holding a shared flock until it is closed; an OSError
+    (BlockingIOError) where another process holds an exclusive one (try_lock's)."""
+    f = open(path, "rb")
+    if fcntl is not None:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise
+    return f
+
+
 def unlock(path, lock):
     """Let go of a lock from try_lock, removing its file first (a waiter that got the removed file's
     lock sees that and tries again)."""

@@ -23,160 +23,19 @@ a folder and loads it in later runs instead of compiling again; it is on unless 
 - TensorFlow first tries to read each entry as text and logs an error line before reading it as
   the binary it is: with the cache on, TensorFlow's C++ errors are not shown (its errors still
   reach Python as exceptions, with their messages).
+The folders themselves, their checks and their size limit are gpt2.cache's.
 """
 import atexit
 import contextlib
 import functools
-import glob
-import hashlib
 import importlib.util
 import os
-import platform
 import re
 import shutil
 import sys
-import tempfile
-import time
 
-from .storage import file_checksum, remove_dead_files
-
-MIN_FREE_BYTES = 256 << 20  # an entry is a few MB; below this the cache stays off
-OWN_CACHES = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()  # in memory where there is one
-
-
-def machine_key():
-    """A short name for this TensorFlow installation on this processor (its instruction set) and GPUs."""
-    tensorflow_init = importlib.util.find_spec("tensorflow").origin  # found without importing it
-    processor = platform.machine() + platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            processor += "".join(sorted({line for line in f if line.startswith(("flags", "model name"))}))
-    except OSError:
-        pass
-    for gpu in sorted(glob.glob("/proc/driver/nvidia/gpus/*/information")):  # a GPU's programs are its model's
-        with open(gpu) as f:
-            processor += "".join(line for line in f if line.startswith("Model"))
-    identity = f"{tensorflow_init} {os.stat(tensorflow_init).st_mtime_ns} {processor}"
-    return f"{platform.machine()}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
-
-
-def xla_cache_folder():
-    """The folder of compiled programs to use, or None: turned off, unwritable or a nearly full disk."""
-    setting = os.environ.get("GPT2_XLA_CACHE", "")
-    if setting.lower() in ("off", "0", "false", "no"):
-        return None
-    base = setting or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2", "xla")
-    try:
-        folder = os.path.join(base, machine_key())  # AttributeError: no TensorFlow, whose import then says so
-        os.makedirs(folder, exist_ok=True)
-        if not os.access(folder, os.W_OK | os.X_OK) or shutil.disk_usage(folder).free < MIN_FREE_BYTES:
-            return None
-    except (OSError, AttributeError):
-        return None
-    return folder
-
-
-def check_entries(folder):
-    """Delete what TensorFlow would fail on: entries cut off, emptied or changed since they were
-    first seen (each gets a .crc file then); and what dead processes left: temporary files, links."""
-    names = set(os.listdir(folder))
-    for name in names:
-        path = os.path.join(folder, name)
-        with contextlib.suppress(FileNotFoundError):  # another process removed it first
-            if name.endswith(".pb"):
-                if not is_sound_entry(path):
-                    os.remove(path)
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(path + ".crc")
-                elif name + ".crc" not in names:
-                    write_entry_checksum(path)
-            elif name.endswith(".crc") and name[:-4] not in names or abandoned(path):
-                os.remove(path)
-    remove_dead_files(folder, r"\.pid-(\d+)")
-    remove_dead_files(OWN_CACHES, r"gpt2-xla-(\d+)")  # left by processes that ended without Python's exit
-
-
-def is_sound_entry(path):
-    """Whether the entry can be handed to TensorFlow: a whole protobuf, not empty (TensorFlow reads
-    an empty file as an entry of another program), with the size and CRC-32 it was first seen with."""
-    if os.path.getsize(path) == 0 or not is_whole_protobuf(path):
-        return False
-    try:
-        with open(path + ".crc", encoding="ascii") as f:
-            recorded = tuple(int(n) for n in f.read().split())
-    except FileNotFoundError:
-        return True
-    except (OSError, ValueError):
-        return False
-    return recorded == file_checksum(path)
-
-
-def write_entry_checksum(path):
-    temporary = f"{path}.crc.{os.getpid()}.tmp"
-    with contextlib.suppress(OSError):  # a full disk: checked again next time
-        with open(temporary, "w", encoding="ascii") as f:
-            f.write("%d %d" % file_checksum(path))
-        os.replace(temporary, path + ".crc")
-
-
-def abandoned(path):
-    """Whether `path` is a temporary file or folder (named *.tmp) more than an hour old: what a killed
-    process left while writing."""
-    return path.endswith(".tmp") and os.stat(path).st_mtime < time.time() - 3600
-
-
-def is_whole_protobuf(path):
-    """Whether the file is a sequence of complete protobuf fields, its last one ending at the file's end.
-
-    Reads only the fields' keys and lengths, a few bytes per field.
-    """
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        while f.tell() < size:
-            key = read_varint(f)
-            if key is None:
-                return False
-            wire_type = key & 7
-            if wire_type == 0:
-                if read_varint(f) is None:
-                    return False
-            elif wire_type in (1, 5):
-                f.seek(8 if wire_type == 1 else 4, os.SEEK_CUR)
-            elif wire_type == 2:
-                length = read_varint(f)
-                if length is None:
-                    return False
-                f.seek(length, os.SEEK_CUR)
-            else:
-                return False
-        return f.tell() == size
-
-
-def read_varint(f):
-    """A protobuf varint read from f, or None where the file ends inside it."""
-    value, shift = 0, 0
-    while True:
-        byte = f.read(1)
-        if not byte:
-            return None
-        value |= (byte[0] & 0x7F) << shift
-        shift += 7
-        if byte[0] < 0x80:
-            return value
-
-
-@contextlib.contextmanager
-def c_stderr_silenced():
-    """C++ code's lines to the standard error are dropped inside this (Python's errors still come as exceptions)."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+from .cache import OWN_CACHES, check_entries, prune, xla_cache_folder
+from .errors import c_stderr_silenced
 
 
 def process_link(folder):
@@ -254,6 +113,7 @@ def use_a_cache_of_its_own(error):
 
 _folder = xla_cache_folder()
 _link = _own_cache = None
+prune()  # what no run reads again, and the least recently used beyond GPT2_CACHE_SIZE
 if _folder:
     try:
         check_entries(_folder)

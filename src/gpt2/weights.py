@@ -16,11 +16,11 @@ import tensorflow as tf
 
 from . import folders
 from .arguments import check_dtype, must
-from .checkpoint import checkpoint_files, checkpoint_variables, read_checkpoint, split_name, tree_node, write_checkpoint
+from .checkpoint import checkpoint_variables, read_checkpoint, split_name, tree_node, write_checkpoint
 from .encoder import write_vocabulary
 from .errors import GPT2Error
-from .folders import HUGGINGFACE_VOCAB_FILES, SAVE_FORMATS, VOCAB_FILES, check_replaceable, folder_format
-from .huggingface import read_safetensors, safetensors_files, write_config, write_safetensors
+from .folders import HUGGINGFACE_VOCAB_FILES, SAVE_FORMATS, VOCAB_FILES, check_replaceable, folder_format, weight_files
+from .huggingface import read_safetensors, write_config, write_safetensors
 from .storage import replace_folder, writing_name
 
 
@@ -44,13 +44,6 @@ def read_weights(model_dir, hparams, read_ahead=False):
         return
     for name, value in read_checkpoint(model_dir, hparams, read_ahead):
         yield Weight(*split_name(name), value)
-
-
-def weight_files(model_dir):
-    """The paths of the files that the folder's weights are read from."""
-    if folder_format(model_dir) == "huggingface":
-        return safetensors_files(model_dir)
-    return list(checkpoint_files(model_dir))
 
 
 def weights_size(model_dir):
