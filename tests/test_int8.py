@@ -1,6 +1,9 @@
 """int8 weights (gpt2.int8) against the float32 model they are quantized from, on the tiny model."""
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -417,3 +420,44 @@ def test_storing_removes_what_no_load_will_open(model, tiny_model, tmp_path, mon
     assert sorted(path.name for path in stored_folders(tmp_path)) == sorted([
         os.path.basename(int8.stored_folder(tiny_model, hparams)), os.path.basename(writing),
         os.path.basename(other_model)])
+
+
+WITHOUT_TENSORFLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "without_tensorflow.py")
+ROOT = os.path.dirname(os.path.dirname(WITHOUT_TENSORFLOW))
+CASES = [("The river", 16, dict(seed=1, top_k=40, nsamples=2)), ("", 12, dict(seed=2, top_p=0.9)),
+         ("One, two", 10, dict(seed=3, temperature=0, logprobs=2)),
+         ("In the town", 14, dict(seed=4, repetition_penalty=1.2, nsamples=3, batch_size=2))]
+
+
+def test_a_stored_model_runs_without_tensorflow(tiny_model):
+    model = gpt2.GPT2.from_folder(tiny_model, "int8")  # stores its programs (in the tests' cache folder)
+    want = [[s if isinstance(s, str) else s._asdict() for s in model.generate(prompt, length, **flags)]
+            for prompt, length, flags in CASES]
+    code = ("import json, sys\nimport gpt2\n"
+            f"model = gpt2.load({str(tiny_model)!r}, dtype='int8')\n"
+            f"got = [[s if isinstance(s, str) else s._asdict() for s in model.generate(prompt, length, **flags)]\n"
+            f"       for prompt, length, flags in {CASES!r}]\n"
+            "print(json.dumps(got))\n"
+            "print(sorted(name for name in sys.modules if name.split('.')[0] in ('tensorflow', 'keras')))")
+    result = subprocess.run([sys.executable, WITHOUT_TENSORFLOW, "-c", code], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    got, imported = result.stdout.splitlines()
+    assert json.loads(got) == json.loads(json.dumps(want)) and imported == "[]"
+
+    command = subprocess.run([sys.executable, WITHOUT_TENSORFLOW, "generate_interactive.py", "--model_name", str(tiny_model),
+                              "--dtype", "int8", "--length", "16", "--top_k", "40", "--seed", "1", "--nsamples", "2"],
+                             input="The river\n", capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert command.returncode == 0 and command.stderr == "", command.stderr
+    for text in want[0]:
+        assert text in command.stdout
+
+
+def test_a_first_load_without_tensorflow_says_what_is_missing(tmp_path):
+    model_dir = tmp_path / "tiny"
+    make_model_folder(model_dir, seed=3)  # its programs are not stored yet: they need TensorFlow
+    result = subprocess.run([sys.executable, WITHOUT_TENSORFLOW, "generate_unconditional.py", "--model_name",
+                             str(model_dir), "--dtype", "int8", "--length", "4"], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "TensorFlow" in result.stderr

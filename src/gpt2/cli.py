@@ -104,8 +104,18 @@ def load_model(model_name, models_dir, dtype, strategy="one"):
         with interrupted_at_once():
             from .api import load
             if needs_tensorflow(model_name, models_dir, dtype):
-                from . import tensorflow_start  # noqa: F401  (TensorFlow starts: only once the flags are known to be right)
+                start_tensorflow(dtype)  # only once the flags are known to be right
         return load(model_name, models_dir, dtype=dtype, strategy=strategy)
+
+
+def start_tensorflow(dtype):
+    try:
+        from . import tensorflow_start  # noqa: F401
+    except ImportError as error:
+        why = "int8 makes a model's programs with TensorFlow at its first load" if dtype == "int8" else \
+            f"{dtype} models run on TensorFlow"
+        raise GPT2Error(f"{why}, and it cannot be imported here ({error}): install it (pip install tensorflow)") \
+            from None
 
 
 def needs_tensorflow(model_name, models_dir, dtype):

@@ -339,9 +339,10 @@ class Server:
         def load():
             try:
                 self.model = self.load()
-                # Each new cache size traces the step again, by design (a few sizes): not worth TensorFlow's warning.
-                import tensorflow as tf
-                tf.get_logger().setLevel("ERROR")
+                if not self.model.int8:  # int8 runs without TensorFlow
+                    # Each new cache size traces the step again, by design (a few sizes): not worth TensorFlow's warning.
+                    import tensorflow as tf
+                    tf.get_logger().setLevel("ERROR")
                 engine = self.model.engine(self.settings.max_batch)
                 engine.admit([Request([self.model.encoder.eot_token], 2, Settings())])
                 engine.step(2)  # compiles the loop (or reads it from the compilation cache)
