@@ -15,12 +15,14 @@ the engines take turns for --rounds rounds, and before each turn the machine's m
 and GEMM rate are measured (see machine.py).
 
 Start-up: the time from a command's start to its complete answer of --answer tokens (124M,
-top_k 40, one prompt piped in), process start to exit, as a user waits for it. Ours is
-generate_interactive.py; transformers' is a script that imports torch and transformers, loads
-the same weights (converted once into a transformers folder, safetensors) and its tokenizer, and
-writes the answer. Ours runs first with an empty XLA compilation cache (its first run on a
-machine, and after each TensorFlow upgrade), then twice with the cache that run left
-(GPT2_XLA_CACHE); the engines alternate, --rounds times.
+top_k 40, one prompt piped in), process start to exit, as a user waits for it, and to the
+answer's first text. Ours is generate_interactive.py, in float32 and with --dtype int8;
+transformers' is a script that imports torch and transformers, loads the same weights
+(converted once into a transformers folder, safetensors) and its tokenizer, and writes the
+answer. Ours runs first with an empty cache folder (GPT2_XLA_CACHE: its first run on a machine,
+and after each TensorFlow or gpt2 upgrade; int8 then converts and stores its programs), then
+twice with the cache that run left (int8: its stored programs, run without TensorFlow); the
+engines alternate, --rounds times.
 """
 import argparse
 import json
@@ -153,40 +155,67 @@ def convert(model_dir, folder):
 
 
 def seconds_to_answer(command, env=None):
-    """Wall seconds of `command` from its start to its exit, PROMPT piped in; its output must be text."""
+    """(seconds to the answer's first text, seconds to the exit) of `command` from its start, PROMPT piped in.
+
+    The first text is the first byte after the line "=== SAMPLE 1 ===" where the command prints
+    one (ours, which streams the answer), else the whole output (transformers prints it at the end).
+    """
     start = time.perf_counter()
-    out = subprocess.run(command, input=PROMPT, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, **(env or {})})
+    process.stdin.write(PROMPT.encode())
+    process.stdin.close()
+    out, first = b"", None
+    while piece := os.read(process.stdout.fileno(), 1 << 16):
+        out += piece
+        banner = out.find(b" SAMPLE 1 ")
+        line_end = out.find(b"\n", banner) if banner >= 0 else -1
+        if first is None and 0 <= line_end < len(out) - 1:
+            first = time.perf_counter() - start
+    errors = process.stderr.read().decode()
+    process.wait()
     seconds = time.perf_counter() - start
-    if out.returncode or not out.stdout.strip():
-        sys.exit(f"{command[1]} failed:\n{out.stderr}")
-    return seconds
+    if process.returncode or not out.strip():
+        sys.exit(f"{command[1]} failed:\n{errors}")
+    return first or seconds, seconds
+
+
+STARTUP_CASES = {  # name -> (our --dtype, whether the run starts with an empty cache), or None: transformers
+    "ours float32, first run": ("float32", True), "ours float32, later runs": ("float32", False),
+    "ours int8, first run": ("int8", True), "ours int8, later runs": ("int8", False), "transformers": None}
 
 
 def startup(args, model_dir):
-    """Start-up seconds per round: ours with an empty cache, then warm; transformers each time."""
+    """Start-up seconds per round: ours in float32 and int8, each with an empty cache and then with the
+    cache that run left; transformers each time, in turn."""
     folder = os.path.join(args.models_dir, "124M-transformers")
     make_transformers_folder(model_dir, folder, args.torch_python)
     ours = [sys.executable, os.path.join(HERE, "..", "generate_interactive.py"), "--model_name", "124M",
             "--models_dir", args.models_dir, "--length", str(args.answer), "--top_k", "40", "--seed", "1"]
     theirs = [args.torch_python, __file__, "--worker", "answer", "--torch_python", args.torch_python,
               "--models_dir", args.models_dir, "--answer", str(args.answer)]
-    times = {"ours, first run": [], "ours, later runs": [], "transformers": []}
+    times = {case: [] for case in STARTUP_CASES}  # case -> [(first text s, answer s)]
     for round_number in range(args.rounds):
-        with tempfile.TemporaryDirectory() as cache:
-            env = {"GPT2_XLA_CACHE": cache}
-            times["ours, first run"].append(seconds_to_answer(ours, env))
-            times["transformers"].append(seconds_to_answer(theirs))
-            times["ours, later runs"].append(seconds_to_answer(ours, env))
-            times["transformers"].append(seconds_to_answer(theirs))
-            times["ours, later runs"].append(seconds_to_answer(ours, env))
-        print(f"round {round_number + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
-    theirs_s = statistics.median(times["transformers"])
+        for dtype in ("float32", "int8"):
+            with tempfile.TemporaryDirectory() as cache:
+                env = {"GPT2_XLA_CACHE": cache}
+                for first_run in (True, False, False):
+                    times[f"ours {dtype}, {'first run' if first_run else 'later runs'}"].append(
+                        seconds_to_answer(ours + ["--dtype", dtype], env))
+                    if not first_run:
+                        times["transformers"].append(seconds_to_answer(theirs))
+        print(f"round {round_number + 1}: " + ", ".join(f"{k} {v[-1][1]:.2f} s" for k, v in times.items()), flush=True)
+    theirs_s = statistics.median(answer for _, answer in times["transformers"])
     print(f"\nFrom the command's start to a complete {args.answer}-token answer (124M, top_k 40, prompt piped in), "
-          f"seconds, median of {args.rounds} rounds:\n")
-    print("| run | ours | transformers | ours / transformers |\n| --- | --- | --- | --- |")
-    for case in ("ours, first run", "ours, later runs"):
-        mine = statistics.median(times[case])
-        print(f"| {case.split(', ')[1]} | {mine:.1f} | {theirs_s:.1f} | {mine / theirs_s:.2f}x |")
+          f"and to its first text, seconds, median of {len(times['transformers'])} runs of transformers and "
+          f"{args.rounds} first or {2 * args.rounds} later runs of ours:\n")
+    print("| run | first text | answer | transformers' answer | ours / transformers |\n| --- | --- | --- | --- | --- |")
+    for case in STARTUP_CASES:
+        if case != "transformers":
+            first = statistics.median(f for f, _ in times[case])
+            mine = statistics.median(answer for _, answer in times[case])
+            print(f"| {case.split(', ')[0][5:]}, {case.split(', ')[1]} | {first:.2f} | {mine:.2f} | {theirs_s:.2f} | "
+                  f"{mine / theirs_s:.2f}x |")
 
 
 def main():

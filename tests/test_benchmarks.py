@@ -43,6 +43,18 @@ def test_int8_benchmark_prints_its_comparison(tmp_path):
     assert int(match[3]) >= 14
 
 
+def test_int8_benchmark_times_both_interpreters(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "int8.py"), "--tiny", "--interpreters",
+                             "--steps", "8", "--models_dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    for interpreter in ("ai-edge-litert", "tf.lite.Interpreter"):
+        match = re.search(rf"\| {re.escape(interpreter)} \| ([\d.]+) \| ([\d.]+) \| (-?[\d.]+) \| ([\d.]+) \| [\d.]+ \|",
+                          result.stdout)
+        assert match, result.stdout
+        blocks, output_layer, rest, step = map(float, match.groups())
+        assert 0 < blocks < step and 0 < output_layer < step and abs(blocks + output_layer + rest - step) < 0.02
+
+
 @pytest.mark.parametrize("script,row", [
     ("score.py", r"\| tiny \| \d+ \(\d+-\d+\) \| \d+% \| [\d.]+ \| [\d.]+ GB \| \d+ GFLOP/s \|"),
     ("train.py", r"\| tiny \| 64 \| \d+ \| \d+% \| [\d.]+ \| [\d.]+ GB \| \d+ GFLOP/s \|"),
