@@ -461,3 +461,15 @@ def test_a_first_load_without_tensorflow_says_what_is_missing(tmp_path):
                             timeout=300, cwd=ROOT)
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "TensorFlow" in result.stderr
+
+
+def test_the_api_says_in_one_line_that_a_first_load_needs_tensorflow(tmp_path):
+    model_dir = tmp_path / "tiny"
+    make_model_folder(model_dir, seed=5)
+    code = ("import gpt2\ntry:\n    gpt2.load(%r, dtype='int8')\nexcept gpt2.GPT2Error as error:\n    print(error)\n"
+            % str(model_dir))
+    result = subprocess.run([sys.executable, WITHOUT_TENSORFLOW, "-c", code], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("int8 makes a model's programs with TensorFlow at its first load, and TensorFlow "
+                                    "cannot be imported here (tensorflow is made unimportable")

@@ -142,7 +142,7 @@ class Handler(ModelHandler):
         self.model, self.task, self.batch_size, self.large_model = model, task, batch_size, large_model
 
     def load_model(self):
-        from .api import GPT2  # TensorFlow starts here, in the worker
+        from .api import GPT2  # in the worker: TensorFlow starts as a float model loads
 
         return GPT2.from_folder(self.model.folder(), self.model.dtype)
 

@@ -109,13 +109,15 @@ def load_model(model_name, models_dir, dtype, strategy="one"):
 
 
 def start_tensorflow(dtype):
+    if dtype == "int8":
+        from .int8 import programs_maker
+        programs_maker()  # which starts TensorFlow, or says in one line that it cannot
+        return
     try:
         from . import tensorflow_start  # noqa: F401
     except ImportError as error:
-        why = "int8 makes a model's programs with TensorFlow at its first load" if dtype == "int8" else \
-            f"{dtype} models run on TensorFlow"
-        raise GPT2Error(f"{why}, and it cannot be imported here ({error}): install it (pip install tensorflow)") \
-            from None
+        raise GPT2Error(f"{dtype} models run on TensorFlow, and it cannot be imported here ({error}): install it "
+                        "(pip install tensorflow)") from None
 
 
 def needs_tensorflow(model_name, models_dir, dtype):

@@ -38,7 +38,7 @@ import numpy as np
 from . import numpy_sampling
 from .cache import INT8_CHECKSUMS, int8_folder, prune
 from .engine import MAX_LOGPROBS, Adjustments, Engine, Logprobs, Rows, bucket
-from .errors import c_stderr_silenced
+from .errors import GPT2Error, c_stderr_silenced
 from .folders import weight_files
 from .storage import file_checksum, shared_lock
 
@@ -255,8 +255,7 @@ def load_int8(model_dir, hparams):
     folder = stored_folder(model_dir, hparams)
     stored_now = folder and not os.path.isdir(folder)
     if stored_now:
-        from .int8_programs import store
-        store(model_dir, hparams, folder)
+        programs_maker().store(model_dir, hparams, folder)
         release_freed_memory()
     if folder and os.path.isdir(folder):
         try:
@@ -267,8 +266,18 @@ def load_int8(model_dir, hparams):
             if stored_now:
                 prune(version())  # within the cache's size, now that this model is open (and stays)
             return model
-    from .int8_programs import quantized
-    return build_model(hparams, *quantized(model_dir, hparams, keep=lambda name, program: program))
+    return build_model(hparams, *programs_maker().quantized(model_dir, hparams, keep=lambda name, program: program))
+
+
+def programs_maker():
+    """gpt2.int8_programs, which makes the programs with TensorFlow; a GPT2Error where TensorFlow
+    cannot be imported (only a model's first load needs it)."""
+    try:
+        from . import int8_programs
+    except ImportError as error:
+        raise GPT2Error(f"int8 makes a model's programs with TensorFlow at its first load, and TensorFlow cannot "
+                        f"be imported here ({error}): install it (pip install tensorflow)") from None
+    return int8_programs
 
 
 ARRAYS = ("wte", "wte_scale", "wpe", "ln_f_g", "ln_f_b")  # what an Int8Model keeps beside its programs
