@@ -129,3 +129,18 @@ def test_a_tiny_temperature_draws_among_the_largest_logits_without_warnings():
         for top_k, top_p in ((0, 1.0), (0, 0.9), (40, 0.9)):
             tokens = numpy_sampling.choose(rows, 3, row_seeds(len(rows), 1, 0), 1e-9, top_k, top_p)
             assert (scaled[np.arange(len(rows)), tokens] == scaled.max(axis=1)).all()
+
+
+def test_kth_largest_equals_numpys_partition():
+    rng = np.random.default_rng(7)
+    row = rng.standard_normal(50257).astype(np.float32)
+    tied = np.round(row * 2).astype(np.float32)  # many equal numbers
+    tied[::3] = -np.inf
+    tied[-5:] = 9.0  # the largest numbers in the short last lane
+    for values in (row, tied):
+        for k in (1, 2, 5, 6, 40, 785, 786, 1000, 50256):
+            assert numpy_sampling.kth_largest(values, k) == np.partition(values, -k)[-k], k
+    for n in (1, 63, 64, 657, 1000):
+        values = rng.standard_normal(n).astype(np.float32)
+        for k in range(1, n + 1, max(1, n // 50)):
+            assert numpy_sampling.kth_largest(values, k) == np.partition(values, -k)[-k], (n, k)
