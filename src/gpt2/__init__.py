@@ -5,7 +5,7 @@
     print(model.generate("The river", length=40, seed=1)[0])
 
 TensorFlow starts when a model is loaded, not on `import gpt2`: the commands check their flags and
-download models without it.
+download models without it, and an int8 model whose programs are stored runs without it.
 """
 from .errors import GPT2Error
 

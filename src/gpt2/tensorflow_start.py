@@ -2,7 +2,8 @@
 programs on disk from one run to the next.
 
 TensorFlow's C++ start-up lines (CUDA probing on a machine without a GPU, CPU features) are noise
-to someone generating text. gpt2.api, gpt2.train and gpt2.finetuning import this first.
+to someone generating text. What loads a float model (gpt2.api.GPT2.from_folder, gpt2.cli), makes
+int8's programs (gpt2.int8_programs), or trains (gpt2.train, gpt2.finetuning) imports this first.
 
 Compiling the decoding loop with XLA takes most of a command's first answer. TensorFlow's
 persistent compilation cache keeps each compiled program in
