@@ -265,7 +265,7 @@ def test_the_programs_take_the_weights_in_place_of_the_stand_ins(model):
     template = int8_programs.cached_template(hparams, "block")
     rng = np.random.default_rng(2)
     weights = {name: int8_programs.quantize(rng.standard_normal((a * hparams.n_embd, b * hparams.n_embd)))
-               for name, _, (a, b) in int8.LAYERS}
+               for name, _, (a, b) in int8_programs.LAYERS}
     program = int8.Program(template.fill(weights), {}).interpreter
     for detail in program.get_tensor_details():
         for name, (q, scale) in weights.items():

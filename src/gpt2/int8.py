@@ -45,11 +45,6 @@ from .storage import file_checksum, shared_lock
 with c_stderr_silenced():  # LiteRT's start-up lines
     from ai_edge_litert.interpreter import Interpreter
 
-# The linear layers of a block: (name, checkpoint name, [n_in, n_out] in units of n_embd).
-
-
-LAYERS = (("c_attn", "attn/c_attn", (1, 3)), ("attn_proj", "attn/c_proj", (1, 1)),
-          ("c_fc", "mlp/c_fc", (1, 4)), ("mlp_proj", "mlp/c_proj", (4, 1)))
 PIECE_WEIGHTS = 12 * 1024 ** 2  # weights per program of the output layer at most (see piece_rows)
 PROMPT_PIECE = 64  # prompt tokens per run of a block (see Int8Model.run_prompt)
 # The block's small float tensors, each set once as an input of its program: name -> checkpoint name.

@@ -23,12 +23,16 @@ import numpy as np
 from . import tensorflow_start  # noqa: F401  (first: TensorFlow starts quietly)
 from .cache import INT8_CHECKSUMS, MIN_FREE_BYTES, abandoned, int8_folder, removed
 from .errors import c_stderr_silenced
-from .int8 import ARRAYS, LAYERS, VECTORS, piece_rows, version
+from .int8 import ARRAYS, VECTORS, piece_rows, version
 from .model import attention_weights, gelu, layer_norm, merge_heads, split_heads
 from .storage import checked, file_checksum, remove, with_checksum
 from .weights import read_weights, weights_size
 
 import tensorflow as tf  # after gpt2.tensorflow_start
+
+# The linear layers of a block: (name, checkpoint name, [n_in, n_out] in units of n_embd).
+LAYERS = (("c_attn", "attn/c_attn", (1, 3)), ("attn_proj", "attn/c_proj", (1, 1)),
+          ("c_fc", "mlp/c_fc", (1, 4)), ("mlp_proj", "mlp/c_proj", (4, 1)))
 
 
 def quantize(w):
