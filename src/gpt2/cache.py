@@ -10,6 +10,7 @@ again and then, while the cache is larger than GPT2_CACHE_SIZE (default 4G), wha
 recently; what a live process has open (an int8 model) stays.
 """
 import contextlib
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -57,8 +58,10 @@ def usable_folder(*names):
     return folder
 
 
+@functools.lru_cache(maxsize=None)
 def machine_key():
-    """A short name for this TensorFlow installation on this processor (its instruction set) and GPUs."""
+    """A short name for this TensorFlow installation on this processor (its instruction set) and GPUs
+    (once per process: xla_cache_folder and prune both ask at TensorFlow's start)."""
     tensorflow_init = importlib.util.find_spec("tensorflow").origin  # found without importing it
     processor = platform.machine() + platform.processor()
     try:
@@ -265,9 +268,11 @@ def removed(path):
     open; whether it was removed."""
     if os.path.isdir(path):
         lock_path = os.path.join(path, INT8_CHECKSUMS)
-        lock = try_lock(lock_path) if os.path.exists(lock_path) else None
-        if lock is None and os.path.exists(lock_path):
-            return False  # open in a live process
+        lock = None
+        if os.path.exists(lock_path):
+            lock = try_lock(lock_path)
+            if lock is None:
+                return False  # open in a live process
         shutil.rmtree(path, ignore_errors=True)
         if lock is not None:
             os.close(lock)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import tensorflow_start  # noqa: F401  (first: TensorFlow starts quietly)
-from .cache import INT8_CHECKSUMS, MIN_FREE_BYTES, abandoned, int8_folder, removed
+from .cache import INT8_CHECKSUMS, MIN_FREE_BYTES, abandoned, int8_folder, prune, removed
 from .errors import c_stderr_silenced
 from .int8 import ARRAYS, VECTORS, piece_rows, version
 from .model import attention_weights, gelu, layer_norm, merge_heads, split_heads
@@ -279,10 +279,10 @@ def store(model_dir, hparams, folder):
     """Quantize the checkpoint into `folder`: a .tflite file per program, the ARRAYS as .npy files, the
     blocks' VECTORS in vectors.npz.
 
-    First the folders that no load will open again are removed: other versions', this model
-    folder's older checkpoints', abandoned temporary ones (gpt2.cache.prune then keeps the cache
-    within its size, once the new folder is open). Nothing is written where the disk would keep
-    less than MIN_FREE_BYTES free. `folder` is whole or absent, also after a full disk, Ctrl-C or a
+    First what no load will open again is removed: other versions' folders and the least recently
+    used beyond the cache's size (gpt2.cache.prune), this model folder's older checkpoints' folders
+    and abandoned temporary ones. Nothing is written where the disk would keep less than
+    MIN_FREE_BYTES free. `folder` is whole or absent, also after a full disk, Ctrl-C or a
     power cut: it is written under another name, each file synced to the disk, and renamed.
     INT8_CHECKSUMS records each file's size and CRC-32, for open_stored to check.
     """
@@ -302,13 +302,13 @@ def store(model_dir, hparams, folder):
 
     try:
         os.makedirs(parent, exist_ok=True)
+        prune(version())
         for name in os.listdir(parent):
             path = os.path.join(parent, name)
             with contextlib.suppress(FileNotFoundError):  # another process removed it first
                 if abandoned(path):
                     remove(path)
-                elif os.path.isdir(path) and not name.endswith(".tmp") and (
-                        not name.startswith(version()) or name.startswith(version_and_model)):
+                elif name.startswith(version_and_model) and not name.endswith(".tmp"):
                     removed(path)  # unless a live process has it open
         need = weights_size(model_dir) // 4 + MIN_FREE_BYTES  # int8: a quarter of float32
         if shutil.disk_usage(parent).free < need:
